@@ -1,0 +1,205 @@
+"""The ``fedcl`` command: ``simulate``, ``compare``, ``strategies`` and ``config``.
+
+Every :class:`~fedcl.config.Config` field is a flag of ``simulate`` and ``config``
+(``dirichlet_alpha`` -> ``--dirichlet-alpha``); ``--config FILE`` loads a TOML file first and
+flags override it. Problems the user can fix print one line, ``fedcl: error: ...``, and exit
+non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from fedcl.config import FIELDS, Config, config_from_dict, field_type, load_toml
+from fedcl.errors import ConfigError, FedclError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        raise ConfigError(message)
+
+
+def _scalar(typ: type, name: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> Any:
+        if typ is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--{name} needs an integer, got '{text}'"
+                                                 ) from None
+        if typ is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--{name} needs a number, got '{text}'"
+                                                 ) from None
+        return text
+
+    return parse
+
+
+def _optional(typ: type, name: str):  # type: ignore[no-untyped-def]
+    inner = _scalar(typ, name)
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "") else inner(text)
+
+    return parse
+
+
+def _param_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _strategy_param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"--strategy-param needs KEY=VALUE, got '{text}'")
+    return key.strip().replace("-", "_"), _param_value(value.strip())
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` plus one flag per config field (all defaulting to 'not given')."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (see simulations/)")
+    for name, fld in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        helptext = fld.metadata.get("help", "")
+        typ, optional = field_type(name)
+        if typ is dict:
+            parser.add_argument("--strategy-param", dest="strategy_params", action="append",
+                                type=_strategy_param, metavar="KEY=VALUE", help=helptext,
+                                default=argparse.SUPPRESS)
+        elif typ is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=helptext)
+        else:
+            conv = _optional(typ, flag[2:]) if optional else _scalar(typ, flag[2:])
+            parser.add_argument(flag, dest=name, type=conv, default=argparse.SUPPRESS,
+                                metavar=typ.__name__.upper(), help=helptext)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then ``--config``, then flags; validated."""
+    config = load_toml(args.config) if args.config else Config()
+    overrides: dict[str, Any] = {}
+    for name in FIELDS:
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if name == "strategy_params":
+            overrides[name] = {**config.strategy_params, **dict(value)}
+        else:
+            overrides[name] = value
+    config = config_from_dict(overrides, source="the command line", base=config)
+    return config.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedcl", description="Federated continual learning simulator.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="run a continual federated simulation (Flower + Ray)")
+    add_config_flags(sim)
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+
+    cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
+    cmp_.add_argument("--experiment", required=True, help="MLflow experiment name")
+    cmp_.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                           "sqlite:///mlflow.db)")
+    cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
+
+    sub.add_parser("strategies", help="list the strategies, one line each")
+
+    cfg = sub.add_parser("config", help="print the resolved config as TOML")
+    add_config_flags(cfg)
+    cfg.add_argument("--flower", action="store_true",
+                     help="print it as Flower's [tool.flwr.app.config] table instead")
+    return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedcl.data.scenarios import build_scenario
+    from fedcl.progress import Progress, format_matrix
+    from fedcl.simulation import simulate
+    from fedcl.training import resolve_device
+
+    config = config_from_args(args)
+    resolve_device(config.device)
+    build_scenario(config)  # fail on missing data before any process starts
+    from fedcl.data.partition import client_positions
+
+    client_positions(config, 0, 0)  # and on a partition that cannot be made
+    progress = Progress()
+    try:
+        summary = simulate(config, observer=progress, verbose=args.verbose)
+    finally:
+        progress.close()
+    print(format_matrix(summary))
+    print(f"summary: {summary['output_dir']}/summary.json")
+    print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
+          f"(experiment '{config.experiment}'): "
+          f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    return 0
+
+
+def cmd_strategies(_: argparse.Namespace) -> int:
+    from strategies import registry
+
+    for name in registry.names():
+        print(f"{name:<12} {registry.get(name).summary}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.flower:
+        import tomli_w
+
+        print("[tool.flwr.app.config]")
+        print(tomli_w.dumps(config.to_run_config()), end="")
+    else:
+        print(config.to_toml(), end="")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedcl.compare import compare
+
+    text = compare(args.experiment, tracking_uri=args.tracking_uri, fmt=args.format,
+                   plot=args.plot)
+    print(text)
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
+            "config": cmd_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except FedclError as err:
+        print(f"fedcl: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("fedcl: interrupted; the MLflow run is marked FAILED", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""fedcl's ClientApp: local training on the client's share of the current task.
+
+A client is identified by ``partition-id`` / ``num-partitions`` in its node config (set by
+Flower's simulation engine, or by ``--node-config`` on a SuperNode, which may also give
+``data-dir``). Each training message carries the run config, the task and the round; the
+client loads its partition of that task (cached per process), trains with the strategy's
+:class:`~fedcl.training.LocalTrainer`, and replies with its weights and metrics.
+
+Per-client continual state lives in ``context.state[protocol.CLIENT_STATE]`` (a ConfigRecord):
+the task the client trained last and how many rounds it trained, so a trainer's ``begin_task``
+runs exactly once per task per client.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcl import protocol
+from fedcl.config import Config
+from fedcl.data.partition import client_positions
+from fedcl.data.scenarios import build_scenario
+from fedcl.models import build_model
+from fedcl.training import LocalRound, resolve_device
+from strategies import registry
+
+app = ClientApp()
+
+
+def client_identity(context: Context) -> tuple[int, int]:
+    try:
+        return (int(context.node_config[protocol.NODE_PARTITION_ID]),
+                int(context.node_config[protocol.NODE_NUM_PARTITIONS]))
+    except KeyError as err:
+        raise ValueError(f"node config lacks {err}; start the SuperNode with --node-config "
+                         "'partition-id=N num-partitions=M'") from None
+
+
+def _info(context: Context) -> ConfigRecord:
+    pid, num = client_identity(context)
+    return ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say who this client is (the server's roster call at start-up)."""
+    return Message(RecordDict({protocol.CLIENT_INFO: _info(context)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg_record = msg.content[protocol.CONFIG]
+    config = Config.from_json(str(cfg_record[protocol.RUN_CONFIG_JSON]))
+    task = int(cfg_record[protocol.TASK])
+    round_ = int(cfg_record[protocol.ROUND])
+    pid, _ = client_identity(context)
+    data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
+
+    scenario = build_scenario(config, data_dir)
+    x, y = scenario.train_data(task, client_positions(config, pid, task, data_dir))
+    model = build_model(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
+                        scenario.num_heads)
+    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+
+    state = context.state.get(protocol.CLIENT_STATE)
+    state = state if isinstance(state, ConfigRecord) else ConfigRecord({"task": -1, "rounds": 0})
+    trainer = registry.build_trainer(config)
+    local = LocalRound(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
+                       task=task, round=round_, partition_id=pid,
+                       device=resolve_device(config.device), mean=scenario.dataset.mean,
+                       std=scenario.dataset.std)
+    if int(state["task"]) != task:
+        trainer.begin_task(local)
+        state["task"] = task
+    result = trainer.train(local)
+    state["rounds"] = int(state["rounds"]) + 1
+    context.state[protocol.CLIENT_STATE] = state
+
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: result.num_examples,
+                            protocol.TRAIN_LOSS: result.loss, **result.extra_metrics})
+    content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
+                          protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(context)})
+    return Message(content, reply_to=msg)

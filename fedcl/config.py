@@ -1,0 +1,357 @@
+"""The one typed config of a fedcl run.
+
+Every setting lives in :class:`Config`, documented per field. The same object is read from TOML
+files (``simulations/*.toml``), overridden by CLI flags (one flag per field, generated here), and
+converted to Flower's kebab-case run config (``[tool.flwr.app.config]``) in one place:
+:meth:`Config.to_run_config` / :meth:`Config.from_run_config`.
+
+Defaults live only in the dataclass below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcl.errors import ConfigError
+
+SCENARIOS = ("class-il", "task-il", "domain-il")
+DOMAIN_SHIFTS = ("permute", "rotate")
+PARTITIONS = ("iid", "dirichlet", "shards")
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+# Prefix of strategy parameters in Flower's flat run config: "strategy-param.proximal-mu".
+RUN_CONFIG_STRATEGY_PREFIX = "strategy-param."
+
+StrategyParam = bool | int | float | str
+
+
+def _doc(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class Config:
+    """Settings of one continual federated run. Each field is documented in its ``help``."""
+
+    # --- federation ------------------------------------------------------------------------
+    clients: int = field(default=50, metadata=_doc("Number of clients (Flower SuperNodes)."))
+    fraction_train: float = field(
+        default=1.0,
+        metadata=_doc("Fraction of clients sampled for training each round, in (0, 1]."),
+    )
+    min_train_clients: int = field(
+        default=1,
+        metadata=_doc(
+            "Fewest successful client replies a round accepts; with fewer the run stops "
+            "with an error."
+        ),
+    )
+    round_timeout_s: float = field(
+        default=600.0,
+        metadata=_doc("Seconds the server waits for a round's replies before going on without."),
+    )
+    # --- data and scenario -----------------------------------------------------------------
+    dataset: str = field(
+        default="mnist",
+        metadata=_doc(
+            "mnist (bundled, needs no files), mnist-torchvision, fashion-mnist, cifar10 or "
+            "cifar100 (torchvision files under data_dir)."
+        ),
+    )
+    scenario: str = field(
+        default="class-il",
+        metadata=_doc(
+            "class-il (split classes, one head, no task id at test time), task-il (split "
+            "classes, one head per task, task id given) or domain-il (same classes, shifted "
+            "inputs, one head)."
+        ),
+    )
+    domain_shift: str = field(
+        default="permute",
+        metadata=_doc(
+            "domain-il only: permute (Permuted-MNIST style, task 0 unpermuted) or rotate "
+            "(task t rotated by 180*t/tasks degrees)."
+        ),
+    )
+    tasks: int = field(default=5, metadata=_doc("Number of tasks in the stream."))
+    task_order_seed: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Seed that shuffles the class order (split scenarios) or the order of rotations; "
+            "unset keeps the natural order. Permutations always come from seed."
+        ),
+    )
+    partition: str = field(
+        default="dirichlet",
+        metadata=_doc("How each task's data is split across clients: iid, dirichlet or shards."),
+    )
+    dirichlet_alpha: float = field(
+        default=0.5, metadata=_doc("Concentration of the dirichlet partition (smaller: more skew).")
+    )
+    shards_per_client: int = field(
+        default=2, metadata=_doc("Label-sorted shards per client for the shards partition.")
+    )
+    data_dir: str = field(
+        default="data",
+        metadata=_doc("Folder holding torchvision datasets (<data_dir>/MNIST/raw, ...)."),
+    )
+    download: bool = field(
+        default=True,
+        metadata=_doc("Try to download a missing torchvision dataset into data_dir."),
+    )
+    # --- model and local training ----------------------------------------------------------
+    model: str = field(
+        default="mlp",
+        metadata=_doc("mlp (784-400-400, the FOT paper's), cnn (small CNN) or resnet18 (reduced)."),
+    )
+    rounds_per_task: int = field(default=3, metadata=_doc("Federated rounds on each task."))
+    local_epochs: int = field(default=1, metadata=_doc("Local epochs per round on each client."))
+    batch_size: int = field(default=32, metadata=_doc("Local mini-batch size."))
+    optimizer: str = field(default="sgd", metadata=_doc("Local optimizer: sgd or adam."))
+    lr: float = field(default=0.01, metadata=_doc("Local learning rate."))
+    momentum: float = field(default=0.0, metadata=_doc("SGD momentum."))
+    weight_decay: float = field(default=0.0, metadata=_doc("Local weight decay."))
+    # --- strategy --------------------------------------------------------------------------
+    strategy: str = field(
+        default="fedavg", metadata=_doc("Server strategy by name (see `fedcl strategies`).")
+    )
+    strategy_params: dict[str, StrategyParam] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "The strategy's own parameters (TOML table [strategy_params], flag "
+            "--strategy-param KEY=VALUE); unknown keys are refused."
+        ),
+    )
+    # --- evaluation ------------------------------------------------------------------------
+    eval_samples_per_task: int = field(
+        default=0,
+        metadata=_doc(
+            "Test samples per task the server evaluates on after every round (a fixed, "
+            "seeded subset); 0 uses the whole test split."
+        ),
+    )
+    eval_batch_size: int = field(default=1000, metadata=_doc("Batch size of server evaluation."))
+    # --- runtime ---------------------------------------------------------------------------
+    seed: int = field(
+        default=0,
+        metadata=_doc("Seed of model init, partitions, client sampling and local training."),
+    )
+    device: str = field(
+        default="auto", metadata=_doc("auto (cuda when there is one), cpu or cuda.")
+    )
+    client_cpus: float = field(default=1.0, metadata=_doc("CPUs reserved per simulated client."))
+    client_gpus: float = field(
+        default=0.0, metadata=_doc("GPUs per simulated client (fractions share a GPU).")
+    )
+    # --- tracking and output ---------------------------------------------------------------
+    tracking_uri: str | None = field(
+        default=None,
+        metadata=_doc(
+            "MLflow tracking URI; unset uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+        ),
+    )
+    experiment: str = field(default="fedcl", metadata=_doc("MLflow experiment name."))
+    run_name: str | None = field(
+        default=None, metadata=_doc("MLflow run name; unset: <strategy>-<scenario>-<time>.")
+    )
+    output: str | None = field(
+        default=None,
+        metadata=_doc("Folder for summary.json and plots; unset: outputs/<run name>."),
+    )
+
+    # -----------------------------------------------------------------------------------------
+    def validate(self) -> Config:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        positive = ("clients", "tasks", "rounds_per_task", "local_epochs", "batch_size",
+                    "shards_per_client", "eval_batch_size", "min_train_clients")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.eval_samples_per_task < 0:
+            raise ConfigError(
+                f"eval_samples_per_task must be 0 or more, got {self.eval_samples_per_task}"
+            )
+        if not (0.0 < self.fraction_train <= 1.0):
+            raise ConfigError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        for name in ("lr", "dirichlet_alpha", "round_timeout_s", "client_cpus"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        for name in ("momentum", "weight_decay", "client_gpus"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {value}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+        _check_choice("scenario", self.scenario, SCENARIOS)
+        _check_choice("domain_shift", self.domain_shift, DOMAIN_SHIFTS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("device", self.device, DEVICES)
+
+        from fedcl.data.datasets import DATASETS
+        from fedcl.models import MODEL_NAMES
+
+        _check_choice("dataset", self.dataset, tuple(DATASETS))
+        _check_choice("model", self.model, MODEL_NAMES)
+        if not self.experiment.strip():
+            raise ConfigError("experiment must be a non-empty name")
+        min_clients = self.min_train_clients
+        if min_clients > self.clients:
+            raise ConfigError(
+                f"min_train_clients ({min_clients}) is larger than clients ({self.clients})"
+            )
+
+        from strategies import registry
+
+        registry.validate(self.strategy, self.strategy_params)
+        return self
+
+    # --- conversions ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        """TOML text that :func:`load_toml` reads back to an equal config (unset fields left out)."""
+        import tomli_w
+
+        flat = {k: v for k, v in self.to_dict().items() if v is not None and k != "strategy_params"}
+        flat["strategy_params"] = dict(self.strategy_params)
+        return tomli_w.dumps(flat)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flower's flat, kebab-case run config (unset fields left out)."""
+        out: dict[str, bool | int | float | str] = {}
+        for key, value in self.to_dict().items():
+            if key == "strategy_params":
+                for pkey, pvalue in value.items():
+                    out[RUN_CONFIG_STRATEGY_PREFIX + pkey.replace("_", "-")] = pvalue
+            elif value is not None:
+                out[key.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_run_config(cls, run_config: typing.Mapping[str, Any]) -> Config:
+        """Inverse of :meth:`to_run_config`; Flower may nest dotted keys or keep them flat."""
+        values: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key.startswith(RUN_CONFIG_STRATEGY_PREFIX):
+                params[key[len(RUN_CONFIG_STRATEGY_PREFIX):].replace("-", "_")] = value
+            else:
+                values[key.replace("-", "_")] = value
+        if params:
+            values["strategy_params"] = params
+        return config_from_dict(values, source="the Flower run config")
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return config_from_dict(json.loads(text), source="a config message")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """The scalar type of a field and whether it may be unset (None)."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    if typing.get_origin(hint) is dict:
+        return dict, False
+    return hint, False
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} '{value}'{_suggest(value, choices)}; "
+                          f"choose one of {', '.join(choices)}")
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def coerce(name: str, value: Any, source: str) -> Any:
+    """Check that a TOML/JSON value fits field ``name``'s type; ints are accepted for floats."""
+    typ, optional = field_type(name)
+    where = f" in {source}" if source else ""
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{name}'{where} cannot be empty")
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}'{where} must be a table of KEY = VALUE")
+        for key, item in value.items():
+            if not isinstance(item, bool | int | float | str):
+                raise ConfigError(
+                    f"strategy parameter '{key}'{where} must be a number, string or boolean"
+                )
+        return dict(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{name}'{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{name}'{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{name}'{where} must be a finite number")
+            return value
+        raise ConfigError(f"config key '{name}'{where} must be a number, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{name}'{where} must be a string, got {value!r}")
+
+
+def config_from_dict(values: typing.Mapping[str, Any], source: str = "", base: Config | None = None
+                     ) -> Config:
+    """Build a config from plain values, refusing unknown keys and wrong types."""
+    out = dataclasses.replace(base) if base is not None else Config()
+    for key, value in values.items():
+        if key not in FIELDS:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"unknown config key '{key}'{where}{_suggest(key, FIELDS)}")
+        setattr(out, key, coerce(key, value, source))
+    return out
+
+
+def load_toml(path: str | os.PathLike[str], base: Config | None = None) -> Config:
+    """Read a TOML config file over ``base`` (defaults when None)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        values = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"malformed TOML in {file}: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not UTF-8 text") from None
+    return config_from_dict(values, source=str(file), base=base)
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    """The tracking URI in force: the config's, else $MLFLOW_TRACKING_URI, else local sqlite."""
+    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

@@ -1,0 +1,1 @@
+"""Datasets, continual-learning scenarios and client partitions."""

@@ -1,0 +1,77 @@
+"""The live display of ``fedcl simulate`` and its closing table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from fedcl.config import Config
+from fedcl.results import RoundRecord
+
+
+def _pct(value: float | None) -> str:
+    return "  -  " if value is None else f"{value * 100:5.1f}"
+
+
+class Progress:
+    """A rich progress bar on a terminal; one plain line per round otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self._bar: Any = None
+        self._task_id: Any = None
+        self.num_tasks = 0
+        self.rounds_per_task = 0
+
+    def on_start(self, config: Config, total_rounds: int, run_id: str | None,
+                 tracking_uri: str) -> None:
+        self.num_tasks, self.rounds_per_task = config.tasks, config.rounds_per_task
+        print(f"fedcl: {config.strategy} on {config.dataset} {config.scenario}, "
+              f"{config.tasks} tasks x {config.rounds_per_task} rounds, {config.clients} "
+              f"clients ({config.fraction_train:g} per round); MLflow run {run_id}",
+              file=self.stream, flush=True)
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+            from rich.progress import Progress as RichProgress
+            from rich.progress import TimeElapsedColumn
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=Console(file=self.stream), transient=True)
+            self._bar.start()
+            self._task_id = self._bar.add_task("starting clients...", total=total_rounds)
+
+    def on_round(self, record: RoundRecord) -> None:
+        text = (f"task {record.task + 1}/{self.num_tasks}  round {record.task_round}/"
+                f"{self.rounds_per_task}  avg acc {_pct(record.avg_acc)}%  current task "
+                f"{_pct(record.acc_per_task[record.task])}%  {record.seconds:4.1f}s")
+        if record.failures:
+            text += f"  ({record.failures} failed)"
+        if self._bar is not None:
+            self._bar.update(self._task_id, advance=1, description=text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def format_matrix(summary: dict[str, Any]) -> str:
+    """The accuracy matrix (in %) with ACC, forgetting, BWT and FWT below it."""
+    matrix = summary["accuracy_matrix"]
+    t = len(matrix)
+    lines = ["accuracy (%)   " + " ".join(f"task{j:<3d}" for j in range(t))]
+    for i, row in enumerate(matrix):
+        lines.append(f"after task {i:<3d}" + " ".join(f"{v * 100:7.1f}" for v in row))
+
+    def fmt(key: str) -> str:
+        v = summary.get(key)
+        return "n/a" if v is None else f"{v * 100:.2f}"
+
+    lines.append(f"ACC {fmt('acc')}%   forgetting {fmt('forgetting')}%   BWT {fmt('bwt')}%   "
+                 f"FWT {fmt('fwt')}%   wall time {summary['wall_time_s']:.1f} s")
+    return "\n".join(lines)

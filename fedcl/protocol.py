@@ -1,0 +1,35 @@
+"""Wire keys of the messages between fedcl's ServerApp and ClientApp, in one place."""
+
+from __future__ import annotations
+
+# Records in a message's RecordDict (Flower's FedAvg defaults for the first two).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# Keys inside the ConfigRecord sent to clients.
+RUN_CONFIG_JSON = "fedcl.config"  # the whole run Config as JSON
+TASK = "fedcl.task"  # 0-based index of the task being trained
+ROUND = "fedcl.round"  # 1-based round counter over the whole run
+TASK_ROUND = "fedcl.task-round"  # 1-based round within the task
+SERVER_ROUND = "server-round"  # Flower's own key (set by FedAvg.configure_train)
+
+# Keys inside reply MetricRecords (averaged by FedAvg, weighted by num-examples).
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+# A ConfigRecord in every reply saying which client answered (never averaged).
+CLIENT_INFO = "fedcl.client-info"
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+# Node config keys (Flower's simulation engine sets the first two; deployments set all three).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_DIR = "data-dir"
+
+# Query message asking a client who it is (sent once at start-up).
+QUERY_IDENTITY = "fedcl.identity"
+
+# The client's own slice of Context.state.
+CLIENT_STATE = "fedcl.client"

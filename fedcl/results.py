@@ -1,0 +1,181 @@
+"""What a run produces: per-round records, the summary, and the files in the output folder.
+
+``summary.json`` keys (a stable format; fractions are in [0, 1], missing values are null):
+
+=====================  ====================================================================
+``strategy``           the strategy's registered name
+``scenario``           class-il, task-il or domain-il
+``dataset``            dataset name
+``num_clients``        clients in the federation
+``num_tasks``          tasks in the stream
+``accuracy_matrix``    T x T list; row i = after training task i, column j = test accuracy
+                       on task j (every cell filled, unseen tasks included)
+``random_init_accuracy``  accuracy of the initial (untrained) model on each task, FWT's baseline
+``acc``                mean of the last row (ACC)
+``forgetting``         mean over old tasks of best earlier accuracy minus final (Chaudhry)
+``forgetting_at_task_end``  mean over old tasks of accuracy right after its own training minus
+                       final (the FOT paper's FGT)
+``bwt``                backward transfer: mean over old tasks of final minus right-after-training
+``fwt``                forward transfer: mean over j>=1 of R[j-1, j] minus random-init accuracy
+``rounds``             one entry per federated round: ``task`` (0-based), ``round`` (1-based,
+                       over the run), ``task_round`` (1-based within the task),
+                       ``acc_per_task`` (test accuracy on every task after the round),
+                       ``avg_acc`` (mean over seen tasks), ``min_acc`` (mean over old tasks of the
+                       lowest accuracy since their training ended; null on the first task),
+                       ``wc_acc`` (worst-case accuracy, De Lange et al. 2023), ``train_loss``
+                       (mean client loss), ``clients`` (replies aggregated), ``failures``
+                       (sampled clients that failed or did not answer), ``seconds`` (wall time)
+``wall_time_s``        wall time of the whole run, start-up included
+``mlflow_run_id``      the MLflow run holding the same numbers
+``mlflow_tracking_uri``  where that run is stored
+``config``             the full run config
+=====================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcl import metrics
+
+
+@dataclass
+class RoundRecord:
+    task: int
+    round: int
+    task_round: int
+    acc_per_task: list[float]
+    avg_acc: float
+    min_acc: float | None
+    wc_acc: float
+    train_loss: float | None
+    clients: int
+    failures: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stability_metrics(curves: list[list[float]], round_task: list[int]
+                      ) -> tuple[float | None, float]:
+    """min-ACC and WC-ACC of the latest round, from all rounds so far."""
+    min_acc = metrics.min_acc_per_round(np.array(curves), np.array(round_task))[-1]
+    wc_acc = metrics.wc_acc_per_round(np.array(curves), np.array(round_task))[-1]
+    return min_acc, wc_acc
+
+
+def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[float]],
+                  baseline: list[float], rounds: list[RoundRecord], wall_time_s: float,
+                  mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
+    scores = metrics.summarize(np.array(matrix), np.array(baseline))
+    return {
+        "strategy": strategy,
+        "scenario": config["scenario"],
+        "dataset": config["dataset"],
+        "num_clients": config["clients"],
+        "num_tasks": len(matrix),
+        "accuracy_matrix": matrix,
+        "random_init_accuracy": baseline,
+        **scores,
+        "rounds": [r.to_dict() for r in rounds],
+        "wall_time_s": wall_time_s,
+        "mlflow_run_id": mlflow_run_id,
+        "mlflow_tracking_uri": tracking_uri,
+        "config": config,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(summary: dict[str, Any], out_dir: Path, config_toml: str) -> list[Path]:
+    """summary.json, config.toml, accuracy_matrix.csv and the two plots; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    path = out_dir / "config.toml"
+    write_atomic(path, config_toml)
+    files.append(path)
+    path = out_dir / "accuracy_matrix.csv"
+    matrix = summary["accuracy_matrix"]
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["after_task"] + [f"task_{j}" for j in range(len(matrix))])
+        for i, row in enumerate(matrix):
+            writer.writerow([i] + [f"{v:.6f}" for v in row])
+    os.replace(tmp, path)
+    files.append(path)
+    files += plot_outputs(summary, out_dir)
+    path = out_dir / "summary.json"
+    write_atomic(path, json.dumps(_json_safe(summary), indent=2) + "\n")
+    files.append(path)
+    return files
+
+
+def plot_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    """A heatmap of the accuracy matrix and each task's accuracy over rounds, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(summary["accuracy_matrix"])
+    t = len(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * t, 1.0 + 0.55 * t))
+    im = ax.imshow(matrix * 100, vmin=0, vmax=100, cmap="viridis")
+    for i in range(t):
+        for j in range(t):
+            ax.text(j, i, f"{matrix[i, j] * 100:.0f}", ha="center", va="center",
+                    color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    ax.set_xticks(range(t))
+    ax.set_yticks(range(t))
+    ax.set_title(f"{summary['strategy']}: accuracy (%)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    heatmap = out_dir / "accuracy_matrix.png"
+    fig.savefig(heatmap, dpi=100)
+    plt.close(fig)
+
+    rounds = summary["rounds"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = [r["round"] for r in rounds]
+    for j in range(t):
+        ax.plot(xs, [r["acc_per_task"][j] * 100 for r in rounds], label=f"task {j}")
+    for k in range(1, t):
+        first = next((r["round"] for r in rounds if r["task"] == k), None)
+        if first is not None:
+            ax.axvline(first - 0.5, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=min(t, 5))
+    fig.tight_layout()
+    curves = out_dir / "accuracy_per_round.png"
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+    return [heatmap, curves]

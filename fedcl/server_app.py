@@ -1,0 +1,296 @@
+"""fedcl's ServerApp: the continual task loop.
+
+For each task: ``strategy.begin_task``; then every round: sample clients from one seeded stream,
+let the Flower strategy build the training messages and aggregate the replies, and evaluate the
+global model centrally on the test split of every task (seen and unseen); then
+``strategy.end_task``. The accuracy after each task's last round is a row of the accuracy matrix.
+
+The same :data:`app` runs under ``flwr run`` (config from ``[tool.flwr.app.config]``) and under
+``fedcl simulate`` (which builds it with :func:`build_server_app` around its own config).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedcl import protocol
+from fedcl.config import Config, resolve_tracking_uri
+from fedcl.data.scenarios import Scenario, build_scenario
+from fedcl.errors import FedclError, RunAborted
+from fedcl.models import build_model
+from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
+from fedcl.tracking import Tracker
+from fedcl.training import accuracy, resolve_device
+from strategies import registry
+
+log = logging.getLogger("fedcl")
+POLL_S = 0.05
+
+
+class RunObserver(Protocol):
+    """Receives a run's progress (the CLI's live display)."""
+
+    def on_start(self, config: Config, total_rounds: int, run_id: str | None,
+                 tracking_uri: str) -> None: ...
+
+    def on_round(self, record: RoundRecord) -> None: ...
+
+
+@dataclass
+class RunControl:
+    """Shared between the ServerApp thread and whoever drives it (``fedcl simulate``)."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    observer: RunObserver | None = None
+    summary: dict[str, Any] | None = None
+    error: BaseException | None = None
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Messaging helpers
+# --------------------------------------------------------------------------------------------
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
+                     cancel: threading.Event | None = None) -> list[Message]:
+    """Push messages and collect replies until all arrived, ``timeout`` passed, or cancel."""
+    ids = [mid for mid in grid.push_messages(list(messages)) if mid]
+    pending = set(ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise RunAborted("run cancelled")
+        got = list(grid.pull_messages(list(pending)))
+        for msg in got:
+            pending.discard(msg.metadata.reply_to_message_id)
+        replies += got
+        if pending:
+            time.sleep(POLL_S)
+    return replies
+
+
+class SampledGrid:
+    """A view of the grid that shows only the round's sampled nodes (what Flower samples from)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float,
+                     cancel: threading.Event | None) -> dict[int, int]:
+    """Ask every connected node for its partition id; returns partition id -> node id."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if cancel is not None and cancel.is_set():
+            raise RunAborted("run cancelled")
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
+                             f"{timeout:.0f} s")
+        time.sleep(0.2)
+    messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(
+        {protocol.QUERY_IDENTITY: True})}), message_type=MessageType.QUERY, dst_node_id=nid)
+        for nid in node_ids]
+    replies = send_and_receive(grid, messages, timeout, cancel)
+    roster: dict[int, int] = {}
+    for msg in replies:
+        if msg.has_error():
+            raise RunAborted(f"client on node {msg.metadata.src_node_id} failed to start: "
+                             f"{msg.error.reason}")
+        info = msg.content[protocol.CLIENT_INFO]
+        pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
+        if num != expected:
+            raise RunAborted(f"client {pid} says the federation has {num} partitions, "
+                             f"the config says clients = {expected}")
+        if pid in roster:
+            raise RunAborted(f"two nodes claim partition-id {pid}")
+        roster[pid] = msg.metadata.src_node_id
+    missing = sorted(set(range(expected)) - set(roster))
+    if missing:
+        raise RunAborted(f"no reply from clients with partition-id {missing[:10]}")
+    return roster
+
+
+def sample_clients(available: list[int], fraction: float, seed: int, round_: int) -> list[int]:
+    """The round's clients: ``max(1, int(fraction * N))`` of the available partition ids, drawn
+    from one seeded stream, so every strategy sees the same clients in the same round."""
+    k = max(1, int(len(available) * fraction))
+    rng = np.random.default_rng([seed, round_, 5])
+    return sorted(int(p) for p in rng.choice(sorted(available), size=k, replace=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Central evaluation
+# --------------------------------------------------------------------------------------------
+class Evaluator:
+    """Test accuracy of a set of global arrays on every task of the scenario."""
+
+    def __init__(self, scenario: Scenario, config: Config, device: torch.device) -> None:
+        self.scenario = scenario
+        self.device = device
+        self.batch_size = config.eval_batch_size
+        self.model = make_model(config, scenario).to(device)
+        self.test = [scenario.test_data(t, config.eval_samples_per_task, config.seed)
+                     for t in range(len(scenario.tasks))]
+
+    def __call__(self, arrays: ArrayRecord) -> list[float]:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        ds = self.scenario.dataset
+        return [accuracy(self.model, x, y, self.scenario.head_for(t), ds.mean, ds.std,
+                         self.device, self.batch_size)
+                for t, (x, y) in enumerate(self.test)]
+
+
+def make_model(config: Config, scenario: Scenario) -> torch.nn.Module:
+    """The run's model, initialised from ``config.seed`` (server and clients agree)."""
+    torch.manual_seed(config.seed)
+    return build_model(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
+                       scenario.num_heads)
+
+
+# --------------------------------------------------------------------------------------------
+# The task loop
+# --------------------------------------------------------------------------------------------
+def default_run_name(config: Config) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
+
+
+def run_continual(grid: Grid, config: Config, control: RunControl | None = None) -> dict[str, Any]:
+    """Run the whole task stream on ``grid``; returns the summary (also written to disk)."""
+    control = control or RunControl()
+    started = time.monotonic()
+    config.validate()
+    run_name = default_run_name(config)
+    config.run_name = run_name
+    out_dir = Path(config.output or Path("outputs") / run_name)
+    tracking_uri = resolve_tracking_uri(config)
+    scenario = build_scenario(config)
+    device = resolve_device(config.device)
+    strategy = registry.build(config)
+    evaluator = Evaluator(scenario, config, device)
+    global_model = make_model(config, scenario)
+    arrays = ArrayRecord(global_model.state_dict())
+    baseline = evaluator(arrays)
+
+    tracker = Tracker(tracking_uri, config.experiment, run_name)
+    control.tracking_uri = tracking_uri
+    control.run_id = tracker.start(config.to_dict())
+    try:
+        roster = discover_clients(grid, config.clients, config.round_timeout_s, control.cancel)
+        num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
+        if control.observer:
+            control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
+        config_json = config.to_json()
+        matrix: list[list[float]] = []
+        records: list[RoundRecord] = []
+        curves: list[list[float]] = []
+        round_task: list[int] = []
+        global_round = 0
+        for task in range(num_tasks):
+            strategy.begin_task(task, arrays)
+            for task_round in range(1, rounds + 1):
+                global_round += 1
+                t0 = time.monotonic()
+                pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
+                                      global_round)
+                train_config = ConfigRecord({
+                    protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
+                    protocol.ROUND: global_round, protocol.TASK_ROUND: task_round,
+                    **strategy.train_config(task)})
+                messages = strategy.configure_train(
+                    global_round, arrays, train_config,
+                    SampledGrid(grid, [roster[p] for p in pids]))  # type: ignore[arg-type]
+                replies = send_and_receive(grid, messages, config.round_timeout_s,
+                                           control.cancel)
+                ok = sorted((m for m in replies if not m.has_error()),
+                            key=lambda m: int(m.content[protocol.CLIENT_INFO][
+                                protocol.PARTITION_ID]))
+                failures = len(pids) - len(ok)
+                if len(ok) < config.min_train_clients:
+                    reasons = [m.error.reason for m in replies if m.has_error()]
+                    detail = f"; first error: {reasons[0][:300]}" if reasons else ""
+                    raise RunAborted(
+                        f"round {global_round} (task {task}): {len(ok)} of {len(pids)} clients "
+                        f"replied, fewer than min_train_clients={config.min_train_clients}"
+                        f"{detail}")
+                new_arrays, train_metrics = strategy.aggregate_train(global_round, ok)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                acc = evaluator(arrays)
+                curves.append(acc)
+                round_task.append(task)
+                min_acc, wc_acc = stability_metrics(curves, round_task)
+                loss = train_metrics.get(protocol.TRAIN_LOSS) if train_metrics else None
+                record = RoundRecord(
+                    task=task, round=global_round, task_round=task_round, acc_per_task=acc,
+                    avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
+                    train_loss=None if loss is None else float(loss), clients=len(ok),
+                    failures=failures, seconds=time.monotonic() - t0)
+                records.append(record)
+                tracker.log_round(record)
+                if control.observer:
+                    control.observer.on_round(record)
+            arrays = strategy.end_task(task, arrays)
+            matrix.append(evaluator(arrays))
+        summary = build_summary(
+            strategy=config.strategy, config=config.to_dict(), matrix=matrix,
+            baseline=baseline, rounds=records, wall_time_s=time.monotonic() - started,
+            mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
+        files = write_outputs(summary, out_dir, config.to_toml())
+        summary["output_dir"] = str(out_dir)
+        tracker.finish(summary, files)
+        return summary
+    except BaseException as err:
+        reason = str(err) if isinstance(err, FedclError) else f"{type(err).__name__}: {err}"
+        tracker.fail(reason, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def build_server_app(config: Config | None = None, control: RunControl | None = None
+                     ) -> ServerApp:
+    """A ServerApp running :func:`run_continual` with ``config`` (or, when None, the config
+    Flower passes in ``context.run_config``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        ctl = control or RunControl()
+        try:
+            cfg = config if config is not None else Config.from_run_config(context.run_config)
+            ctl.summary = run_continual(grid, cfg, ctl)
+        except BaseException as err:
+            ctl.error = err
+            if control is None:  # under `flwr run`: let Flower report it
+                raise
+        finally:
+            ctl.done.set()
+
+    return app
+
+
+#: The ServerApp that ``flwr run`` loads (``[tool.flwr.app.components]``).
+app = build_server_app()
+
+__all__ = ["RunControl", "RunObserver", "app", "build_server_app", "run_continual",
+           "sample_clients", "send_and_receive"]

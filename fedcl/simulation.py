@@ -1,0 +1,128 @@
+"""``fedcl simulate``: the ServerApp and ClientApp under Flower's Ray simulation engine, in
+process, with guards so that a failed backend, a crashing client or Ctrl-C ends the run with a
+clear error instead of a hang, and no Ray process outlives the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedcl.config import Config
+from fedcl.errors import FedclError, RunAborted
+from fedcl.server_app import RunControl, RunObserver, build_server_app
+
+# Seconds the driver waits for the ServerApp thread to wind down after a failure or Ctrl-C.
+SHUTDOWN_GRACE_S = 30.0
+
+TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DEDUP_LOGS": "0"}
+
+
+def _route_flower_logs(log_file: Path | None, verbose: bool) -> None:
+    """Flower's own log goes to ``log_file`` (its console output only with --verbose)."""
+    logger = logging.getLogger("flwr")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_fedcl", False):
+            logger.removeHandler(handler)
+            handler.close()
+    if verbose:
+        return
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL + 1)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._fedcl = True  # type: ignore[attr-defined]
+        logger.addHandler(fh)
+
+
+def backend_config(config: Config) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": config.client_cpus, "num_gpus": config.client_gpus},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False,
+                      "include_dashboard": False, "configure_logging": False},
+    }
+
+
+def simulate(config: Config, observer: RunObserver | None = None, verbose: bool = False
+             ) -> dict[str, Any]:
+    """Run ``config`` under the Ray simulation engine; returns the run's summary."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    from flwr.simulation import run_simulation
+
+    from fedcl.client_app import app as client_app
+    from fedcl.server_app import default_run_name
+
+    config.run_name = default_run_name(config)
+    out_dir = Path(config.output or Path("outputs") / config.run_name)
+    config.output = str(out_dir)
+    _route_flower_logs(out_dir / "flower.log", verbose)
+    control = RunControl(observer=observer)
+    server_app = build_server_app(config, control)
+    crashed: BaseException | None = None
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=config.clients, backend_config=backend_config(config),
+                       verbose_logging=verbose)
+    except KeyboardInterrupt:
+        control.cancel.set()
+        control.done.wait(SHUTDOWN_GRACE_S)
+        _mark_failed(control, "interrupted (Ctrl-C)")
+        raise
+    except BaseException as err:  # the Ray backend failed to start or crashed
+        crashed = err
+    finally:
+        if crashed is not None:
+            control.cancel.set()
+        _shutdown_ray()
+        _route_flower_logs(None, verbose=True)
+    if crashed is not None:
+        control.done.wait(SHUTDOWN_GRACE_S)
+        if control.error is not None and isinstance(control.error, FedclError):
+            raise control.error
+        cause = crashed.__cause__ or crashed
+        _mark_failed(control, f"simulation backend failed: {cause}")
+        raise RunAborted(f"simulation backend failed: {_first_line(cause)} "
+                         f"(details in {out_dir / 'flower.log'})") from None
+    control.done.wait(SHUTDOWN_GRACE_S)
+    if control.error is not None:
+        if isinstance(control.error, FedclError):
+            raise control.error
+        raise control.error
+    if control.summary is None:
+        raise RunAborted("the ServerApp ended without a result")
+    return control.summary
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _mark_failed(control: RunControl, reason: str) -> None:
+    if control.run_id and control.tracking_uri:
+        from fedcl.tracking import terminate_run
+
+        try:
+            terminate_run(control.tracking_uri, control.run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - best effort while already failing
+            pass
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+        time.sleep(0.1)

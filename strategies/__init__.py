@@ -1,0 +1,6 @@
+"""Server strategies of fedcl, one module per method, registered by name.
+
+Importing this package registers every strategy; ``strategies.registry`` looks them up.
+"""
+
+from strategies import fedavg, fedprox  # noqa: F401  (registration by import)
