@@ -13,6 +13,7 @@ runs exactly once per task per client.
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -41,6 +42,14 @@ def _info(context: Context) -> ConfigRecord:
     return ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num})
 
 
+def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
+    """Whether fault injection makes this client fail in this round (seeded, reproducible)."""
+    if config.client_fault_rate <= 0:
+        return False
+    draw = np.random.default_rng([config.seed, round_, partition_id, 13]).random()
+    return bool(draw < config.client_fault_rate)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this client is (the server's roster call at start-up)."""
@@ -54,6 +63,9 @@ def train(msg: Message, context: Context) -> Message:
     task = int(cfg_record[protocol.TASK])
     round_ = int(cfg_record[protocol.ROUND])
     pid, _ = client_identity(context)
+    if injected_fault(config, round_, pid):
+        raise RuntimeError(f"injected fault (client_fault_rate={config.client_fault_rate}) "
+                           f"in client {pid}, round {round_}")
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
 
     scenario = build_scenario(config, data_dir)

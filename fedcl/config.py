@@ -61,6 +61,13 @@ class Config:
         default=600.0,
         metadata=_doc("Seconds the server waits for a round's replies before going on without."),
     )
+    client_fault_rate: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Fault injection: the share of sampled clients that raise an error in each round "
+            "(drawn from seed, round and client), to test how a run copes with failures."
+        ),
+    )
     # --- data and scenario -----------------------------------------------------------------
     dataset: str = field(
         default="mnist",
@@ -192,6 +199,8 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value}")
+        if not 0.0 <= self.client_fault_rate <= 1.0:
+            raise ConfigError(f"client_fault_rate must be in [0, 1], got {self.client_fault_rate}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be below 1, got {self.momentum}")
         _check_choice("scenario", self.scenario, SCENARIOS)
@@ -226,7 +235,7 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_toml(self) -> str:
-        """TOML text that :func:`load_toml` reads back to an equal config (unset fields left out)."""
+        """TOML that :func:`load_toml` reads back to an equal config (unset fields left out)."""
         import tomli_w
 
         flat = {k: v for k, v in self.to_dict().items() if v is not None and k != "strategy_params"}

@@ -29,3 +29,7 @@ class RunAborted(FedclError):
     """The run stopped before its end: too few clients replied, a backend failed, or Ctrl-C."""
 
     exit_code = 1
+
+
+class RunCancelled(RunAborted):
+    """The driver asked the ServerApp to stop (a backend failure or Ctrl-C came first)."""

@@ -292,4 +292,5 @@ def model_summary(model: nn.Module) -> str:
     name = getattr(model, "name", None) or type(model).__name__
     heads = getattr(model, "heads", None)
     n_heads = len(heads) if heads is not None else 0
-    return f"{name}: {count_parameters(model):,} params, {n_heads} head{'' if n_heads == 1 else 's'}"
+    plural = "" if n_heads == 1 else "s"
+    return f"{name}: {count_parameters(model):,} params, {n_heads} head{plural}"

@@ -12,6 +12,7 @@ The same :data:`app` runs under ``flwr run`` (config from ``[tool.flwr.app.confi
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -28,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcl import protocol
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import Scenario, build_scenario
-from fedcl.errors import FedclError, RunAborted
+from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.models import build_model
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.tracking import Tracker
@@ -73,7 +74,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         if cancel is not None and cancel.is_set():
-            raise RunAborted("run cancelled")
+            raise RunCancelled("run cancelled")
         got = list(grid.pull_messages(list(pending)))
         for msg in got:
             pending.discard(msg.metadata.reply_to_message_id)
@@ -97,13 +98,26 @@ class SampledGrid:
         return getattr(self._grid, name)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(reason: str, limit: int = 300) -> str:
+    """One line from a client's error reason (Ray wraps the client's traceback in it): the
+    first line naming an exception (the client's own), without colour codes."""
+    lines = [_ANSI.sub("", line).strip() for line in reason.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    text = named[0] if named else (lines or [""])[-1]
+    return text[:limit]
+
+
 def discover_clients(grid: Grid, expected: int, timeout: float,
                      cancel: threading.Event | None) -> dict[int, int]:
     """Ask every connected node for its partition id; returns partition id -> node id."""
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if cancel is not None and cancel.is_set():
-            raise RunAborted("run cancelled")
+            raise RunCancelled("run cancelled")
         if time.monotonic() > deadline:
             raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
                              f"{timeout:.0f} s")
@@ -116,7 +130,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     for msg in replies:
         if msg.has_error():
             raise RunAborted(f"client on node {msg.metadata.src_node_id} failed to start: "
-                             f"{msg.error.reason}")
+                             f"{error_line(msg.error.reason)}")
         info = msg.content[protocol.CLIENT_INFO]
         pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
         if num != expected:
@@ -229,7 +243,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 failures = len(pids) - len(ok)
                 if len(ok) < config.min_train_clients:
                     reasons = [m.error.reason for m in replies if m.has_error()]
-                    detail = f"; first error: {reasons[0][:300]}" if reasons else ""
+                    detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
                     raise RunAborted(
                         f"round {global_round} (task {task}): {len(ok)} of {len(pids)} clients "
                         f"replied, fewer than min_train_clients={config.min_train_clients}"

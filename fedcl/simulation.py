@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from fedcl.config import Config
-from fedcl.errors import FedclError, RunAborted
+from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.server_app import RunControl, RunObserver, build_server_app
 
 # Seconds the driver waits for the ServerApp thread to wind down after a failure or Ctrl-C.
 SHUTDOWN_GRACE_S = 30.0
 
-TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_DEDUP_LOGS": "0"}
+# Defaults fedcl sets for the processes it starts, unless the user set them: telemetry off,
+# and Ray's notice about accelerator variables silenced by choosing its future behaviour.
+RUNTIME_ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                        "MLFLOW_DISABLE_TELEMETRY": "true",
+                        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 def _route_flower_logs(log_file: Path | None, verbose: bool) -> None:
@@ -55,7 +58,7 @@ def backend_config(config: Config) -> dict[str, Any]:
 def simulate(config: Config, observer: RunObserver | None = None, verbose: bool = False
              ) -> dict[str, Any]:
     """Run ``config`` under the Ray simulation engine; returns the run's summary."""
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation
 
@@ -87,16 +90,16 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
         _route_flower_logs(None, verbose=True)
     if crashed is not None:
         control.done.wait(SHUTDOWN_GRACE_S)
-        if control.error is not None and isinstance(control.error, FedclError):
+        if isinstance(control.error, FedclError) and not isinstance(control.error, RunCancelled):
             raise control.error
-        cause = crashed.__cause__ or crashed
+        cause = crashed
+        while cause.__cause__ is not None:  # Flower wraps the backend's error twice
+            cause = cause.__cause__
         _mark_failed(control, f"simulation backend failed: {cause}")
         raise RunAborted(f"simulation backend failed: {_first_line(cause)} "
                          f"(details in {out_dir / 'flower.log'})") from None
     control.done.wait(SHUTDOWN_GRACE_S)
     if control.error is not None:
-        if isinstance(control.error, FedclError):
-            raise control.error
         raise control.error
     if control.summary is None:
         raise RunAborted("the ServerApp ended without a result")
@@ -114,7 +117,7 @@ def _mark_failed(control: RunControl, reason: str) -> None:
 
         try:
             terminate_run(control.tracking_uri, control.run_id, "FAILED")
-        except Exception:  # noqa: BLE001 - best effort while already failing
+        except Exception:
             pass
 
 

@@ -14,8 +14,10 @@ from the ServerApp's thread.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,11 @@ FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "w
 
 
 def _client(tracking_uri: str) -> Any:
+    # MLflow's sqlite store announces its table creation at INFO and trips a SQLAlchemy
+    # deprecation notice of its own; neither is the user's business.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -120,7 +127,7 @@ class Tracker:
             self._client.set_tag(self.run_id, "fedcl.error", reason[:5000])
             self._client.set_tag(self.run_id, "fedcl.status", status.lower())
             self._client.set_terminated(self.run_id, status)
-        except Exception:  # noqa: BLE001 - the run is failing already; never mask its error
+        except Exception:
             pass
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import pickle
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -122,6 +123,16 @@ def _bundled_mnist() -> tuple[ArrayDataset, ArrayDataset]:
     return _idx_pair(folder, "train"), _idx_pair(folder, "t10k")
 
 
+_IDX_NAMES = ("mnist-torchvision", "fashion-mnist")
+_IDX_STEMS = tuple(f"{prefix}-{kind}-ubyte" for prefix in ("train", "t10k")
+                   for kind in ("images-idx3", "labels-idx1"))
+
+
+def _idx_files_present(folder: Path) -> bool:
+    return all((folder / stem).is_file() or (folder / f"{stem}.gz").is_file()
+               for stem in _IDX_STEMS)
+
+
 def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
     import torchvision
 
@@ -133,6 +144,9 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ArrayDatase
     }
     cls = classes[name]()
     expected = data_dir / DATASETS[name].folder
+    if name in _IDX_NAMES and _idx_files_present(expected):
+        # torchvision reads only the unpacked files; read them (or their .gz) directly.
+        return _idx_pair(expected, "train"), _idx_pair(expected, "t10k")
     splits = []
     for train in (True, False):
         try:
@@ -173,6 +187,14 @@ def _cifar_class(base_name: str):  # type: ignore[no-untyped-def]
             root = Path(self.root) / self.base_folder
             names = [n for n, _ in self.train_list + self.test_list]
             return all((root / n).is_file() for n in names)
+
+        def _load_meta(self) -> None:  # torchvision's checks the md5 of the meta file too
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"Dataset metadata file {path} not found")
+            with open(path, "rb") as fh:
+                self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     _Cifar.__name__ = f"_{base_name}"
     return _Cifar

@@ -145,7 +145,7 @@ def make_scenario(dataset: Dataset, kind: str, tasks: int, *, domain_shift: str 
     if kind == "domain-il":
         all_classes = tuple(range(dataset.num_classes))
         train_all, test_all = np.arange(len(train_y)), np.arange(len(test_y))
-        c, h, w = dataset.input_shape
+        _, h, w = dataset.input_shape
         if domain_shift == "permute":
             perms = pixel_permutations(h * w, tasks, seed)
             task_list = tuple(Task(t, all_classes, train_all, test_all, permutation=p)

@@ -1,0 +1,51 @@
+"""Test hygiene: Flower, Ray, MLflow, matplotlib and Hugging Face homes live under a temp dir,
+telemetry is off, and every test that runs fedcl does so in its own working folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="fedcl-tests-"))
+
+HYGIENE_ENV = {
+    "FLWR_HOME": str(_HOME / "flwr"),
+    "RAY_TMPDIR": str(_HOME / "ray"),
+    "HF_HOME": str(_HOME / "hf"),
+    "HF_DATASETS_CACHE": str(_HOME / "hf" / "datasets"),
+    "MPLCONFIGDIR": str(_HOME / "mpl"),
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+os.environ.update(HYGIENE_ENV)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+for value in HYGIENE_ENV.values():
+    if value.startswith(str(_HOME)):
+        Path(value).mkdir(parents=True, exist_ok=True)
+
+
+def run_fedcl(*args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real ``fedcl`` command (as a user would) in ``cwd``."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fedcl.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture
+def fedcl_cmd():  # type: ignore[no-untyped-def]
+    return run_fedcl

@@ -1,0 +1,140 @@
+"""The real ``fedcl`` command on bad input: one line ``fedcl: error: ...`` on stderr, a non-zero
+exit, no traceback, and nothing written to the working folder.
+
+Every ``simulate`` case here fails before Flower or Ray start (on the config, the data or the
+device), so these tests stay fast. The ``cuda`` case is skipped where a GPU exists, as there it
+would start a real run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+# A run that got past validation would start Ray; fail the test long before it finishes.
+TIMEOUT_S = 120
+
+CONFIG_FILES = {
+    "malformed.toml": "clients = = 3\n",
+    "unknown-key.toml": "clinets = 3\n",
+    "wrong-type.toml": 'clients = "many"\n',
+}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], phrase: str,
+                           cwd: Path, exit_code: int | None = 2) -> str:
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything
+    if exit_code is None:
+        assert result.returncode != 0, everything
+    else:
+        assert result.returncode == exit_code, everything
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    line = lines[0]
+    assert line.startswith("fedcl: error: "), line
+    assert phrase in line, f"{phrase!r} not in {line!r}"
+    assert not (cwd / "mlflow.db").exists()
+    assert not (cwd / "outputs").exists()
+    assert not (cwd / "mlruns").exists()
+    return line
+
+
+SIMULATE_CASES = [
+    pytest.param(["--strategy", "nope"], "unknown strategy 'nope'", id="strategy"),
+    pytest.param(["--dataset", "nope"], "unknown dataset 'nope'", id="dataset"),
+    pytest.param(["--scenario", "nope"], "unknown scenario 'nope'", id="scenario"),
+    pytest.param(["--clients", "0"], "clients must be a positive integer, got 0", id="clients-0"),
+    pytest.param(["--clients", "-3"], "clients must be a positive integer, got -3",
+                 id="clients-negative"),
+    pytest.param(["--tasks", "0"], "tasks must be a positive integer", id="tasks-0"),
+    pytest.param(["--rounds-per-task", "0"], "rounds_per_task must be a positive integer",
+                 id="rounds-per-task-0"),
+    pytest.param(["--fraction-train", "0"], "fraction_train must be in (0, 1]",
+                 id="fraction-train-0"),
+    pytest.param(["--fraction-train", "1.5"], "fraction_train must be in (0, 1], got 1.5",
+                 id="fraction-train-1.5"),
+    pytest.param(["--clients", "abc"], "--clients needs an integer, got 'abc'",
+                 id="clients-not-int"),
+    pytest.param(["--frobnicate", "1"], "unrecognized arguments: --frobnicate",
+                 id="unknown-flag"),
+    pytest.param(["--config", "missing.toml"], "config file not found: missing.toml",
+                 id="config-missing"),
+    pytest.param(["--config", "malformed.toml"], "malformed TOML in malformed.toml",
+                 id="config-malformed"),
+    pytest.param(["--config", "unknown-key.toml"],
+                 "unknown config key 'clinets' in unknown-key.toml (did you mean 'clients'?)",
+                 id="config-unknown-key"),
+    pytest.param(["--config", "wrong-type.toml"],
+                 "config key 'clients' in wrong-type.toml must be an integer, got 'many'",
+                 id="config-wrong-type"),
+    pytest.param(["--scenario", "class-il", "--tasks", "3"],
+                 "3 tasks do not split 10 classes evenly", id="classes-not-divisible"),
+    pytest.param(["--strategy-param", "proximal_mu=0.1"],
+                 "unknown parameter 'proximal_mu' for strategy 'fedavg'",
+                 id="param-unknown-for-fedavg"),
+    pytest.param(["--strategy", "fedprox", "--strategy-param", "proximal_mu=-1"],
+                 "proximal_mu must be >= 0", id="param-negative-mu"),
+    pytest.param(["--strategy-param", "novalue"],
+                 "--strategy-param needs KEY=VALUE, got 'novalue'", id="param-no-equals"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", id="device-cuda",
+                 marks=pytest.mark.skipif(_cuda_available(),
+                                          reason="a GPU is visible: this would start a run")),
+]
+
+
+@pytest.mark.parametrize(("args", "phrase"), SIMULATE_CASES)
+def test_simulate_bad_input(args: list[str], phrase: str, tmp_path: Path, fedcl_cmd) -> None:
+    for name, text in CONFIG_FILES.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    result = fedcl_cmd("simulate", *args, cwd=tmp_path, timeout=TIMEOUT_S)
+    _assert_one_line_error(result, phrase, tmp_path)
+
+
+def test_simulate_missing_dataset_names_expected_folder(tmp_path: Path, fedcl_cmd) -> None:
+    data_dir = tmp_path / "no-data"
+    data_dir.mkdir()
+    result = fedcl_cmd("simulate", "--dataset", "cifar10", "--data-dir", str(data_dir),
+                       "--no-download", cwd=tmp_path, timeout=TIMEOUT_S)
+    line = _assert_one_line_error(result, "cifar10 not found", tmp_path)
+    assert str(data_dir / "cifar-10-batches-py") in line
+    assert list(data_dir.iterdir()) == []
+
+
+def test_compare_unknown_experiment(tmp_path: Path, fedcl_cmd) -> None:
+    db = tmp_path / "x.db"
+    result = fedcl_cmd("compare", "--experiment", "nothere", "--tracking-uri",
+                       f"sqlite:///{db}", cwd=tmp_path, timeout=TIMEOUT_S)
+    line = _assert_one_line_error(result, "no MLflow experiment", tmp_path, exit_code=None)
+    assert "'nothere'" in line
+    assert result.stdout == ""
+
+
+def test_strategies_one_line_each(tmp_path: Path, fedcl_cmd) -> None:
+    from strategies import registry
+
+    result = fedcl_cmd("strategies", cwd=tmp_path, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    names = registry.names()
+    assert len(lines) == len(names)
+    for line, name in zip(lines, names, strict=True):
+        assert line.split()[0] == name
+        assert line[len(name):].strip(), f"no summary for {name}"
+
+
+def test_config_prints_toml_with_flag_applied(tmp_path: Path, fedcl_cmd) -> None:
+    result = fedcl_cmd("config", "--clients", "7", cwd=tmp_path, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert "clients = 7" in result.stdout.splitlines()
+    assert tomllib.loads(result.stdout)["clients"] == 7

@@ -1,0 +1,222 @@
+"""End-to-end runs of the real ``fedcl simulate`` (Flower's Ray simulation engine, a real MLflow
+sqlite store) on tiny settings: summary.json, the MLflow run, reproducibility, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedcl import metrics, tracking
+from tests.conftest import run_fedcl
+
+pytestmark = pytest.mark.e2e
+
+TINY = ("--clients", "3", "--tasks", "2", "--rounds-per-task", "1", "--batch-size", "64",
+        "--eval-samples-per-task", "500", "--round-timeout-s", "120")
+
+
+@pytest.fixture
+def ray_env():  # type: ignore[no-untyped-def]
+    """A short, private RAY_TMPDIR (Ray's socket paths must stay short); afterwards, no process
+    started under it may still be alive."""
+    tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")
+    yield {"RAY_TMPDIR": tmp}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = _processes_under(tmp)
+        if not left:
+            break
+        time.sleep(0.5)
+    left = _processes_under(tmp)
+    for proc in left:
+        proc.kill()
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert not left, f"processes left running: {[p.info['cmdline'][:3] for p in left]}"
+
+
+def _processes_under(path: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(path in part for part in (proc.info["cmdline"] or [])):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: dict) -> None:
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", *TINY, "--output", str(out), "--experiment", "e2e",
+                    cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    s = _summary(out)
+    assert s["strategy"] == "fedavg" and s["num_clients"] == 3 and s["num_tasks"] == 2
+    matrix = s["accuracy_matrix"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    assert all(0.0 <= v <= 1.0 for row in matrix for v in row)
+    # class-IL with FedAvg: task 0 is learned, then forgotten once task 1 is trained
+    assert matrix[0][0] > 0.9
+    assert matrix[1][0] < matrix[0][0]
+    assert s["acc"] == pytest.approx(metrics.average_accuracy(matrix))
+    assert s["forgetting"] == pytest.approx(matrix[0][0] - matrix[1][0])
+    assert s["bwt"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    assert s["fwt"] == pytest.approx(matrix[0][1] - s["random_init_accuracy"][1])
+    assert [r["task"] for r in s["rounds"]] == [0, 1]
+    assert [r["round"] for r in s["rounds"]] == [1, 2]
+    assert s["rounds"][-1]["acc_per_task"] == matrix[-1]
+    assert s["rounds"][0]["min_acc"] is None
+    assert s["rounds"][1]["min_acc"] == pytest.approx(matrix[1][0])
+    assert s["rounds"][1]["wc_acc"] == pytest.approx((matrix[1][1] + matrix[1][0]) / 2)
+    assert all(r["clients"] == 3 and r["failures"] == 0 for r in s["rounds"])
+    assert s["config"]["clients"] == 3
+    for name in ("config.toml", "accuracy_matrix.csv", "accuracy_matrix.png",
+                 "accuracy_per_round.png"):
+        assert (out / name).stat().st_size > 0
+    csv_rows = (out / "accuracy_matrix.csv").read_text().splitlines()
+    assert csv_rows[0] == "after_task,task_0,task_1"
+    assert float(csv_rows[2].split(",")[1]) == pytest.approx(matrix[1][0], abs=1e-6)
+    # the table at the end of the command
+    assert f"ACC {s['acc'] * 100:.2f}%" in res.stdout
+    assert s["mlflow_run_id"] in res.stdout
+
+    # the MLflow run holds the same numbers
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert s["mlflow_tracking_uri"] == "sqlite:///mlflow.db"
+    runs = tracking.fetch_runs(uri, "e2e")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["run_id"] == s["mlflow_run_id"] and run["status"] == "FINISHED"
+    assert run["params"]["strategy"] == "fedavg" and run["params"]["clients"] == "3"
+    assert run["metrics"]["acc"] == pytest.approx(s["acc"])
+    assert run["metrics"]["forgetting"] == pytest.approx(s["forgetting"])
+    history = tracking.metric_history(uri, s["mlflow_run_id"], "acc_task_0")
+    assert [step for step, _ in history] == [1, 2]
+    assert [v for _, v in history] == pytest.approx([r["acc_per_task"][0] for r in s["rounds"]])
+    art = _artifacts(tmp_path, s["mlflow_run_id"])
+    assert {"summary.json", "config.toml", "accuracy_matrix.csv", "accuracy_matrix.png",
+            "accuracy_per_round.png"} <= art
+
+    # fedcl compare shows it
+    cmp_ = run_fedcl("compare", "--experiment", "e2e", "--format", "json", cwd=tmp_path)
+    assert cmp_.returncode == 0, cmp_.stderr
+    rows = json.loads(cmp_.stdout)
+    assert rows[0]["run_id"] == s["mlflow_run_id"]
+    assert rows[0]["acc"] == pytest.approx(s["acc"])
+    assert rows[0]["strategy"] == "fedavg"
+
+
+def _artifacts(root: Path, run_id: str) -> set[str]:
+    return {p.name for p in root.rglob("*") if run_id in str(p) and p.is_file()}
+
+
+def test_same_seed_same_matrix_task_il_fedprox(tmp_path: Path, ray_env: dict) -> None:
+    args = (*TINY, "--scenario", "task-il", "--strategy", "fedprox", "--strategy-param",
+            "proximal_mu=0.1", "--seed", "3", "--fraction-train", "0.7")
+    results = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        res = run_fedcl("simulate", *args, "--output", str(out), cwd=tmp_path, env=ray_env)
+        assert res.returncode == 0, res.stderr
+        results.append(_summary(out))
+    assert results[0]["accuracy_matrix"] == results[1]["accuracy_matrix"]
+    assert results[0]["strategy"] == "fedprox"
+    assert results[0]["config"]["strategy_params"] == {"proximal_mu": 0.1}
+    # fraction 0.7 of 3 clients: 2 clients per round
+    assert [r["clients"] for r in results[0]["rounds"]] == [2, 2]
+    # task-IL with the task id given: binary heads keep old tasks far above chance
+    assert results[0]["accuracy_matrix"][1][0] > 0.6
+
+
+def test_domain_il_rotated_fashion_of_mnist(tmp_path: Path, ray_env: dict) -> None:
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", *TINY, "--scenario", "domain-il", "--domain-shift", "rotate",
+                    "--model", "cnn", "--partition", "iid", "--output", str(out),
+                    cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr
+    s = _summary(out)
+    assert s["scenario"] == "domain-il"
+    # rotation by 90 degrees (task 1 of 2) is a different domain: a model trained on task 0
+    # does worse there than on task 0 itself
+    assert s["accuracy_matrix"][0][0] > s["accuracy_matrix"][0][1]
+
+
+def test_every_client_failing_stops_with_one_line_and_failed_run(tmp_path: Path,
+                                                                 ray_env: dict) -> None:
+    res = run_fedcl("simulate", *TINY, "--client-fault-rate", "1.0", "--output",
+                    str(tmp_path / "out"), "--experiment", "faults", cwd=tmp_path, env=ray_env)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("fedcl: error: round 1 (task 0): 0 of 3 clients replied")
+    assert "injected fault" in lines[0]
+    assert not (tmp_path / "out" / "summary.json").exists()
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")
+    assert [r["status"] for r in runs] == ["FAILED"]
+    assert "0 of 3 clients replied" in runs[0]["tags"]["fedcl.error"]
+
+
+def test_some_clients_failing_round_goes_on(tmp_path: Path, ray_env: dict) -> None:
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", "--clients", "6", "--tasks", "2", "--rounds-per-task", "2",
+                    "--eval-samples-per-task", "200", "--client-fault-rate", "0.4",
+                    "--output", str(out), cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr
+    s = _summary(out)
+    failures = [r["failures"] for r in s["rounds"]]
+    assert sum(failures) > 0
+    assert all(r["clients"] + r["failures"] == 6 for r in s["rounds"])
+
+
+def test_backend_that_cannot_start_fails_fast(tmp_path: Path, ray_env: dict) -> None:
+    started = time.monotonic()
+    res = run_fedcl("simulate", *TINY, "--client-cpus", "64", "--experiment", "crash",
+                    "--output", str(tmp_path / "out"), cwd=tmp_path, env=ray_env, timeout=180)
+    assert time.monotonic() - started < 120
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedcl: error: simulation backend failed")
+    assert "ActorPool is empty" in lines[0]
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "crash")
+    assert [r["status"] for r in runs] == ["FAILED"]
+
+
+def test_ctrl_c_marks_run_failed_and_leaves_nothing(tmp_path: Path, ray_env: dict) -> None:
+    env = {**os.environ, **ray_env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedcl.cli", "simulate", "--clients", "3", "--tasks", "5",
+         "--rounds-per-task", "20", "--experiment", "sigint", "--output",
+         str(tmp_path / "out")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    # wait for the first round to finish, then interrupt as Ctrl-C would
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "round 1/20" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "fedcl: interrupted; the MLflow run is marked FAILED"
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "sigint")
+    assert [r["status"] for r in runs] == ["FAILED"]
+    history = tracking.metric_history(f"sqlite:///{tmp_path / 'mlflow.db'}", runs[0]["run_id"],
+                                      "avg_acc")
+    assert len(history) >= 1  # what was logged before the interrupt is kept
