@@ -243,26 +243,29 @@ class Config:
         return tomli_w.dumps(flat)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
-        """Flower's flat, kebab-case run config (unset fields left out)."""
+        """Flower's flat, kebab-case run config. Every field is present (Flower refuses
+        overrides of keys its defaults lack); an unset field is the empty string."""
         out: dict[str, bool | int | float | str] = {}
         for key, value in self.to_dict().items():
             if key == "strategy_params":
                 for pkey, pvalue in value.items():
                     out[RUN_CONFIG_STRATEGY_PREFIX + pkey.replace("_", "-")] = pvalue
-            elif value is not None:
-                out[key.replace("_", "-")] = value
+            else:
+                out[key.replace("_", "-")] = "" if value is None else value
         return out
 
     @classmethod
     def from_run_config(cls, run_config: typing.Mapping[str, Any]) -> Config:
-        """Inverse of :meth:`to_run_config`; Flower may nest dotted keys or keep them flat."""
+        """Inverse of :meth:`to_run_config` (the empty string unsets an optional field)."""
         values: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for key, value in run_config.items():
             if key.startswith(RUN_CONFIG_STRATEGY_PREFIX):
                 params[key[len(RUN_CONFIG_STRATEGY_PREFIX):].replace("-", "_")] = value
             else:
-                values[key.replace("-", "_")] = value
+                name = key.replace("-", "_")
+                unset = value == "" and name in FIELDS and field_type(name)[1]
+                values[name] = None if unset else value
         if params:
             values["strategy_params"] = params
         return config_from_dict(values, source="the Flower run config")

@@ -81,7 +81,8 @@ def test_run_config_strategy_params_are_prefixed() -> None:
     assert RUN_CONFIG_STRATEGY_PREFIX == "strategy-param."
     assert "strategy-params" not in run_config
     assert run_config["task-order-seed"] == 11
-    assert "output" not in run_config  # unset fields are left out
+    assert run_config["output"] == ""  # unset fields are the empty string (Flower needs every key)
+    assert Config.from_run_config(run_config).output is None
 
 
 @pytest.mark.parametrize("config", [Config(), _custom()], ids=["defaults", "custom"])
