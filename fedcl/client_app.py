@@ -80,16 +80,20 @@ def train(msg: Message, context: Context) -> Message:
     local = LocalRound(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
                        task=task, round=round_, partition_id=pid,
                        device=resolve_device(config.device), mean=scenario.dataset.mean,
-                       std=scenario.dataset.std)
+                       std=scenario.dataset.std,
+                       last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
+                       message=msg.content)
     if int(state["task"]) != task:
         trainer.begin_task(local)
         state["task"] = task
-    result = trainer.train(local)
+    result = trainer.after_training(local, trainer.train(local))
     state["rounds"] = int(state["rounds"]) + 1
     context.state[protocol.CLIENT_STATE] = state
 
     metrics = MetricRecord({protocol.NUM_EXAMPLES: result.num_examples,
-                            protocol.TRAIN_LOSS: result.loss, **result.extra_metrics})
+                            protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
+                            **result.extra_metrics})
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
-                          protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(context)})
+                          protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(context),
+                          **result.records})
     return Message(content, reply_to=msg)

@@ -27,9 +27,10 @@ class Progress:
     def on_start(self, config: Config, total_rounds: int, run_id: str | None,
                  tracking_uri: str) -> None:
         self.num_tasks, self.rounds_per_task = config.tasks, config.rounds_per_task
+        per_round = max(1, int(config.clients * config.fraction_train))
         print(f"fedcl: {config.strategy} on {config.dataset} {config.scenario}, "
               f"{config.tasks} tasks x {config.rounds_per_task} rounds, {config.clients} "
-              f"clients ({config.fraction_train:g} per round); MLflow run {run_id}",
+              f"clients ({per_round} per round); MLflow run {run_id}",
               file=self.stream, flush=True)
         if self.live:
             from rich.console import Console

@@ -12,11 +12,13 @@ RUN_CONFIG_JSON = "fedcl.config"  # the whole run Config as JSON
 TASK = "fedcl.task"  # 0-based index of the task being trained
 ROUND = "fedcl.round"  # 1-based round counter over the whole run
 TASK_ROUND = "fedcl.task-round"  # 1-based round within the task
+LAST_ROUND_OF_TASK = "fedcl.last-round-of-task"  # True in a task's last round
 SERVER_ROUND = "server-round"  # Flower's own key (set by FedAvg.configure_train)
 
 # Keys inside reply MetricRecords (averaged by FedAvg, weighted by num-examples).
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+UNIT_WEIGHT = "unit-weight"  # always 1: weight by it for uniform (not sample-count) averaging
 
 # A ConfigRecord in every reply saying which client answered (never averaged).
 CLIENT_INFO = "fedcl.client-info"

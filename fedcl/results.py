@@ -25,6 +25,8 @@
                        ``wc_acc`` (worst-case accuracy, De Lange et al. 2023), ``train_loss``
                        (mean client loss), ``clients`` (replies aggregated), ``failures``
                        (sampled clients that failed or did not answer), ``seconds`` (wall time)
+``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
+                       layer), one entry per task with ``task``; empty for the baselines
 ``wall_time_s``        wall time of the whole run, start-up included
 ``mlflow_run_id``      the MLflow run holding the same numbers
 ``mlflow_tracking_uri``  where that run is stored

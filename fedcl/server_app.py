@@ -35,6 +35,7 @@ from fedcl.results import RoundRecord, build_summary, stability_metrics, write_o
 from fedcl.tracking import Tracker
 from fedcl.training import accuracy, resolve_device
 from strategies import registry
+from strategies.base import RoundInfo
 
 log = logging.getLogger("fedcl")
 POLL_S = 0.05
@@ -220,6 +221,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         records: list[RoundRecord] = []
         curves: list[list[float]] = []
         round_task: list[int] = []
+        strategy_state: list[dict[str, float]] = []
         global_round = 0
         for task in range(num_tasks):
             strategy.begin_task(task, arrays)
@@ -228,12 +230,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 t0 = time.monotonic()
                 pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
                                       global_round)
+                info = RoundInfo(task, task_round, rounds, global_round)
                 train_config = ConfigRecord({
                     protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
                     protocol.ROUND: global_round, protocol.TASK_ROUND: task_round,
-                    **strategy.train_config(task)})
-                messages = strategy.configure_train(
-                    global_round, arrays, train_config,
+                    protocol.LAST_ROUND_OF_TASK: info.last_of_task})
+                messages = strategy.configure_round(
+                    info, arrays, train_config,
                     SampledGrid(grid, [roster[p] for p in pids]))  # type: ignore[arg-type]
                 replies = send_and_receive(grid, messages, config.round_timeout_s,
                                            control.cancel)
@@ -267,11 +270,17 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                     control.observer.on_round(record)
             arrays = strategy.end_task(task, arrays)
             matrix.append(evaluator(arrays))
+            state = strategy.state_metrics()
+            if state:
+                tracker.log_metrics(state, step=global_round)
+                strategy_state.append({"task": task, **state})
         summary = build_summary(
             strategy=config.strategy, config=config.to_dict(), matrix=matrix,
             baseline=baseline, rounds=records, wall_time_s=time.monotonic() - started,
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
+        summary["strategy_state"] = strategy_state
         files = write_outputs(summary, out_dir, config.to_toml())
+        files += strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)
         tracker.finish(summary, files)
         return summary

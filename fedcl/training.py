@@ -56,7 +56,8 @@ class LocalRound:
     device: torch.device
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    state: dict[str, Any] = field(default_factory=dict)  # the trainer's slice of Context.state
+    last_of_task: bool = False  # the task's last round (task-end work such as FOT's sketches)
+    message: Any = None  # the incoming RecordDict, for strategy records (a basis, prototypes)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainResult:
     loss: float
     steps: int
     extra_metrics: dict[str, float] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)  # extra reply records (payloads)
 
 
 class LocalTrainer:
@@ -76,6 +78,10 @@ class LocalTrainer:
 
     def begin_task(self, lr: LocalRound) -> None:
         """Called once when this client first trains on a new task."""
+
+    def after_training(self, lr: LocalRound, result: TrainResult) -> TrainResult:
+        """Called after local training with the locally trained model (payloads go here)."""
+        return result
 
     def train(self, lr: LocalRound) -> TrainResult:
         model = lr.model.to(lr.device)

@@ -6,21 +6,41 @@
 
 * task-boundary hooks, :meth:`begin_task` and :meth:`end_task`, called by the server loop at
   the start and end of every task (FOT extracts its subspace in ``end_task``);
-* :meth:`train_config`, extra keys sent to clients with every training message;
+* :meth:`train_config` and :meth:`train_records`, extra config keys and extra records (a basis,
+  prototypes, ...) sent to clients with a round's training messages;
 * extra client payloads: records named in :attr:`payload_keys` (activation sketches, Fisher
   diagonals, prototypes, ...) are taken out of each reply before Flower's FedAvg validates and
   averages it, and kept in :attr:`payloads` (by partition id) for the strategy to use;
+* :meth:`state_metrics` and :meth:`save_state`, the strategy's own state as metrics (logged by
+  the server loop after each task) and as files (logged as artifacts at the end);
 * :meth:`on_erasure`, where erasure requests arrive (not used by the baselines).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 from fedcl import protocol
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """Where a training round stands in the task stream."""
+
+    task: int
+    task_round: int  # 1-based within the task
+    rounds_per_task: int
+    round: int  # 1-based over the run
+
+    @property
+    def last_of_task(self) -> bool:
+        return self.task_round == self.rounds_per_task
 
 
 class ContinualStrategy:
@@ -40,9 +60,34 @@ class ContinualStrategy:
         """Called after the last round of ``task``; may return changed global arrays."""
         return arrays
 
-    def train_config(self, task: int) -> dict[str, Any]:
-        """Extra config keys for this task's training messages."""
+    def train_config(self, info: RoundInfo) -> dict[str, Any]:
+        """Extra config keys for this round's training messages."""
         return {}
+
+    def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:
+        """Extra records added to this round's training messages."""
+        return {}
+
+    def state_metrics(self) -> dict[str, float]:
+        """The strategy's state as metrics, logged after each task."""
+        return {}
+
+    def save_state(self, out_dir: Path) -> list[Path]:
+        """Write the strategy's final state to ``out_dir``; returns the files written."""
+        return []
+
+    def configure_round(self, info: RoundInfo, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        """Flower's ``configure_train`` plus this round's :meth:`train_records`."""
+        for key, value in self.train_config(info).items():
+            config[key] = value
+        messages = list(self.configure_train(info.round, arrays, config, grid))  # type: ignore[attr-defined]
+        records = self.train_records(info)
+        for msg in messages:
+            for key, record in records.items():
+                if key not in msg.content:
+                    msg.content[key] = record
+        return messages
 
     def on_erasure(self, request: Any) -> None:
         """Called when an erasure request comes due (unlearning strategies override it)."""
