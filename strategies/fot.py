@@ -13,7 +13,9 @@ Choices (spec: METHODS.md section 1):
 
 * Aggregation weights are uniform, 1/|S|, as in the authors' code (``weighting = "samples"``
   switches to Flower's sample-count weighting).
-* The ratio ``r = ‖R̂‖/‖R‖`` is the code's un-squared one (see :func:`fedcl.subspace.residualize`).
+* The ratio ``r = ‖R̂‖/‖R‖`` is the code's un-squared one (see :func:`fedcl.subspace.residualize`);
+  ``ratio = "energy"`` reports its square, GPM's criterion, for which the threshold
+  ``ε' = (r − (1 − ε))/r`` is exact (the basis then holds a fraction ε of the energy).
 * The basis is sent to clients only in a task's last round, the only round they use it in
   (residualising before sketching); the code broadcasts it every round.
 * The sketch matrix ``G`` is drawn from a generator seeded by (run seed, task, client), so runs
@@ -64,6 +66,9 @@ class FOTParams:
     """Client weights of the average: uniform (the paper's code) or samples (FedAvg's)."""
     private_sketch_seed: int = 0
     """Mixed into each client's sketch generator; a deployment keeps it secret per client."""
+    ratio: str = "norm"
+    """The residual ratio clients report: norm, ||R_hat||/||R|| (the authors' code), or energy,
+    its square (GPM's energy criterion, which adds fewer directions per task)."""
 
     def check(self) -> None:
         if not 0 < self.eps < 1:
@@ -75,6 +80,8 @@ class FOTParams:
                               f"got '{self.sketch_dist}'")
         if self.sketch_width < 0:
             raise ConfigError(f"FOT sketch_width must be >= 0, got {self.sketch_width}")
+        if self.ratio not in ("norm", "energy"):
+            raise ConfigError(f"FOT ratio must be norm or energy, got '{self.ratio}'")
         if self.weighting not in ("uniform", "samples"):
             raise ConfigError(f"FOT weighting must be uniform or samples, got '{self.weighting}'")
 
@@ -172,7 +179,7 @@ class FOTTrainer(LocalTrainer):
         batches = ((to_float(lr.x[i:i + bs].to(lr.device), lr.mean, lr.std), lr.head)
                    for i in range(0, len(lr.y), bs))
         reps = subspace.collect_representations(lr.model, layers, batches,
-                                                dtype=torch.float64, device="cpu")
+                                                dtype=torch.float32, device="cpu")
         dist, width = sketch_settings(lr.model, self.params)
         gen = torch.Generator().manual_seed(
             int(np.random.default_rng([lr.config.seed, lr.task, lr.partition_id,
@@ -180,10 +187,10 @@ class FOTTrainer(LocalTrainer):
         sketches, stats = {}, ConfigRecord({"n": len(lr.y)})
         for layer in layers:
             U = basis.get(layer)
-            r_hat, ratio = subspace.residualize(reps[layer], None if U is None else U.double())
+            r_hat, ratio = subspace.residualize(reps[layer], U)
             m = max(1, round(width * r_hat.shape[0]))
             sketches[layer] = subspace.sketch(r_hat, m, gen, dist).float()
-            stats[f"{layer}.r"] = float(ratio)
+            stats[f"{layer}.r"] = float(ratio if self.params.ratio == "norm" else ratio**2)
         result.records[SKETCH] = ArrayRecord(sketches)
         result.records[STATS] = stats
         return result
