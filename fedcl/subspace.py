@@ -168,6 +168,7 @@ def collect_representations(
     *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    on_chunk: Callable[[str, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:
     """Representation matrices ``{name: R_name}`` of the named layers over all ``batches``.
 
@@ -179,7 +180,9 @@ def collect_representations(
     ``x`` is moved to the device of the model's first parameter. Each recorded chunk is
     optionally cast to ``dtype`` and moved to ``device`` (e.g. ``"cpu"`` to spare GPU memory).
     The hooks are always removed and every submodule's train/eval flag restored, even when the
-    forward pass raises.
+    forward pass raises. With ``on_chunk``, each per-batch matrix is handed to
+    ``on_chunk(name, R_batch)`` instead of being kept (streaming, e.g. into
+    :class:`StreamingSketch`), and the returned dict is empty.
     """
     if not layer_names:
         raise ValueError("collect_representations: layer_names is empty")
@@ -192,6 +195,7 @@ def collect_representations(
     param = next(model.parameters(), None)
     model_device = param.device if param is not None else None
     chunks: dict[str, list[Tensor]] = {name: [] for name in layer_names}
+    seen = dict.fromkeys(layer_names, 0)
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[object, ...]], None]:
         def hook(mod: nn.Module, args: tuple[object, ...]) -> None:
@@ -199,7 +203,11 @@ def collect_representations(
             r = layer_inputs(mod, inp)  # type: ignore[arg-type]
             if dtype is not None or device is not None:
                 r = r.to(device=device, dtype=dtype)
-            chunks[name].append(r)
+            seen[name] += 1
+            if on_chunk is not None:
+                on_chunk(name, r)
+            else:
+                chunks[name].append(r)
 
         return hook
 
@@ -217,13 +225,23 @@ def collect_representations(
             handle.remove()
         for m, training in modes.items():
             m.training = training
-    missing = [name for name in layer_names if not chunks[name]]
+    missing = [name for name in layer_names if not seen[name]]
     if missing:
         raise RuntimeError(
             f"collect_representations: no input reached layer(s) {missing} "
             "(no batches, or the layer is not on the forward path for these heads)"
         )
+    if on_chunk is not None:
+        return {}
     return {name: torch.cat(chunks[name], dim=1) for name in layer_names}
+
+
+def input_dim(module: nn.Linear | nn.Conv2d) -> int:
+    """``d``, the rows of the layer's representation matrix (``in`` or ``C_in·kh·kw``)."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = _pair(module.kernel_size)
+        return module.in_channels * kh * kw
+    return module.in_features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +327,44 @@ def sketch(
     else:
         G = torch.randn(n, m, generator=generator, dtype=R_hat.dtype, device=generator.device)
     return R_hat @ G.to(R_hat.device)
+
+
+class StreamingSketch:
+    """``(Y, r)`` of :func:`residualize` + :func:`sketch`, accumulated over column blocks.
+
+    For ``R = [R_1, R_2, ...]`` (blocks of columns, e.g. one per batch) and
+    ``G = [G_1; G_2; ...]`` (the matching row blocks, drawn block by block from the private
+    generator), ``Y = R̂ G = Σ_b R̂_b G_b`` and ``‖R̂‖² = Σ_b ‖R̂_b‖²``, so the result equals the
+    one-shot computation for that ``G`` while memory stays ``d x m`` whatever ``n`` is (a conv
+    layer's im2col matrix has one column per sample and output position).
+    """
+
+    def __init__(self, U: Tensor | None, m: int, generator: torch.Generator,
+                 dist: str = "uniform") -> None:
+        if m < 1:
+            raise ValueError(f"sketch width m must be >= 1, got {m}")
+        if dist not in SKETCH_DISTS:
+            raise ValueError(f"unknown sketch dist {dist!r}; choose one of {SKETCH_DISTS}")
+        self.U = U if _has_basis(U) else None
+        self.m, self.generator, self.dist = m, generator, dist
+        self.Y: Tensor | None = None
+        self.norm2, self.norm2_residual, self.n = 0.0, 0.0, 0
+
+    def add(self, R_block: Tensor) -> None:
+        r_hat = R_block if self.U is None else _residual(R_block, self.U)
+        self.norm2 += _fro64(R_block) ** 2
+        self.norm2_residual += _fro64(r_hat) ** 2
+        self.n += R_block.shape[1]
+        part = sketch(r_hat, self.m, self.generator, self.dist)
+        self.Y = part if self.Y is None else self.Y + part
+
+    def result(self) -> tuple[Tensor, float]:
+        """The sketch ``Y`` and the ratio ``r = ‖R̂‖_F / ‖R‖_F`` (1.0 with no basis)."""
+        if self.Y is None:
+            raise ValueError("StreamingSketch: no columns were added")
+        if self.U is None:
+            return self.Y, 1.0
+        return self.Y, 0.0 if self.norm2 == 0 else math.sqrt(self.norm2_residual / self.norm2)
 
 
 def adjusted_threshold(eps: float, ratios: Sequence[float], counts: Sequence[int]) -> float:

@@ -23,6 +23,10 @@ Choices (spec: METHODS.md section 1):
   ``G`` secret from someone who knows the seed sets ``private_sketch_seed``.
 * Conv patches honour each layer's stride and padding (:func:`fedcl.subspace.layer_inputs`).
 * ``eps`` grows by ``eps_inc`` after each task, capped below 1.
+* A layer's sketch has at most ``max_sketch_cols`` columns (2048 by default), a cap the paper
+  does not have; it binds only for layers with more than 2048 (MLP) or 409 (conv) inputs.
+* Sketches are accumulated batch by batch (:class:`fedcl.subspace.StreamingSketch`): the same
+  ``Y = R̂ G`` for a ``G`` drawn block by block, in ``d x m`` memory.
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ class FOTParams:
     """Client weights of the average: uniform (the paper's code) or samples (FedAvg's)."""
     private_sketch_seed: int = 0
     """Mixed into each client's sketch generator; a deployment keeps it secret per client."""
+    max_sketch_cols: int = 2048
+    """Cap on a layer's sketch width m (a wide Linear such as the small CNN's 3136-input hidden
+    layer would otherwise upload d x 5d values per client and make the server's SVD slow)."""
+    repr_samples: int = 0
+    """Training samples per client whose representations are sketched at a task's end; 0 =
+    all of them, as the paper (conv layers have one column per sample and output position, so
+    the ResNet's sketch costs grow fast: a few hundred samples keep it cheap)."""
     ratio: str = "norm"
     """The residual ratio clients report: norm, ||R_hat||/||R|| (the authors' code), or energy,
     its square (GPM's energy criterion, which adds fewer directions per task)."""
@@ -78,6 +89,10 @@ class FOTParams:
         if self.sketch_dist not in ("auto", "uniform", "normal"):
             raise ConfigError(f"FOT sketch_dist must be auto, uniform or normal, "
                               f"got '{self.sketch_dist}'")
+        if self.max_sketch_cols < 1:
+            raise ConfigError(f"FOT max_sketch_cols must be >= 1, got {self.max_sketch_cols}")
+        if self.repr_samples < 0:
+            raise ConfigError(f"FOT repr_samples must be >= 0, got {self.repr_samples}")
         if self.sketch_width < 0:
             raise ConfigError(f"FOT sketch_width must be >= 0, got {self.sketch_width}")
         if self.ratio not in ("norm", "energy"):
@@ -95,6 +110,12 @@ def sketch_settings(model: torch.nn.Module, params: FOTParams) -> tuple[str, flo
         "uniform" if is_mlp else "normal")
     width = params.sketch_width or (1.0 if is_mlp else 5.0)
     return dist, width
+
+
+def sketch_columns(layer: torch.nn.Module, width: float, cap: int) -> int:
+    """m = round(width * d), at least 1 and at most ``cap``."""
+    d = subspace.input_dim(layer)  # type: ignore[arg-type]
+    return max(1, min(cap, round(width * d)))
 
 
 class FOT(ContinualStrategy, FedAvg):
@@ -170,28 +191,35 @@ class FOTTrainer(LocalTrainer):
     def after_training(self, lr: LocalRound, result: TrainResult) -> TrainResult:
         if not lr.last_of_task:
             return result
+        from fedcl.data.datasets import to_float
+
         layers = subspace.projected_layers(lr.model)
         basis_rec = lr.message.get(BASIS) if lr.message is not None else None
         basis = basis_rec.to_torch_state_dict() if basis_rec is not None else {}
-        bs = max(lr.config.batch_size, 256)
-        from fedcl.data.datasets import to_float
-
-        batches = ((to_float(lr.x[i:i + bs].to(lr.device), lr.mean, lr.std), lr.head)
-                   for i in range(0, len(lr.y), bs))
-        reps = subspace.collect_representations(lr.model, layers, batches,
-                                                dtype=torch.float32, device="cpu")
         dist, width = sketch_settings(lr.model, self.params)
         gen = torch.Generator().manual_seed(
             int(np.random.default_rng([lr.config.seed, lr.task, lr.partition_id,
                                        self.params.private_sketch_seed, 17]).integers(2**62)))
-        sketches, stats = {}, ConfigRecord({"n": len(lr.y)})
-        for layer in layers:
-            U = basis.get(layer)
-            r_hat, ratio = subspace.residualize(reps[layer], U)
-            m = max(1, round(width * r_hat.shape[0]))
-            sketches[layer] = subspace.sketch(r_hat, m, gen, dist).float()
-            stats[f"{layer}.r"] = float(ratio if self.params.ratio == "norm" else ratio**2)
-        result.records[SKETCH] = ArrayRecord(sketches)
+        sketches = {name: subspace.StreamingSketch(
+            basis.get(name), sketch_columns(lr.model.get_submodule(name), width,
+                                            self.params.max_sketch_cols), gen, dist)
+            for name in layers}
+        n = len(lr.y)
+        order = torch.arange(n)
+        if 0 < self.params.repr_samples < n:
+            order = torch.randperm(n, generator=gen)[:self.params.repr_samples].sort().values
+        bs = max(lr.config.batch_size, 256)
+        batches = ((to_float(lr.x[order[i:i + bs]].to(lr.device), lr.mean, lr.std), lr.head)
+                   for i in range(0, len(order), bs))
+        subspace.collect_representations(
+            lr.model, layers, batches, dtype=torch.float32, device="cpu",
+            on_chunk=lambda name, block: sketches[name].add(block))
+        stats = ConfigRecord({"n": len(order)})
+        ys = {}
+        for name, acc in sketches.items():
+            ys[name], ratio = acc.result()
+            stats[f"{name}.r"] = float(ratio if self.params.ratio == "norm" else ratio**2)
+        result.records[SKETCH] = ArrayRecord(ys)
         result.records[STATS] = stats
         return result
 

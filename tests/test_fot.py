@@ -199,3 +199,42 @@ def test_fot_forgets_less_than_fedavg_on_permuted_mnist(tmp_path: Path) -> None:
     assert basis.shape == (784, int(dims[1]["fot_basis_dim.body.2"]))
     assert np.allclose((basis.T @ basis).numpy(), np.eye(basis.shape[1]), atol=1e-6)
     assert fedavg["strategy_state"] == []
+
+
+def test_sketch_width_follows_paper_with_cap() -> None:
+    from strategies.fot import sketch_columns, sketch_settings
+
+    mlp = build_model("mlp", (1, 28, 28), 10)
+    cnn = build_model("cnn", (1, 28, 28), 2, 2)
+    assert sketch_settings(mlp, FOTParams()) == ("uniform", 1.0)
+    assert sketch_settings(cnn, FOTParams()) == ("normal", 5.0)
+    assert sketch_settings(cnn, FOTParams(sketch_dist="uniform", sketch_width=2)) == (
+        "uniform", 2.0)
+    assert sketch_columns(mlp.get_submodule("body.2"), 1.0, 2048) == 784
+    # conv 32 -> 64 channels, 3x3: d = 288, m = 5d = 1440
+    assert sketch_columns(cnn.get_submodule("body.3"), 5.0, 2048) == 1440
+    # hidden Linear of 64*7*7 = 3136 inputs: 5d = 15680 capped at 2048
+    assert sketch_columns(cnn.get_submodule("body.7"), 5.0, 2048) == 2048
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model", ["cnn", "resnet18"])
+def test_fot_task_il_with_conv_models(tmp_path: Path, model: str) -> None:
+    from tests.conftest import run_fedcl
+
+    res = run_fedcl("simulate", "--strategy", "fot", "--strategy-param", "repr_samples=64",
+                    "--model", model, "--scenario", "task-il", "--tasks", "2", "--clients",
+                    "40", "--fraction-train", "0.075", "--rounds-per-task", "1",
+                    "--eval-samples-per-task", "300", "--lr", "0.05", "--output",
+                    str(tmp_path / "out"),
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    dims = s["strategy_state"][-1]
+    expected = 3 if model == "cnn" else 20  # 2 convs + hidden Linear, or 17 + 3 convs
+    assert len([k for k in dims if k.startswith("fot_basis_dim.")]) == expected
+    assert all(v >= 1 for k, v in dims.items() if k.startswith("fot_basis_dim."))
+    assert not any("heads" in k or "bn" in k for k in dims)
+    if model == "cnn":  # one round is enough for the small CNN to beat chance (0.5)
+        assert s["accuracy_matrix"][0][0] > 0.6
+    assert all(0.0 <= v <= 1.0 for row in s["accuracy_matrix"] for v in row)
