@@ -21,7 +21,6 @@ from fedcl import protocol
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
-from fedcl.models import build_model
 from fedcl.training import LocalRound, resolve_device
 from strategies import registry
 
@@ -70,8 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 
     scenario = build_scenario(config, data_dir)
     x, y = scenario.train_data(task, client_positions(config, pid, task, data_dir))
-    model = build_model(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
-                        scenario.num_heads)
+    model = registry.build_model(config, scenario)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
 
     state = context.state.get(protocol.CLIENT_STATE)

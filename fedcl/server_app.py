@@ -30,7 +30,6 @@ from fedcl import protocol
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.errors import FedclError, RunAborted, RunCancelled
-from fedcl.models import build_model
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.tracking import Tracker
 from fedcl.training import accuracy, resolve_device
@@ -164,7 +163,7 @@ class Evaluator:
         self.scenario = scenario
         self.device = device
         self.batch_size = config.eval_batch_size
-        self.model = make_model(config, scenario).to(device)
+        self.model = registry.build_model(config, scenario).to(device)
         self.test = [scenario.test_data(t, config.eval_samples_per_task, config.seed)
                      for t in range(len(scenario.tasks))]
 
@@ -174,13 +173,6 @@ class Evaluator:
         return [accuracy(self.model, x, y, self.scenario.head_for(t), ds.mean, ds.std,
                          self.device, self.batch_size)
                 for t, (x, y) in enumerate(self.test)]
-
-
-def make_model(config: Config, scenario: Scenario) -> torch.nn.Module:
-    """The run's model, initialised from ``config.seed`` (server and clients agree)."""
-    torch.manual_seed(config.seed)
-    return build_model(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
-                       scenario.num_heads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +196,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     device = resolve_device(config.device)
     strategy = registry.build(config)
     evaluator = Evaluator(scenario, config, device)
-    global_model = make_model(config, scenario)
+    global_model = registry.build_model(config, scenario)
     arrays = ArrayRecord(global_model.state_dict())
     baseline = evaluator(arrays)
 
@@ -224,7 +216,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         strategy_state: list[dict[str, float]] = []
         global_round = 0
         for task in range(num_tasks):
-            strategy.begin_task(task, arrays)
+            arrays = strategy.begin_task(task, arrays)
             for task_round in range(1, rounds + 1):
                 global_round += 1
                 t0 = time.monotonic()

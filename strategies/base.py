@@ -53,8 +53,9 @@ class ContinualStrategy:
         super().__init__(*args, **kwargs)
         self.payloads: dict[int, RecordDict] = {}
 
-    def begin_task(self, task: int, arrays: ArrayRecord) -> None:
-        """Called before the first round of ``task``."""
+    def begin_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        """Called before the first round of ``task``; may return changed global arrays."""
+        return arrays
 
     def end_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
         """Called after the last round of ``task``; may return changed global arrays."""
@@ -110,6 +111,14 @@ class ContinualStrategy:
             self.payloads[pid] = extra
         return replies
 
+    def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """Adjust Flower's aggregate (the replies still hold each client's arrays)."""
+        return arrays
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, Any]:
-        return super().aggregate_train(server_round, self.take_payloads(replies))  # type: ignore[misc]
+        replies = self.take_payloads(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None:
+            arrays = self.after_aggregate(arrays, [m for m in replies if not m.has_error()])
+        return arrays, metrics

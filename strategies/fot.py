@@ -137,17 +137,17 @@ class FOT(ContinualStrategy, FedAvg):
         self._previous = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
-        averaged, metrics = super().aggregate_train(server_round, replies)
-        if averaged is None or not self.basis or self._previous is None:
-            return averaged, metrics
+    def after_aggregate(self, arrays: ArrayRecord, replies: list) -> ArrayRecord:
+        """W_new = W_old - (W_old - W_avg)(I - U U^T) for every layer with a basis."""
+        if not self.basis or self._previous is None:
+            return arrays
         old = self._previous.to_torch_state_dict()
-        new = averaged.to_torch_state_dict()
+        new = arrays.to_torch_state_dict()
         for layer, U in self.basis.items():
             key = f"{layer}.weight"
             delta = old[key] - new[key]
             new[key] = old[key] - subspace.project_out(delta, U)
-        return ArrayRecord(new), metrics
+        return ArrayRecord(new)
 
     # --- task end: grow the basis from the clients' sketches --------------------------------
     def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:

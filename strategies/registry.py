@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 from fedcl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from fedcl.config import Config
+    from fedcl.data.scenarios import Scenario
     from fedcl.training import LocalTrainer
     from strategies.base import ContinualStrategy
 
@@ -33,13 +36,16 @@ class StrategyEntry:
     params: type
     build: Callable[[Config, Any], ContinualStrategy]
     trainer: Callable[[Any], LocalTrainer]
+    # wraps the config's model for the method (PRD adds a projector and prototypes)
+    model: Callable[[Any, Scenario, nn.Module], nn.Module] | None = None
 
 
 _REGISTRY: dict[str, StrategyEntry] = {}
 
 
 def register(name: str, summary: str, *, params: type = NoParams,
-             trainer: Callable[[Any], LocalTrainer] | None = None
+             trainer: Callable[[Any], LocalTrainer] | None = None,
+             model: Callable[[Any, Scenario, nn.Module], nn.Module] | None = None
              ) -> Callable[[Callable[[Config, Any], ContinualStrategy]],
                            Callable[[Config, Any], ContinualStrategy]]:
     """Register ``build(config, params) -> strategy`` under ``name``."""
@@ -51,7 +57,7 @@ def register(name: str, summary: str, *, params: type = NoParams,
         from fedcl.training import LocalTrainer
 
         _REGISTRY[name] = StrategyEntry(name, summary, params, build,
-                                        trainer or (lambda _p: LocalTrainer()))
+                                        trainer or (lambda _p: LocalTrainer()), model)
         return build
 
     return deco
@@ -114,3 +120,20 @@ def build_trainer(config: Config) -> LocalTrainer:
     """The client half of ``config.strategy``."""
     entry = get(config.strategy)
     return entry.trainer(parse_params(config.strategy, config.strategy_params))
+
+
+def build_model(config: Config, scenario: Scenario) -> nn.Module:
+    """The run's model, initialised from ``config.seed`` (server and clients build the same),
+    wrapped by the strategy when it needs more than the plain model."""
+    import torch
+
+    from fedcl.models import build_model as build_base
+
+    torch.manual_seed(config.seed)
+    model = build_base(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
+                       scenario.num_heads)
+    entry = get(config.strategy)
+    if entry.model is not None:
+        model = entry.model(parse_params(config.strategy, config.strategy_params), scenario,
+                            model)
+    return model

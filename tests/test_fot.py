@@ -20,7 +20,7 @@ from fedcl.training import LocalRound, TrainResult
 from strategies import registry
 from strategies.base import RoundInfo
 from strategies.fedavg import flower_kwargs
-from strategies.fot import BASIS, SKETCH, STATS, FOT, FOTParams, FOTTrainer
+from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 
 
 @pytest.fixture(autouse=True)
