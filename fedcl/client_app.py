@@ -36,9 +36,23 @@ def client_identity(context: Context) -> tuple[int, int]:
                          "'partition-id=N num-partitions=M'") from None
 
 
+def state_footprint(context: Context) -> tuple[list[str], int]:
+    """The record names in ``context.state`` and the bytes their values take, so the server
+    can show that no client keeps data samples between rounds."""
+    total = 0
+    for record in context.state.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+        else:
+            total += sum(len(str(v)) for v in record.values())
+    return sorted(context.state.keys()), total
+
+
 def _info(context: Context) -> ConfigRecord:
     pid, num = client_identity(context)
-    return ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num})
+    keys, size = state_footprint(context)
+    return ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
+                         protocol.STATE_KEYS: ",".join(keys), protocol.STATE_BYTES: size})
 
 
 def injected_fault(config: Config, round_: int, partition_id: int) -> bool:

@@ -24,6 +24,8 @@ UNIT_WEIGHT = "unit-weight"  # always 1: weight by it for uniform (not sample-co
 CLIENT_INFO = "fedcl.client-info"
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+STATE_KEYS = "state-keys"  # the records the client keeps in Context.state (comma-joined)
+STATE_BYTES = "state-bytes"  # and the bytes their values take
 
 # Node config keys (Flower's simulation engine sets the first two; deployments set all three).
 NODE_PARTITION_ID = "partition-id"

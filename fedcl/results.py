@@ -27,6 +27,8 @@
                        (sampled clients that failed or did not answer), ``seconds`` (wall time)
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
+``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
+                       after its last round: ``keys`` (record names) and ``bytes``
 ``wall_time_s``        wall time of the whole run, start-up included
 ``mlflow_run_id``      the MLflow run holding the same numbers
 ``mlflow_tracking_uri``  where that run is stored

@@ -214,6 +214,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         curves: list[list[float]] = []
         round_task: list[int] = []
         strategy_state: list[dict[str, float]] = []
+        client_state: dict[int, dict[str, Any]] = {}
         global_round = 0
         for task in range(num_tasks):
             arrays = strategy.begin_task(task, arrays)
@@ -243,6 +244,12 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                         f"round {global_round} (task {task}): {len(ok)} of {len(pids)} clients "
                         f"replied, fewer than min_train_clients={config.min_train_clients}"
                         f"{detail}")
+                for m in ok:
+                    info_rec = m.content[protocol.CLIENT_INFO]
+                    client_state[int(info_rec[protocol.PARTITION_ID])] = {
+                        "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
+                                 if k],
+                        "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
                 new_arrays, train_metrics = strategy.aggregate_train(global_round, ok)
                 if new_arrays is not None:
                     arrays = new_arrays
@@ -271,6 +278,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             baseline=baseline, rounds=records, wall_time_s=time.monotonic() - started,
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
         summary["strategy_state"] = strategy_state
+        summary["client_state"] = {str(k): v for k, v in sorted(client_state.items())}
         files = write_outputs(summary, out_dir, config.to_toml())
         files += strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)

@@ -3,4 +3,4 @@
 Importing this package registers every strategy; ``strategies.registry`` looks them up.
 """
 
-from strategies import fedavg, fedprox, fot  # noqa: F401  (registration by import)
+from strategies import fedavg, fedprox, fot, prd  # noqa: F401  (registration by import)

@@ -1,0 +1,259 @@
+"""PRD: replay-free prototype-sample relation distillation (Asadi et al., ICML 2023), federated.
+
+Clients train an encoder with a projection head by supervised contrastive loss on two augmented
+views, learn the current task's class prototypes on detached features, and distill, for every
+old task, the relation between the batch's features and that task's prototypes from a frozen
+copy of the previous task's global model (re-sent by the server each round of the next task:
+no sample is stored anywhere). The server averages encoder and projection head (FedAvg) and the
+prototypes class by class, weighted by the samples that produced them. Inference is the cosine
+similarity of the normalised feature to the normalised prototypes: the task's own prototypes in
+task-IL, those of every class seen so far in class-IL. Math: :mod:`fedcl.prd`.
+
+Choices:
+
+* The encoder is the run's model without its heads (``model.features``); the projection head is
+  Linear(D, 512)-ReLU-Linear(512, 128), as the paper's.
+* Prototype rows: task-IL keeps one row per (task, local class); class-IL one per class; in
+  domain-IL all tasks share the same classes, so "old tasks" all distill against one prototype
+  set.
+* The frozen copy is the global model at the end of the previous task (the same for every
+  client, whenever it was sampled), sent as a record in every round of the next task.
+* Prototype weights: a current-task prototype counts the client's samples of that class; an
+  old-task prototype (moved only by the distillation) counts all the client's samples.
+* Local optimizer: the run's optimizer and learning rate for encoder and projection head;
+  prototypes get their own plain SGD at ``proto_lr`` (no momentum, no weight decay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fedcl import prd
+from fedcl.config import Config
+from fedcl.data.datasets import to_float
+from fedcl.data.scenarios import Scenario
+from fedcl.errors import ConfigError
+from fedcl.training import LocalRound, LocalTrainer, TrainResult, make_optimizer, round_seed
+from strategies.base import ContinualStrategy, RoundInfo
+from strategies.fedavg import flower_kwargs
+from strategies.registry import register
+
+OLD_MODEL = "prd.old-model"  # ArrayRecord server -> clients: previous task's global model
+COUNTS = "prd.counts"  # ConfigRecord client -> server: samples behind each prototype row
+PROTOTYPES = "prototypes"  # the state-dict key of the prototype matrix
+
+
+@dataclass(frozen=True)
+class PRDParams:
+    supcon_temperature: float = 0.1
+    """τ of the supervised contrastive loss (scaled by τ/0.07, as the paper's code)."""
+    lambda_proto: float = 2.0
+    """λ_p, weight of the prototype loss."""
+    lambda_distill: float = 4.0
+    """λ_d, weight of the relation distillation."""
+    distill_temperature: float = 1.0
+    """T of the relation distillation's softmaxes."""
+    proto_lr: float = 0.01
+    """Learning rate of the prototypes (plain SGD)."""
+    projection_dim: int = 128
+    """Output size of the projection head (hidden size 512)."""
+
+    def check(self) -> None:
+        for name in ("supcon_temperature", "distill_temperature", "proto_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"PRD {name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_proto", "lambda_distill"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"PRD {name} must be >= 0, got {getattr(self, name)}")
+        if self.projection_dim < 1:
+            raise ConfigError(f"PRD projection_dim must be >= 1, got {self.projection_dim}")
+
+
+def prototype_rows(scenario: Scenario) -> list[list[int]]:
+    """For each task, the prototype rows that hold its classes (in head-target order)."""
+    if scenario.kind == "task-il":
+        k = scenario.classes_per_head
+        return [list(range(t * k, (t + 1) * k)) for t in range(len(scenario.tasks))]
+    if scenario.kind == "class-il":
+        return [list(task.classes) for task in scenario.tasks]
+    return [list(range(scenario.dataset.num_classes)) for _ in scenario.tasks]
+
+
+class PRDModel(nn.Module):
+    """Encoder (the run's model without heads) + projection head + prototypes."""
+
+    def __init__(self, encoder: nn.Module, rows: list[list[int]], task_il: bool,
+                 projection_dim: int = 128) -> None:
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.feature_dim  # type: ignore[attr-defined]
+        self.projector = nn.Sequential(nn.Linear(dim, 512), nn.ReLU(),
+                                       nn.Linear(512, projection_dim))
+        self.rows = rows
+        self.task_il = task_il
+        num_rows = max(max(r) for r in rows) + 1
+        # initialised as the paper's code does: the weight of a bias-free nn.Linear head
+        self.prototypes = nn.Parameter(nn.Linear(dim, num_rows, bias=False).weight.detach())
+        # tasks whose classes class-IL inference may predict (set by the server each task)
+        self.register_buffer("seen_tasks", torch.ones(()))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.features(x)  # type: ignore[operator]
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.projector(h), dim=1)
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        h = self.features(x)
+        if self.task_il:
+            if task is None:
+                raise ValueError("task-IL PRD model needs a task id")
+            return prd.cosine_logits(h, self.prototypes[self.rows[task]])
+        logits = prd.cosine_logits(h, self.prototypes)
+        seen = sorted({r for t in range(int(self.seen_tasks.item())) for r in self.rows[t]})
+        mask = torch.full_like(logits, float("-inf"))
+        mask[:, seen] = 0.0
+        return logits + mask
+
+
+def wrap_model(params: PRDParams, scenario: Scenario, model: nn.Module) -> PRDModel:
+    model.heads = nn.ModuleList()  # type: ignore[assignment]  # PRD predicts by prototypes
+    return PRDModel(model, prototype_rows(scenario), scenario.kind == "task-il",
+                    params.projection_dim)
+
+
+class PRD(ContinualStrategy, FedAvg):
+    """FedAvg of encoder and projection head; prototypes averaged per class by sample count."""
+
+    payload_keys = (COUNTS,)
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.old_model: ArrayRecord | None = None
+        self._previous: ArrayRecord | None = None
+
+    def begin_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        state = arrays.to_torch_state_dict()
+        state["seen_tasks"] = torch.tensor(float(task + 1))
+        return ArrayRecord(state)
+
+    def end_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        self.old_model = arrays
+        return arrays
+
+    def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:
+        return {OLD_MODEL: self.old_model} if self.old_model is not None else {}
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self._previous = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        from fedcl import protocol
+
+        assert self._previous is not None
+        state = arrays.to_torch_state_dict()
+        old = self._previous.to_torch_state_dict()[PROTOTYPES]
+        protos, counts = [], []
+        for msg in replies:
+            pid = int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
+            protos.append(torch.from_numpy(msg.content[protocol.ARRAYS][PROTOTYPES].numpy()))
+            counts.append(torch.tensor(list(self.payloads[pid][COUNTS]["rows"]),
+                                       dtype=torch.float64))
+        state[PROTOTYPES] = prd.aggregate_prototypes(old, protos, counts).to(old.dtype)
+        return ArrayRecord(state)
+
+
+class PRDTrainer(LocalTrainer):
+    """SupCon + λ_p·L_proto + λ_d·L_RD on the client's current-task data."""
+
+    def __init__(self, params: PRDParams) -> None:
+        self.params = params
+
+    def train(self, lr: LocalRound) -> TrainResult:
+        p = self.params
+        model: PRDModel = lr.model.to(lr.device)  # type: ignore[assignment]
+        model.train()
+        gen = torch.Generator().manual_seed(round_seed(lr.config.seed, lr.task, lr.round,
+                                                      lr.partition_id))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        body = [q for name, q in model.named_parameters() if name != PROTOTYPES]
+        opt = make_optimizer(body, lr.config)
+        proto_opt = torch.optim.SGD([model.prototypes], lr=p.proto_lr)
+        old = self._frozen_copy(lr)
+        rows_now = model.rows[lr.task]
+        old_rows = [model.rows[j] for j in range(lr.task)]
+        n, total, steps = int(lr.y.shape[0]), 0.0, 0
+        for _ in range(lr.config.local_epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, lr.config.batch_size):
+                idx = order[start:start + lr.config.batch_size]
+                views = torch.cat([prd.augment(lr.x[idx], gen), prd.augment(lr.x[idx], gen)])
+                inputs = to_float(views.to(lr.device), lr.mean, lr.std)
+                y = lr.y[idx].to(lr.device)
+                h = model.features(inputs)
+                loss = prd.supcon_loss(model.project(h), y.repeat(2), p.supcon_temperature)
+                local_rows = torch.as_tensor(rows_now, device=lr.device)
+                targets = (y if model.task_il or lr.config.scenario == "domain-il"
+                           else _positions(y, rows_now))
+                loss = loss + p.lambda_proto * prd.prototype_loss(
+                    h.detach(), model.prototypes[local_rows], targets.repeat(2))
+                if old is not None and old_rows:
+                    with torch.no_grad():
+                        h_old = old.features(inputs)
+                    loss = loss + p.lambda_distill * prd.relation_distillation(
+                        h, h_old, [model.prototypes[r] for r in old_rows],
+                        [old.prototypes[r].detach() for r in old_rows], p.distill_temperature)
+                opt.zero_grad(set_to_none=True)
+                proto_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                proto_opt.step()
+                total += float(loss.detach())
+                steps += 1
+        return TrainResult(num_examples=n, loss=total / max(steps, 1), steps=steps,
+                           records={COUNTS: ConfigRecord({"rows": self._counts(lr, model)})})
+
+    def _frozen_copy(self, lr: LocalRound) -> PRDModel | None:
+        rec = lr.message.get(OLD_MODEL) if lr.message is not None else None
+        if rec is None or lr.task == 0:
+            return None
+        import copy
+
+        old = copy.deepcopy(lr.model)
+        old.load_state_dict(rec.to_torch_state_dict())
+        old.eval()
+        for q in old.parameters():
+            q.requires_grad_(False)
+        return old  # type: ignore[return-value]
+
+    def _counts(self, lr: LocalRound, model: PRDModel) -> list[int]:
+        counts = np.zeros(model.prototypes.shape[0], dtype=np.int64)
+        n = int(lr.y.shape[0])
+        for j in range(lr.task):
+            counts[model.rows[j]] = n
+        rows_now = model.rows[lr.task]
+        labels = lr.y.numpy()
+        for pos, row in enumerate(rows_now):
+            label = row if not model.task_il and lr.config.scenario == "class-il" else pos
+            counts[row] = max(counts[row], int((labels == label).sum()))
+        return [int(c) for c in counts]
+
+
+def _positions(y: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Class-IL labels (global class ids) as positions within the task's prototype rows."""
+    lookup = {row: i for i, row in enumerate(rows)}
+    return torch.tensor([lookup[int(v)] for v in y], device=y.device)
+
+
+@register("prd", "Replay-free prototype-sample relation distillation: SupCon encoder, class "
+          "prototypes, relation distillation from the previous global model (Asadi et al. "
+          "2023).", params=PRDParams, trainer=PRDTrainer, model=wrap_model)
+def build_prd(config: Config, params: PRDParams) -> PRD:
+    return PRD(**flower_kwargs(config))
