@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a continual federated simulation (Flower + Ray)")
     add_config_flags(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sim.add_argument("--resume", metavar="DIR",
+                     help="continue the run whose output folder is DIR (from its checkpoint)")
 
     cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
     cmp_.add_argument("--experiment", required=True, help="MLflow experiment name")
@@ -136,7 +138,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcl.simulation import simulate
     from fedcl.training import resolve_device
 
-    config = config_from_args(args)
+    resume = None
+    if args.resume:
+        from fedcl import checkpoint
+
+        given = [name for name in FIELDS if hasattr(args, name)] + (["config"] if args.config
+                                                                    else [])
+        if given:
+            raise ConfigError(f"--resume continues the run with its own config; drop "
+                              f"--{given[0].replace('_', '-')}")
+        resume = checkpoint.load(args.resume)
+        config = checkpoint.config_of(resume)
+        checkpoint.stop_leftovers(resume)
+    else:
+        config = config_from_args(args)
     resolve_device(config.device)
     build_scenario(config)  # fail on missing data before any process starts
     from fedcl.data.partition import client_positions
@@ -144,7 +159,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     client_positions(config, 0, 0)  # and on a partition that cannot be made
     progress = Progress()
     try:
-        summary = simulate(config, observer=progress, verbose=args.verbose)
+        summary = simulate(config, observer=progress, verbose=args.verbose, resume=resume)
     finally:
         progress.close()
     print(format_matrix(summary))

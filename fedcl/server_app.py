@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedcl import protocol
+from fedcl import checkpoint, protocol
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.errors import FedclError, RunAborted, RunCancelled
@@ -60,6 +60,7 @@ class RunControl:
     error: BaseException | None = None
     run_id: str | None = None
     tracking_uri: str | None = None
+    resume: dict[str, Any] | None = None  # a checkpoint to continue from (fedcl.checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +185,8 @@ def default_run_name(config: Config) -> str:
 
 
 def run_continual(grid: Grid, config: Config, control: RunControl | None = None) -> dict[str, Any]:
-    """Run the whole task stream on ``grid``; returns the summary (also written to disk)."""
+    """Run the whole task stream on ``grid`` (or the rest of it, when ``control.resume`` holds
+    a checkpoint); returns the summary (also written to disk)."""
     control = control or RunControl()
     started = time.monotonic()
     config.validate()
@@ -196,89 +198,93 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     device = resolve_device(config.device)
     strategy = registry.build(config)
     evaluator = Evaluator(scenario, config, device)
-    global_model = registry.build_model(config, scenario)
-    arrays = ArrayRecord(global_model.state_dict())
-    baseline = evaluator(arrays)
-
     tracker = Tracker(tracking_uri, config.experiment, run_name)
     control.tracking_uri = tracking_uri
-    control.run_id = tracker.start(config.to_dict())
+    if control.resume is not None:
+        progress = checkpoint.restore(control.resume, strategy)
+        control.run_id = tracker.resume(control.resume["mlflow_run_id"])
+    else:
+        arrays = ArrayRecord(registry.build_model(config, scenario).state_dict())
+        progress = checkpoint.Progress(arrays=arrays, baseline=evaluator(arrays))
+        control.run_id = tracker.start(config.to_dict())
     try:
         roster = discover_clients(grid, config.clients, config.round_timeout_s, control.cancel)
         num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
         if control.observer:
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
         config_json = config.to_json()
-        matrix: list[list[float]] = []
-        records: list[RoundRecord] = []
-        curves: list[list[float]] = []
-        round_task: list[int] = []
-        strategy_state: list[dict[str, float]] = []
-        client_state: dict[int, dict[str, Any]] = {}
-        global_round = 0
-        for task in range(num_tasks):
-            arrays = strategy.begin_task(task, arrays)
-            for task_round in range(1, rounds + 1):
-                global_round += 1
-                t0 = time.monotonic()
-                pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
-                                      global_round)
-                info = RoundInfo(task, task_round, rounds, global_round)
-                train_config = ConfigRecord({
-                    protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
-                    protocol.ROUND: global_round, protocol.TASK_ROUND: task_round,
-                    protocol.LAST_ROUND_OF_TASK: info.last_of_task})
-                messages = strategy.configure_round(
-                    info, arrays, train_config,
-                    SampledGrid(grid, [roster[p] for p in pids]))  # type: ignore[arg-type]
-                replies = send_and_receive(grid, messages, config.round_timeout_s,
-                                           control.cancel)
-                ok = sorted((m for m in replies if not m.has_error()),
-                            key=lambda m: int(m.content[protocol.CLIENT_INFO][
-                                protocol.PARTITION_ID]))
-                failures = len(pids) - len(ok)
-                if len(ok) < config.min_train_clients:
-                    reasons = [m.error.reason for m in replies if m.has_error()]
-                    detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
-                    raise RunAborted(
-                        f"round {global_round} (task {task}): {len(ok)} of {len(pids)} clients "
-                        f"replied, fewer than min_train_clients={config.min_train_clients}"
-                        f"{detail}")
-                for m in ok:
-                    info_rec = m.content[protocol.CLIENT_INFO]
-                    client_state[int(info_rec[protocol.PARTITION_ID])] = {
-                        "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
-                                 if k],
-                        "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
-                new_arrays, train_metrics = strategy.aggregate_train(global_round, ok)
-                if new_arrays is not None:
-                    arrays = new_arrays
-                acc = evaluator(arrays)
-                curves.append(acc)
-                round_task.append(task)
-                min_acc, wc_acc = stability_metrics(curves, round_task)
-                loss = train_metrics.get(protocol.TRAIN_LOSS) if train_metrics else None
-                record = RoundRecord(
-                    task=task, round=global_round, task_round=task_round, acc_per_task=acc,
-                    avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
-                    train_loss=None if loss is None else float(loss), clients=len(ok),
-                    failures=failures, seconds=time.monotonic() - t0)
-                records.append(record)
-                tracker.log_round(record)
-                if control.observer:
-                    control.observer.on_round(record)
-            arrays = strategy.end_task(task, arrays)
-            matrix.append(evaluator(arrays))
-            state = strategy.state_metrics()
-            if state:
-                tracker.log_metrics(state, step=global_round)
-                strategy_state.append({"task": task, **state})
+        p = progress
+        ckpt = out_dir / checkpoint.FILE
+        while p.task < num_tasks:
+            task = p.task
+            if not p.task_started:
+                p.arrays = strategy.begin_task(task, p.arrays)
+                p.task_started = True
+            task_round = p.task_round
+            p.global_round += 1
+            t0 = time.monotonic()
+            pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
+                                  p.global_round)
+            info = RoundInfo(task, task_round, rounds, p.global_round)
+            train_config = ConfigRecord({
+                protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
+                protocol.ROUND: p.global_round, protocol.TASK_ROUND: task_round,
+                protocol.LAST_ROUND_OF_TASK: info.last_of_task})
+            messages = strategy.configure_round(
+                info, p.arrays, train_config,
+                SampledGrid(grid, [roster[q] for q in pids]))  # type: ignore[arg-type]
+            replies = send_and_receive(grid, messages, config.round_timeout_s, control.cancel)
+            ok = sorted((m for m in replies if not m.has_error()),
+                        key=lambda m: int(m.content[protocol.CLIENT_INFO][protocol.PARTITION_ID]))
+            failures = len(pids) - len(ok)
+            if len(ok) < config.min_train_clients:
+                reasons = [m.error.reason for m in replies if m.has_error()]
+                detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
+                raise RunAborted(
+                    f"round {p.global_round} (task {task}): {len(ok)} of {len(pids)} clients "
+                    f"replied, fewer than min_train_clients={config.min_train_clients}{detail}")
+            for m in ok:
+                info_rec = m.content[protocol.CLIENT_INFO]
+                p.client_state[int(info_rec[protocol.PARTITION_ID])] = {
+                    "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
+                             if k],
+                    "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
+            new_arrays, train_metrics = strategy.aggregate_train(p.global_round, ok)
+            if new_arrays is not None:
+                p.arrays = new_arrays
+            acc = evaluator(p.arrays)
+            p.curves.append(acc)
+            p.round_task.append(task)
+            min_acc, wc_acc = stability_metrics(p.curves, p.round_task)
+            loss = train_metrics.get(protocol.TRAIN_LOSS) if train_metrics else None
+            record = RoundRecord(
+                task=task, round=p.global_round, task_round=task_round, acc_per_task=acc,
+                avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
+                train_loss=None if loss is None else float(loss), clients=len(ok),
+                failures=failures, seconds=time.monotonic() - t0)
+            p.records.append(record)
+            tracker.log_round(record)
+            if control.observer:
+                control.observer.on_round(record)
+            if info.last_of_task:
+                p.arrays = strategy.end_task(task, p.arrays)
+                p.matrix.append(evaluator(p.arrays))
+                state = strategy.state_metrics()
+                if state:
+                    tracker.log_metrics(state, step=p.global_round)
+                    p.strategy_state.append({"task": task, **state})
+                p.task, p.task_round, p.task_started = task + 1, 1, False
+            else:
+                p.task_round += 1
+            checkpoint.save(ckpt, p, strategy, config, control.run_id,
+                            p.wall_time_before_s + time.monotonic() - started)
         summary = build_summary(
-            strategy=config.strategy, config=config.to_dict(), matrix=matrix,
-            baseline=baseline, rounds=records, wall_time_s=time.monotonic() - started,
+            strategy=config.strategy, config=config.to_dict(), matrix=p.matrix,
+            baseline=p.baseline, rounds=p.records,
+            wall_time_s=p.wall_time_before_s + time.monotonic() - started,
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
-        summary["strategy_state"] = strategy_state
-        summary["client_state"] = {str(k): v for k, v in sorted(client_state.items())}
+        summary["strategy_state"] = p.strategy_state
+        summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}
         files = write_outputs(summary, out_dir, config.to_toml())
         files += strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)

@@ -55,9 +55,10 @@ def backend_config(config: Config) -> dict[str, Any]:
     }
 
 
-def simulate(config: Config, observer: RunObserver | None = None, verbose: bool = False
-             ) -> dict[str, Any]:
-    """Run ``config`` under the Ray simulation engine; returns the run's summary."""
+def simulate(config: Config, observer: RunObserver | None = None, verbose: bool = False,
+             resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``config`` under the Ray simulation engine (continuing the checkpoint ``resume``
+    when given); returns the run's summary."""
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation
@@ -69,7 +70,7 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     out_dir = Path(config.output or Path("outputs") / config.run_name)
     config.output = str(out_dir)
     _route_flower_logs(out_dir / "flower.log", verbose)
-    control = RunControl(observer=observer)
+    control = RunControl(observer=observer, resume=resume)
     server_app = build_server_app(config, control)
     crashed: BaseException | None = None
     try:

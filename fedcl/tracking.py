@@ -92,6 +92,20 @@ class Tracker:
                              tags=[RunTag("fedcl.status", "running")] if i == 0 else [])
         return self.run_id
 
+    def resume(self, run_id: str) -> str:
+        """Continue logging into an existing run (``fedcl simulate --resume``)."""
+        try:
+            client = _client(self.tracking_uri)
+            run = client.get_run(run_id)
+        except Exception:
+            raise FedclError(f"cannot resume: MLflow run {run_id} not found at "
+                             f"{self.tracking_uri}") from None
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "fedcl.status", "running")
+        client.set_tag(run_id, "fedcl.resumed", "true")
+        self._client, self.run_id = client, run.info.run_id
+        return run_id
+
     def _log_metrics(self, values: dict[str, float | None], step: int) -> None:
         from mlflow.entities import Metric
 

@@ -73,6 +73,13 @@ class ContinualStrategy:
         """The strategy's state as metrics, logged after each task."""
         return {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state between rounds, for checkpoints (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on resume)."""
+
     def save_state(self, out_dir: Path) -> list[Path]:
         """Write the strategy's final state to ``out_dir``; returns the files written."""
         return []

@@ -174,6 +174,14 @@ class FOT(ContinualStrategy, FedAvg):
         dims = self.history[-1] if self.history else {}
         return {f"fot_basis_dim.{layer}": float(k) for layer, k in dims.items()}
 
+    def state_dict(self) -> dict[str, object]:
+        return {"basis": dict(self.basis), "eps": self.eps, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        self.basis = dict(state["basis"])
+        self.eps = float(state["eps"])
+        self.history = list(state["history"])
+
     def save_state(self, out_dir: Path) -> list[Path]:
         path = out_dir / BASIS_FILE
         torch.save({"basis": {k: v.cpu() for k, v in self.basis.items()},

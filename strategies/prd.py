@@ -147,6 +147,14 @@ class PRD(ContinualStrategy, FedAvg):
         self.old_model = arrays
         return arrays
 
+    def state_dict(self) -> dict[str, object]:
+        return {"old_model": None if self.old_model is None
+                else self.old_model.to_torch_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+        old = state.get("old_model")
+        self.old_model = None if old is None else ArrayRecord(old)
+
     def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:
         return {OLD_MODEL: self.old_model} if self.old_model is not None else {}
 

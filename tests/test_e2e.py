@@ -220,3 +220,61 @@ def test_ctrl_c_marks_run_failed_and_leaves_nothing(tmp_path: Path, ray_env: dic
     history = tracking.metric_history(f"sqlite:///{tmp_path / 'mlflow.db'}", runs[0]["run_id"],
                                       "avg_acc")
     assert len(history) >= 1  # what was logged before the interrupt is kept
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_matrix(tmp_path: Path,
+                                                            ray_env: dict) -> None:
+    args = ("--clients", "3", "--tasks", "2", "--rounds-per-task", "2", "--seed", "5",
+            "--eval-samples-per-task", "300", "--experiment", "resume")
+    whole = run_fedcl("simulate", *args, "--output", str(tmp_path / "whole"), cwd=tmp_path,
+                      env=ray_env)
+    assert whole.returncode == 0, whole.stderr
+    expected = _summary(tmp_path / "whole")
+
+    env = {**os.environ, **ray_env}
+    proc = subprocess.Popen([sys.executable, "-m", "fedcl.cli", "simulate", *args, "--output",
+                             str(tmp_path / "cut")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if "task 2/2  round 1/2" in proc.stdout.readline():
+            break
+    proc.kill()  # SIGKILL mid-task: no handler runs, the MLflow run stays RUNNING
+    proc.wait(timeout=30)
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resume")
+    cut_id = next(r["run_id"] for r in runs if r["status"] == "RUNNING")
+
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "cut"), cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr
+    resumed = _summary(tmp_path / "cut")
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert [r["acc_per_task"] for r in resumed["rounds"]] == [
+        r["acc_per_task"] for r in expected["rounds"]]
+    assert resumed["mlflow_run_id"] == cut_id
+    runs = {r["run_id"]: r for r in tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                         "resume")}
+    assert len(runs) == 2 and runs[cut_id]["status"] == "FINISHED"
+    assert runs[cut_id]["metrics"]["acc"] == pytest.approx(expected["acc"])
+    steps = {s for s, _ in tracking.metric_history(f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                   cut_id, "avg_acc")}
+    assert steps == {1, 2, 3, 4}
+
+
+def test_resume_errors_are_one_line(tmp_path: Path) -> None:
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip() == (f"fedcl: error: no checkpoint to resume from: "
+                                  f"{tmp_path / 'nothing'} does not exist")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "bad"), cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("fedcl: error: cannot read checkpoint")
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "bad"), "--clients", "4",
+                    cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("fedcl: error: --resume continues the run with its own "
+                                  "config; drop --clients")

@@ -1,0 +1,131 @@
+"""Checkpoints: a run's whole state at a round boundary, written atomically, and resume.
+
+After every round (and after a task's end-of-task work) the server writes
+``<output>/checkpoint.pt``: the global model, the strategy's state (FOT's basis, PRD's frozen
+model, ...), the position in the task stream, every record so far, the RNG states, the MLflow run
+id and the config. It is written to a temporary file and renamed, so a kill at any moment leaves
+either the previous checkpoint or the new one. ``fedcl simulate --resume DIR`` continues the run
+from ``DIR/checkpoint.pt`` in the same MLflow run. Client sampling, local training and sketches
+are seeded per (seed, task, round, client), so a resumed run computes what the uninterrupted
+one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedcl.config import Config, config_from_dict
+from fedcl.errors import FedclError
+from fedcl.results import RoundRecord
+
+if TYPE_CHECKING:
+    from strategies.base import ContinualStrategy
+
+FILE = "checkpoint.pt"
+VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Everything a run has done so far: what a checkpoint holds, and where it resumes."""
+
+    arrays: ArrayRecord
+    baseline: list[float]
+    task: int = 0  # the next round to run: its task ...
+    task_round: int = 1  # ... and its round within the task
+    task_started: bool = False  # whether begin_task already ran for ``task``
+    global_round: int = 0
+    matrix: list[list[float]] = field(default_factory=list)
+    records: list[RoundRecord] = field(default_factory=list)
+    curves: list[list[float]] = field(default_factory=list)
+    round_task: list[int] = field(default_factory=list)
+    strategy_state: list[dict[str, float]] = field(default_factory=list)
+    client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
+    wall_time_before_s: float = 0.0  # wall time of the sessions before this one
+
+
+def save(path: Path, progress: Progress, strategy: ContinualStrategy, config: Config,
+         run_id: str | None, wall_time_s: float) -> None:
+    """Write the checkpoint atomically (temporary file, then rename)."""
+    fields = {f.name: getattr(progress, f.name) for f in dataclasses.fields(progress)}
+    fields["arrays"] = progress.arrays.to_torch_state_dict()
+    fields["records"] = [r.to_dict() for r in progress.records]
+    fields["wall_time_before_s"] = wall_time_s
+    payload = {"version": VERSION, "config": config.to_dict(), "mlflow_run_id": run_id,
+               "progress": fields, "strategy": strategy.state_dict(),
+               "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+               "ray_session_dir": _ray_session_dir()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint in ``folder`` (a run's output folder), checked for completeness."""
+    path = Path(folder)
+    path = path / FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FedclError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        payload = torch.load(path, weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise FedclError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("version") != VERSION:
+        raise FedclError(f"{path} is not a fedcl checkpoint (version {VERSION})")
+    return payload
+
+
+def config_of(payload: dict[str, Any]) -> Config:
+    return config_from_dict(payload["config"], source="the checkpoint").validate()
+
+
+def restore(payload: dict[str, Any], strategy: ContinualStrategy) -> Progress:
+    """The run's progress, with the strategy's state and the RNGs put back."""
+    fields = dict(payload["progress"])
+    fields["arrays"] = ArrayRecord(fields["arrays"])
+    fields["records"] = [RoundRecord(**r) for r in fields["records"]]
+    fields["client_state"] = {int(k): v for k, v in fields["client_state"].items()}
+    strategy.load_state_dict(payload["strategy"])
+    torch.set_rng_state(payload["torch_rng"])
+    np.random.set_state(payload["numpy_rng"])
+    return Progress(**fields)
+
+
+def _ray_session_dir() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray._private.worker.global_worker.node.get_session_dir_path())
+    except Exception:
+        pass
+    return None
+
+
+def stop_leftovers(payload: dict[str, Any]) -> int:
+    """Stop the processes of the killed run's Ray session (a ``kill -9`` of ``fedcl simulate``
+    leaves Ray's services and actors behind); returns how many were signalled."""
+    import signal
+
+    session = payload.get("ray_session_dir")
+    if not session:
+        return 0
+    count = 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if session in cmdline and int(entry.name) != os.getpid():
+                os.kill(int(entry.name), signal.SIGKILL)
+                count += 1
+        except (OSError, ValueError):
+            continue
+    return count
