@@ -61,6 +61,13 @@ class Config:
         default=600.0,
         metadata=_doc("Seconds the server waits for a round's replies before going on without."),
     )
+    max_update_norm_ratio: float = field(
+        default=100.0,
+        metadata=_doc(
+            "A client reply whose distance to the global model exceeds this multiple of the "
+            "model's norm is rejected as absurd (with NaNs, wrong shapes, missing keys)."
+        ),
+    )
     client_fault_rate: float = field(
         default=0.0,
         metadata=_doc(
@@ -191,7 +198,8 @@ class Config:
             )
         if not (0.0 < self.fraction_train <= 1.0):
             raise ConfigError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
-        for name in ("lr", "dirichlet_alpha", "round_timeout_s", "client_cpus"):
+        for name in ("lr", "dirichlet_alpha", "round_timeout_s", "client_cpus",
+                     "max_update_norm_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")

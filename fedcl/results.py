@@ -24,7 +24,8 @@
                        lowest accuracy since their training ended; null on the first task),
                        ``wc_acc`` (worst-case accuracy, De Lange et al. 2023), ``train_loss``
                        (mean client loss), ``clients`` (replies aggregated), ``failures``
-                       (sampled clients that failed or did not answer), ``seconds`` (wall time)
+                       (sampled clients that failed, did not answer or were rejected),
+                       ``rejected`` (replies refused by ``fedcl.validation``), ``seconds``
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -64,6 +65,7 @@ class RoundRecord:
     clients: int
     failures: int
     seconds: float
+    rejected: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,6 +33,7 @@ from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.tracking import Tracker
 from fedcl.training import accuracy, resolve_device
+from fedcl.validation import screen_replies
 from strategies import registry
 from strategies.base import RoundInfo
 
@@ -146,6 +147,10 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     return roster
 
 
+def _pid(msg: Message) -> int:
+    return int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
+
+
 def sample_clients(available: list[int], fraction: float, seed: int, round_: int) -> list[int]:
     """The round's clients: ``max(1, int(fraction * N))`` of the available partition ids, drawn
     from one seeded stream, so every strategy sees the same clients in the same round."""
@@ -234,9 +239,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 info, p.arrays, train_config,
                 SampledGrid(grid, [roster[q] for q in pids]))  # type: ignore[arg-type]
             replies = send_and_receive(grid, messages, config.round_timeout_s, control.cancel)
-            ok = sorted((m for m in replies if not m.has_error()),
-                        key=lambda m: int(m.content[protocol.CLIENT_INFO][protocol.PARTITION_ID]))
+            ok, rejected = screen_replies([m for m in replies if not m.has_error()],
+                                          p.arrays, config.max_update_norm_ratio)
+            ok = sorted((m for m in ok if _pid(m) in pids), key=_pid)
             failures = len(pids) - len(ok)
+            if rejected:
+                log.warning("round %d: rejected %d replies: %s", p.global_round, len(rejected),
+                            "; ".join(rejected[:5]))
             if len(ok) < config.min_train_clients:
                 reasons = [m.error.reason for m in replies if m.has_error()]
                 detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
@@ -261,7 +270,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 task=task, round=p.global_round, task_round=task_round, acc_per_task=acc,
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
-                failures=failures, seconds=time.monotonic() - t0)
+                failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0)
             p.records.append(record)
             tracker.log_round(record)
             if control.observer:

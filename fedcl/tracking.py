@@ -3,8 +3,8 @@
 One MLflow run per simulation. Params: the whole config (strategy parameters as
 ``strategy_params.<name>``). Metrics per round (step = round over the run): ``acc_task_<j>``,
 ``avg_acc``, ``min_acc``, ``wc_acc``, ``train_loss``, ``round_seconds``, ``clients``,
-``failures``. At the end: ``acc``, ``forgetting``, ``forgetting_at_task_end``, ``bwt``, ``fwt``,
-``wall_time_s``. Artifacts: config.toml, summary.json, accuracy_matrix.csv,
+``failures``, ``rejected``. At the end: ``acc``, ``forgetting``, ``forgetting_at_task_end``,
+``bwt``, ``fwt``, ``wall_time_s``. Artifacts: config.toml, summary.json, accuracy_matrix.csv,
 accuracy_matrix.png and accuracy_per_round.png. Tags: ``fedcl.strategy``, ``fedcl.scenario``,
 ``fedcl.dataset``.
 
@@ -120,7 +120,8 @@ class Tracker:
             f"acc_task_{j}": a for j, a in enumerate(record.acc_per_task)}
         values.update(avg_acc=record.avg_acc, min_acc=record.min_acc, wc_acc=record.wc_acc,
                       train_loss=record.train_loss, round_seconds=record.seconds,
-                      clients=record.clients, failures=record.failures, task=record.task)
+                      clients=record.clients, failures=record.failures,
+                      rejected=record.rejected, task=record.task)
         self._log_metrics(values, step=record.round)
 
     def log_metrics(self, values: dict[str, float | None], step: int = 0) -> None:
