@@ -203,13 +203,18 @@ COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_
             "config": cmd_config}
 
 
+def one_line(text: str) -> str:
+    """The message on one line: control characters (from echoed user input) escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except FedclError as err:
-        print(f"fedcl: error: {err}", file=sys.stderr)
+        print(f"fedcl: error: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("fedcl: interrupted; the MLflow run is marked FAILED", file=sys.stderr)
