@@ -9,6 +9,7 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -157,11 +158,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcl.data.partition import client_positions
 
     client_positions(config, 0, 0)  # and on a partition that cannot be made
-    progress = Progress()
+    # the live display writes to its own copy of the terminal: while the simulation runs,
+    # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
+    console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    progress = Progress(console)
     try:
         summary = simulate(config, observer=progress, verbose=args.verbose, resume=resume)
     finally:
         progress.close()
+        console.close()
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "

@@ -13,6 +13,9 @@ runs exactly once per task per client.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -77,6 +80,10 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(cfg_record[protocol.ROUND])
     pid, _ = client_identity(context)
     if injected_fault(config, round_, pid):
+        if config.client_fault_mode == "vanish":
+            os._exit(17)  # the client's process dies without a word
+        if config.client_fault_mode == "hang":
+            time.sleep(config.round_timeout_s + 2)
         raise RuntimeError(f"injected fault (client_fault_rate={config.client_fault_rate}) "
                            f"in client {pid}, round {round_}")
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))

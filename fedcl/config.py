@@ -29,6 +29,7 @@ DOMAIN_SHIFTS = ("permute", "rotate")
 PARTITIONS = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+FAULT_MODES = ("raise", "hang", "vanish")
 
 # Prefix of strategy parameters in Flower's flat run config: "strategy-param.proximal-mu".
 RUN_CONFIG_STRATEGY_PREFIX = "strategy-param."
@@ -73,6 +74,13 @@ class Config:
         metadata=_doc(
             "Fault injection: the share of sampled clients that raise an error in each round "
             "(drawn from seed, round and client), to test how a run copes with failures."
+        ),
+    )
+    client_fault_mode: str = field(
+        default="raise",
+        metadata=_doc(
+            "How an injected fault shows: raise (the client raises), hang (it answers only "
+            "after round_timeout_s has passed) or vanish (its process exits)."
         ),
     )
     # --- data and scenario -----------------------------------------------------------------
@@ -211,6 +219,7 @@ class Config:
             raise ConfigError(f"client_fault_rate must be in [0, 1], got {self.client_fault_rate}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+        _check_choice("client_fault_mode", self.client_fault_mode, FAULT_MODES)
         _check_choice("scenario", self.scenario, SCENARIOS)
         _check_choice("domain_shift", self.domain_shift, DOMAIN_SHIFTS)
         _check_choice("partition", self.partition, PARTITIONS)

@@ -39,6 +39,9 @@ from strategies.base import RoundInfo
 
 log = logging.getLogger("fedcl")
 POLL_S = 0.05
+# The first contact with the clients waits at least this long: it includes starting their
+# processes (Ray actors, SuperNode app processes) and importing torch.
+CLIENT_STARTUP_TIMEOUT_S = 300.0
 
 
 class RunObserver(Protocol):
@@ -213,7 +216,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         progress = checkpoint.Progress(arrays=arrays, baseline=evaluator(arrays))
         control.run_id = tracker.start(config.to_dict())
     try:
-        roster = discover_clients(grid, config.clients, config.round_timeout_s, control.cancel)
+        roster = discover_clients(grid, config.clients,
+                                  max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
+                                  control.cancel)
         num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
         if control.observer:
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     control = RunControl(observer=observer, resume=resume)
     server_app = build_server_app(config, control)
     crashed: BaseException | None = None
+    saved_fds = None if verbose else _output_to(out_dir / "flower.log")
     try:
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend_config(config),
@@ -89,6 +91,8 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
             control.cancel.set()
         _shutdown_ray()
         _route_flower_logs(None, verbose=True)
+        if saved_fds is not None:
+            _restore_output(saved_fds)
     if crashed is not None:
         control.done.wait(SHUTDOWN_GRACE_S)
         if isinstance(control.error, FedclError) and not isinstance(control.error, RunCancelled):
@@ -105,6 +109,29 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     if control.summary is None:
         raise RunAborted("the ServerApp ended without a result")
     return control.summary
+
+
+def _output_to(path: Path) -> tuple[int, int]:
+    """Send file descriptors 1 and 2 (where Ray's services and core print, past Python's
+    logging) to ``path``; returns duplicates of the old ones for :func:`_restore_output`.
+    The live display keeps its own duplicate of the terminal (``fedcl.cli``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return saved
+
+
+def _restore_output(saved: tuple[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for target, fd in zip((1, 2), saved, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
 
 
 def _first_line(err: BaseException) -> str:
