@@ -34,10 +34,10 @@ def _client(tracking_uri: str) -> Any:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    # no mlflow.set_tracking_uri(): it also sets $MLFLOW_TRACKING_URI for every process
+    # started afterwards, which would steer their runs into this store
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -37,6 +37,7 @@ def run_fedcl(*args: str, cwd: Path, env: dict[str, str] | None = None,
               timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real ``fedcl`` command (as a user would) in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)  # each test's runs land in its own cwd
     return subprocess.run([sys.executable, "-m", "fedcl.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
