@@ -235,6 +235,6 @@ def test_fot_task_il_with_conv_models(tmp_path: Path, model: str) -> None:
     assert len([k for k in dims if k.startswith("fot_basis_dim.")]) == expected
     assert all(v >= 1 for k, v in dims.items() if k.startswith("fot_basis_dim."))
     assert not any("heads" in k or "bn" in k for k in dims)
-    if model == "cnn":  # one round is enough for the small CNN to beat chance (0.5)
-        assert s["accuracy_matrix"][0][0] > 0.6
+    if model == "cnn":  # one round of training already beats the untrained model
+        assert s["accuracy_matrix"][0][0] > s["random_init_accuracy"][0] + 0.02
     assert all(0.0 <= v <= 1.0 for row in s["accuracy_matrix"] for v in row)
