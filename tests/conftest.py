@@ -50,3 +50,28 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture
 def fedcl_cmd():  # type: ignore[no-untyped-def]
     return run_fedcl
+
+
+@pytest.fixture
+def flower_identity():  # type: ignore[no-untyped-def]
+    """Flower's Message needs a run identity outside a running app (hand-made replies)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+def processes_mentioning(text: str) -> list:  # type: ignore[type-arg]
+    """Live processes with ``text`` in their command line (to check nothing is left behind)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in part for part in (proc.info["cmdline"] or [])):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found

@@ -13,11 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedcl import metrics, tracking
-from tests.conftest import run_fedcl
+from tests.conftest import processes_mentioning, run_fedcl
 
 pytestmark = pytest.mark.e2e
 
@@ -33,26 +32,15 @@ def ray_env():  # type: ignore[no-untyped-def]
     yield {"RAY_TMPDIR": tmp}
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        left = _processes_under(tmp)
+        left = processes_mentioning(tmp)
         if not left:
             break
         time.sleep(0.5)
-    left = _processes_under(tmp)
+    left = processes_mentioning(tmp)
     for proc in left:
         proc.kill()
     shutil.rmtree(tmp, ignore_errors=True)
     assert not left, f"processes left running: {[p.info['cmdline'][:3] for p in left]}"
-
-
-def _processes_under(path: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(path in part for part in (proc.info["cmdline"] or [])):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
 
 
 def _summary(out: Path) -> dict:

@@ -12,24 +12,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fedcl import tracking
-from tests.conftest import ROOT
+from tests.conftest import ROOT, processes_mentioning
 
 pytestmark = pytest.mark.e2e
-
-
-def _procs_mentioning(text: str) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in part for part in (proc.info["cmdline"] or [])):
-                out.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return out
 
 
 def test_flwr_run_against_local_superlink(tmp_path: Path) -> None:
@@ -60,12 +48,12 @@ def test_flwr_run_against_local_superlink(tmp_path: Path) -> None:
         assert runs[0]["metrics"]["acc"] == pytest.approx(summary["acc"])
     finally:
         # the local SuperLink is detached by design: stop it (and anything it started)
-        for proc in _procs_mentioning(str(home)) + _procs_mentioning(str(ray_tmp)):
+        for proc in processes_mentioning(str(home)) + processes_mentioning(str(ray_tmp)):
             for child in proc.children(recursive=True):
                 child.kill()
             proc.kill()
         time.sleep(1)
-        left = _procs_mentioning(str(home)) + _procs_mentioning(str(ray_tmp))
+        left = processes_mentioning(str(home)) + processes_mentioning(str(ray_tmp))
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl import protocol, subspace
 from fedcl.config import Config
@@ -22,14 +21,7 @@ from strategies.base import RoundInfo
 from strategies.fedavg import flower_kwargs
 from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():  # type: ignore[no-untyped-def]
-    """Flower's Message needs a run identity outside a running app."""
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def _reply(pid: int, arrays: dict[str, torch.Tensor], n: int, extra: dict | None = None

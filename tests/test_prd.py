@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl import protocol
 from fedcl.config import Config
@@ -18,13 +17,7 @@ from fedcl.training import LocalRound
 from strategies import registry
 from strategies.prd import COUNTS, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():  # type: ignore[no-untyped-def]
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 class _Encoder(torch.nn.Module):

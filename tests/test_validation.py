@@ -7,20 +7,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcl import protocol
 from fedcl.config import Config
 from fedcl.validation import reply_problem, screen_replies
 from strategies import registry
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():  # type: ignore[no-untyped-def]
-    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 GLOBAL = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
