@@ -150,6 +150,21 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     return roster
 
 
+def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with the dtypes of ``like``: Flower's weighted average turns integer buffers
+    (BatchNorm's ``num_batches_tracked``) into float64, which clients would then send back as
+    int64 and the reply screening would refuse. Integers are rounded."""
+    state = arrays.to_torch_state_dict()
+    ref = like.to_torch_state_dict()
+    for key, value in state.items():
+        target = ref[key].dtype if key in ref else value.dtype
+        if value.dtype != target:
+            if not target.is_floating_point and value.is_floating_point():
+                value = value.round()
+            state[key] = value.to(target)
+    return ArrayRecord(state)
+
+
 def _pid(msg: Message) -> int:
     return int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
 
@@ -265,7 +280,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                     "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
             new_arrays, train_metrics = strategy.aggregate_train(p.global_round, ok)
             if new_arrays is not None:
-                p.arrays = new_arrays
+                p.arrays = keep_dtypes(new_arrays, p.arrays)
             acc = evaluator(p.arrays)
             p.curves.append(acc)
             p.round_task.append(task)

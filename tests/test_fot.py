@@ -214,10 +214,10 @@ def test_sketch_width_follows_paper_with_cap() -> None:
 def test_fot_task_il_with_conv_models(tmp_path: Path, model: str) -> None:
     from tests.conftest import run_fedcl
 
-    res = run_fedcl("simulate", "--strategy", "fot", "--strategy-param", "repr_samples=64",
+    res = run_fedcl("simulate", "--strategy", "fot", "--strategy-param", "repr_samples=32",
                     "--model", model, "--scenario", "task-il", "--tasks", "2", "--clients",
                     "40", "--fraction-train", "0.075", "--rounds-per-task", "1",
-                    "--eval-samples-per-task", "300", "--lr", "0.05", "--output",
+                    "--eval-samples-per-task", "200", "--lr", "0.05", "--output",
                     str(tmp_path / "out"),
                     cwd=tmp_path)
     assert res.returncode == 0, res.stderr

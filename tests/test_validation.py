@@ -127,3 +127,19 @@ def test_good_reply_passes_and_norm_limit_scales_with_model() -> None:
     ok = _msg({"w": torch.full((2, 3), 10.0 + 50 / np.sqrt(6)), "b": torch.zeros(2)})
     assert reply_problem(ok, reference, 3.0) is None
     assert reply_problem(ok, reference, 2.0) == "update norm 50 exceeds 49"
+
+
+def test_aggregate_keeps_integer_buffers_integer() -> None:
+    from fedcl.server_app import keep_dtypes
+
+    # Flower's weighted mean of BatchNorm's num_batches_tracked (3 and 6) comes back float64
+    averaged = ArrayRecord({"bn.num_batches_tracked": torch.tensor(4.6, dtype=torch.float64),
+                            "w": torch.ones(2)})
+    previous = ArrayRecord({"bn.num_batches_tracked": torch.tensor(3), "w": torch.zeros(2)})
+    kept = keep_dtypes(averaged, previous)
+    assert kept["bn.num_batches_tracked"].dtype == "int64"
+    assert int(kept["bn.num_batches_tracked"].numpy()) == 5
+    assert kept["w"].dtype == "float32"
+    # so a client's next reply (int64 again) passes the screening
+    reply = _msg({"bn.num_batches_tracked": torch.tensor(7), "w": torch.ones(2)})
+    assert reply_problem(reply, kept, 100.0) is None
