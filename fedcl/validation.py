@@ -19,8 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from fedcl import protocol
 
 
-def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: float
-                  ) -> str | None:
+def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: float,
+                  _ref: dict[str, np.ndarray] | None = None) -> str | None:
     """Why ``msg`` must not be aggregated, or None when it is fine."""
     content = msg.content
     arrays = content.get(protocol.ARRAYS)
@@ -42,30 +42,38 @@ def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: f
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
         return f"arrays differ from the model's (missing {missing[:3]}, extra {extra[:3]})"
-    diff2 = ref2 = 0.0
-    for key, ref in reference.items():
+    ref_arrays = _ref if _ref is not None else _numpy(reference)
+    diff2 = 0.0
+    for key, r in ref_arrays.items():
         got = arrays[key]
-        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+        if tuple(got.shape) != tuple(r.shape) or got.dtype != reference[key].dtype:
             return (f"array {key} is {got.dtype}{list(got.shape)}, "
-                    f"expected {ref.dtype}{list(ref.shape)}")
-        a, r = got.numpy(), ref.numpy()
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            return f"array {key} has non-finite values"
-        if a.dtype.kind == "f":
-            diff2 += float(np.sum((a.astype(np.float64) - r.astype(np.float64)) ** 2))
-            ref2 += float(np.sum(r.astype(np.float64) ** 2))
-    limit = max_update_norm_ratio * max(math.sqrt(ref2), 1.0)
+                    f"expected {reference[key].dtype}{list(r.shape)}")
+        if r.dtype.kind == "f":
+            d = (got.numpy() - r).ravel()
+            sq = float(np.dot(d, d))
+            if not math.isfinite(sq):
+                return f"array {key} has non-finite values"
+            diff2 += sq
+    ref_norm = math.sqrt(sum(float(np.dot(r.ravel(), r.ravel()))
+                             for r in ref_arrays.values() if r.dtype.kind == "f"))
+    limit = max_update_norm_ratio * max(ref_norm, 1.0)
     if math.sqrt(diff2) > limit:
         return f"update norm {math.sqrt(diff2):.3g} exceeds {limit:.3g}"
     return None
 
 
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
+
+
 def screen_replies(replies: Iterable[Message], reference: ArrayRecord,
                    max_update_norm_ratio: float) -> tuple[list[Message], list[str]]:
     """The replies fit to aggregate, and the reasons of the rejected ones."""
+    ref = _numpy(reference)
     good, reasons = [], []
     for msg in replies:
-        problem = reply_problem(msg, reference, max_update_norm_ratio)
+        problem = reply_problem(msg, reference, max_update_norm_ratio, ref)
         if problem is None:
             good.append(msg)
         else:
