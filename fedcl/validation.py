@@ -55,12 +55,15 @@ def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: f
             if not math.isfinite(sq):
                 return f"array {key} has non-finite values"
             diff2 += sq
-    ref_norm = math.sqrt(sum(float(np.dot(r.ravel(), r.ravel()))
-                             for r in ref_arrays.values() if r.dtype.kind == "f"))
-    limit = max_update_norm_ratio * max(ref_norm, 1.0)
+    limit = max_update_norm_ratio * max(_norm(ref_arrays), 1.0)
     if math.sqrt(diff2) > limit:
         return f"update norm {math.sqrt(diff2):.3g} exceeds {limit:.3g}"
     return None
+
+
+def _norm(arrays: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.dot(a.ravel(), a.ravel()))
+                         for a in arrays.values() if a.dtype.kind == "f"))
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
