@@ -1,4 +1,4 @@
-"""The ``fedcl`` command: ``simulate``, ``compare``, ``strategies`` and ``config``.
+"""The ``fedcl`` command: ``simulate``, ``compare``, ``sync``, ``strategies`` and ``config``.
 
 Every :class:`~fedcl.config.Config` field is a flag of ``simulate`` and ``config``
 (``dirichlet_alpha`` -> ``--dirichlet-alpha``); ``--config FILE`` loads a TOML file first and
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table")
     cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
 
+    sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "
+                                       "server was unreachable")
+    sync.add_argument("output_dir", metavar="DIR", help="the run's output folder")
+    sync.add_argument("--tracking-uri", default=None,
+                      help="send to this tracking URI instead of the run's own")
+
     sub.add_parser("strategies", help="list the strategies, one line each")
 
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
@@ -172,6 +178,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
           f"(experiment '{config.experiment}'): "
           f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+    if summary.get("mlflow_outbox"):
+        print(f"fedcl: warning: MLflow at {summary['mlflow_tracking_uri']} was unreachable at "
+              f"the end; what it lacks is kept in {summary['mlflow_outbox']}: send it with "
+              f"`fedcl sync {summary['output_dir']}`", file=sys.stderr)
     return 0
 
 
@@ -204,8 +214,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedcl.tracking import OUTBOX_FILE, sync_outbox
+
+    run_id, sent = sync_outbox(Path(args.output_dir) / OUTBOX_FILE, args.tracking_uri)
+    print(f"sent {sent} queued operations to MLflow run {run_id}")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
-            "config": cmd_config}
+            "config": cmd_config, "sync": cmd_sync}
 
 
 def one_line(text: str) -> str:

@@ -183,6 +183,13 @@ class Config:
             "MLflow tracking URI; unset uses $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
         ),
     )
+    tracking_wait_s: float = field(
+        default=60.0,
+        metadata=_doc(
+            "At the end of a run, seconds to wait for an unreachable MLflow server; metrics "
+            "still unsent then stay in <output>/mlflow_outbox.jsonl for `fedcl sync`."
+        ),
+    )
     experiment: str = field(default="fedcl", metadata=_doc("MLflow experiment name."))
     run_name: str | None = field(
         default=None, metadata=_doc("MLflow run name; unset: <strategy>-<scenario>-<time>.")
@@ -211,7 +218,7 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
-        for name in ("momentum", "weight_decay", "client_gpus"):
+        for name in ("momentum", "weight_decay", "client_gpus", "tracking_wait_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value}")

@@ -31,7 +31,7 @@ from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
-from fedcl.tracking import Tracker
+from fedcl.tracking import OUTBOX_FILE, Tracker
 from fedcl.training import accuracy, resolve_device
 from fedcl.validation import screen_replies
 from strategies import registry
@@ -221,7 +221,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     device = resolve_device(config.device)
     strategy = registry.build(config)
     evaluator = Evaluator(scenario, config, device)
-    tracker = Tracker(tracking_uri, config.experiment, run_name)
+    tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     if control.resume is not None:
         progress = checkpoint.restore(control.resume, strategy)
@@ -317,7 +317,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         files = write_outputs(summary, out_dir, config.to_toml())
         files += strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)
-        tracker.finish(summary, files)
+        unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s)
+        if unsent:
+            summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
         return summary
     except BaseException as err:
         reason = str(err) if isinstance(err, FedclError) else f"{type(err).__name__}: {err}"

@@ -10,12 +10,24 @@ accuracy_matrix.png and accuracy_per_round.png. Tags: ``fedcl.strategy``, ``fedc
 
 The client is used directly (no fluent API, no global active run), so the tracker is safe to use
 from the ServerApp's thread.
+
+**Outages.** Everything logged after the run starts goes through an outbox: operations are sent
+in order, and when the tracking server cannot be reached they stay queued (and are written to
+``<output>/mlflow_outbox.jsonl``, so that a kill during the outage loses nothing) while the run
+goes on. Every later call retries (at most every ``retry_every_s``); at the end of the run the
+tracker waits up to ``tracking_wait_s`` for the server, and whatever is still unsent stays in the
+outbox file for ``fedcl sync``. A resumed run sends the outbox it finds first. Metrics keep their
+original step and timestamp, so a late write is indistinguishable from a timely one. Errors the
+server *answers* with (HTTP 4xx: a request MLflow refuses) are not outages: they fail the run.
+Starting a run needs the server: a wrong URI is reported at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -27,6 +39,24 @@ from fedcl.results import RoundRecord
 
 FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "wall_time_s")
 
+#: Where a run keeps what it could not send yet (in its output folder).
+OUTBOX_FILE = "mlflow_outbox.jsonl"
+
+#: Seconds between attempts to reach an unreachable tracking server.
+RETRY_EVERY_S = 5.0
+
+# MLflow's own HTTP retries (7, with exponential back-off: minutes per call) would stall the
+# task loop during an outage; fedcl queues instead, so one quick retry is enough. The user's
+# own settings win.
+# MLflow also prints a "View run at" link for server URIs on every run end; fedcl prints its own
+# line about the run.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+log = logging.getLogger(__name__)
+
 
 def _client(tracking_uri: str) -> Any:
     # MLflow's sqlite store announces its table creation at INFO and trips a SQLAlchemy
@@ -34,6 +64,8 @@ def _client(tracking_uri: str) -> Any:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy is deprecated")
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
     # no mlflow.set_tracking_uri(): it also sets $MLFLOW_TRACKING_URI for every process
@@ -53,14 +85,25 @@ def flatten_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 class Tracker:
-    """Logs one fedcl run to MLflow."""
+    """Logs one fedcl run to MLflow, queueing what cannot be sent during an outage."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str,
+                 outbox: Path | None = None, retry_every_s: float = RETRY_EVERY_S) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.run_name = run_name
         self.run_id: str | None = None
+        self.outbox = outbox
+        self.retry_every_s = retry_every_s
         self._client: Any = None
+        self._pending: list[dict[str, Any]] = []
+        self._next_try = 0.0
+        self._down_since: float | None = None
+
+    @property
+    def pending(self) -> int:
+        """Operations not yet written to the tracking server."""
+        return len(self._pending)
 
     def start(self, config: dict[str, Any]) -> str:
         from mlflow.entities import Param, RunTag
@@ -82,8 +125,7 @@ class Tracker:
             raise
         except Exception as err:
             raise FedclError(f"cannot use MLflow tracking URI '{self.tracking_uri}': "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                             ) from None
+                             f"{_first_line(err)}") from None
         self._client = client
         self.run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in flatten_params(config).items()]
@@ -93,28 +135,23 @@ class Tracker:
         return self.run_id
 
     def resume(self, run_id: str) -> str:
-        """Continue logging into an existing run (``fedcl simulate --resume``)."""
+        """Continue logging into an existing run (``fedcl simulate --resume``), first sending
+        what the killed run left in its outbox."""
         try:
             client = _client(self.tracking_uri)
             run = client.get_run(run_id)
         except Exception:
             raise FedclError(f"cannot resume: MLflow run {run_id} not found at "
                              f"{self.tracking_uri}") from None
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "fedcl.status", "running")
-        client.set_tag(run_id, "fedcl.resumed", "true")
         self._client, self.run_id = client, run.info.run_id
+        if self.outbox is not None and self.outbox.exists():
+            self._pending = read_outbox(self.outbox, run_id)[1]
+        self._submit({"op": "status", "status": "RUNNING"})
+        self._submit({"op": "tag", "key": "fedcl.status", "value": "running"})
+        self._submit({"op": "tag", "key": "fedcl.resumed", "value": "true"})
         return run_id
 
-    def _log_metrics(self, values: dict[str, float | None], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()
-                 if v is not None and math.isfinite(float(v))]
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
-
+    # --- what the task loop logs ----------------------------------------------------------
     def log_round(self, record: RoundRecord) -> None:
         values: dict[str, float | None] = {
             f"acc_task_{j}": a for j, a in enumerate(record.acc_per_task)}
@@ -122,28 +159,167 @@ class Tracker:
                       train_loss=record.train_loss, round_seconds=record.seconds,
                       clients=record.clients, failures=record.failures,
                       rejected=record.rejected, task=record.task)
-        self._log_metrics(values, step=record.round)
+        self.log_metrics(values, step=record.round)
 
     def log_metrics(self, values: dict[str, float | None], step: int = 0) -> None:
-        self._log_metrics(values, step)
+        now = int(time.time() * 1000)
+        batch = [[k, float(v), now, step] for k, v in values.items()
+                 if v is not None and math.isfinite(float(v))]
+        if batch:
+            self._submit({"op": "metrics", "metrics": batch})
 
-    def finish(self, summary: dict[str, Any], files: Iterable[Path]) -> None:
-        self._log_metrics({k: summary.get(k) for k in FINAL_METRICS}, step=0)
+    def finish(self, summary: dict[str, Any], files: Iterable[Path],
+               wait_s: float = 0.0) -> int:
+        """Final metrics, artifacts, FINISHED; waits up to ``wait_s`` for an unreachable
+        server. Returns the number of operations left unsent (kept in the outbox file)."""
+        self.log_metrics({k: summary.get(k) for k in FINAL_METRICS}, step=0)
         for path in files:
-            self._client.log_artifact(self.run_id, str(path))
-        self._client.set_tag(self.run_id, "fedcl.status", "finished")
-        self._client.set_terminated(self.run_id, "FINISHED")
+            self._pending.append({"op": "artifact", "path": str(Path(path).resolve())})
+        self._pending.append({"op": "tag", "key": "fedcl.status", "value": "finished"})
+        self._pending.append({"op": "status", "status": "FINISHED"})
+        deadline = time.monotonic() + wait_s
+        while not self._flush(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("MLflow at %s unreachable: %d operations kept in %s",
+                            self.tracking_uri, self.pending, self.outbox)
+                break
+            time.sleep(min(self.retry_every_s, left))
+        return self.pending
 
     def fail(self, reason: str, status: str = "FAILED") -> None:
         """Mark the run FAILED (or KILLED), keeping everything logged so far."""
         if self.run_id is None or self._client is None:
             return
+        self._pending.append({"op": "tag", "key": "fedcl.error", "value": reason[:5000]})
+        self._pending.append({"op": "tag", "key": "fedcl.status", "value": status.lower()})
+        self._pending.append({"op": "status", "status": status})
         try:
-            self._client.set_tag(self.run_id, "fedcl.error", reason[:5000])
-            self._client.set_tag(self.run_id, "fedcl.status", status.lower())
-            self._client.set_terminated(self.run_id, status)
+            self._flush(force=True)
         except Exception:
             pass
+
+    # --- the outbox ---------------------------------------------------------------------------
+    def _submit(self, op: dict[str, Any]) -> None:
+        self._pending.append(op)
+        self._flush()
+
+    def _flush(self, force: bool = False) -> bool:
+        """Send queued operations in order; False when the server could not be reached."""
+        if not self._pending:
+            return True
+        now = time.monotonic()
+        if not force and now < self._next_try:
+            self._save_outbox()
+            return False
+        sent = 0
+        while self._pending:
+            try:
+                apply_operation(self._client, self.run_id, self._pending[0])
+            except Exception as err:
+                if not is_outage(err):
+                    raise FedclError(f"MLflow at {self.tracking_uri} refused "
+                                     f"{self._pending[0]['op']}: {_first_line(err)}") from None
+                if self._down_since is None:
+                    self._down_since = now
+                    if self.run_name:  # a run's tracker says so; `fedcl sync` does not
+                        log.warning("MLflow at %s unreachable (%s); queueing",
+                                    self.tracking_uri, _first_line(err))
+                self._next_try = time.monotonic() + self.retry_every_s
+                self._save_outbox()
+                return False
+            self._pending.pop(0)
+            sent += 1
+        if self._down_since is not None:
+            log.warning("MLflow at %s back after %.0f s; %d queued operations sent",
+                        self.tracking_uri, now - self._down_since, sent)
+            self._down_since = None
+        if self.outbox is not None:
+            self.outbox.unlink(missing_ok=True)
+        return True
+
+    def _save_outbox(self) -> None:
+        if self.outbox is not None:
+            write_outbox(self.outbox, self.tracking_uri, str(self.run_id), self._pending)
+
+
+def apply_operation(client: Any, run_id: str | None, op: dict[str, Any]) -> None:
+    """Send one queued operation (``metrics``, ``tag``, ``artifact`` or ``status``)."""
+    from mlflow.entities import Metric
+
+    kind = op["op"]
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, step)
+                                          for k, v, ts, step in op["metrics"]])
+    elif kind == "tag":
+        client.set_tag(run_id, op["key"], op["value"])
+    elif kind == "artifact":
+        client.log_artifact(run_id, op["path"])
+    elif kind == "status":
+        if op["status"] == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, op["status"])
+    else:
+        raise FedclError(f"unknown MLflow outbox operation '{kind}'")
+
+
+def is_outage(err: BaseException) -> bool:
+    """Whether ``err`` means the server could not be reached (or failed inside, HTTP 5xx), as
+    opposed to a request it answered and refused (HTTP 4xx)."""
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException):
+        return err.get_http_status_code() >= 500
+    return not isinstance(err, FedclError)
+
+
+def write_outbox(path: Path, tracking_uri: str, run_id: str, ops: list[dict[str, Any]]) -> None:
+    """Atomically write the queue: a header line, then one operation per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id}) + "\n")
+        for op in ops:
+            fh.write(json.dumps(op) + "\n")
+    os.replace(tmp, path)
+
+
+def read_outbox(path: Path, run_id: str | None = None
+                ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(header, operations) of an outbox file; FedclError when unreadable or not ``run_id``'s."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header = json.loads(lines[0])
+        ops = [json.loads(line) for line in lines[1:] if line.strip()]
+        if not isinstance(header, dict) or "run_id" not in header or not all(
+                isinstance(op, dict) and "op" in op for op in ops):
+            raise ValueError("not an outbox")
+    except FileNotFoundError:
+        raise FedclError(f"no MLflow outbox at {path}: nothing to send") from None
+    except (OSError, ValueError, IndexError):
+        raise FedclError(f"{path} is not a fedcl MLflow outbox") from None
+    if run_id is not None and header["run_id"] != run_id:
+        raise FedclError(f"{path} belongs to MLflow run {header['run_id']}, not {run_id}")
+    return header, ops
+
+
+def sync_outbox(path: Path, tracking_uri: str | None = None) -> tuple[str, int]:
+    """Send an outbox left by a run (``fedcl sync``); removes it when everything is sent.
+    Returns (run id, operations sent)."""
+    header, ops = read_outbox(path)
+    uri = tracking_uri or header["tracking_uri"]
+    tracker = Tracker(uri, "", "", outbox=path, retry_every_s=0.0)
+    tracker._client, tracker.run_id, tracker._pending = _client(uri), header["run_id"], list(ops)
+    if not tracker._flush(force=True):
+        raise FedclError(f"MLflow at {uri} is still unreachable; {tracker.pending} operations "
+                         f"kept in {path}")
+    return header["run_id"], len(ops)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def terminate_run(tracking_uri: str, run_id: str, status: str = "FAILED") -> None:

@@ -75,3 +75,74 @@ def processes_mentioning(text: str) -> list:  # type: ignore[type-arg]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return found
+
+
+class MlflowServer:
+    """A real ``mlflow server`` (sqlite store, proxied artifacts) that a test can stop (kill -9,
+    as a crash would) and start again on the same port and store."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        import time
+        import urllib.request
+
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("mlflow")
+        log = (self.root / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log_text = (self.root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited: {log_text}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("mlflow server did not answer within the timeout")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def _mlflow_server_session():  # type: ignore[no-untyped-def]
+    server = MlflowServer(_HOME / "mlflow-server")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_mlflow_server_session):  # type: ignore[no-untyped-def]
+    """The session's real MLflow tracking server, running (started again if a test stopped
+    it); stopped at the end of the session."""
+    _mlflow_server_session.start()
+    return _mlflow_server_session

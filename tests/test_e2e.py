@@ -3,6 +3,7 @@ sqlite store) on tiny settings: summary.json, the MLflow run, reproducibility, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedcl import metrics, tracking
+from fedcl.errors import FedclError
 from tests.conftest import processes_mentioning, run_fedcl
 
 pytestmark = pytest.mark.e2e
@@ -141,16 +143,64 @@ def test_every_client_failing_stops_with_one_line_and_failed_run(tmp_path: Path,
     assert "0 of 3 clients replied" in runs[0]["tags"]["fedcl.error"]
 
 
-def test_some_clients_failing_round_goes_on(tmp_path: Path, ray_env: dict) -> None:
+def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_env: dict,
+                                                            mlflow_server) -> None:
+    """40% of clients raise in each round, and the MLflow server is killed mid-run and started
+    again later: the run completes, and MLflow ends up with every round's metrics (failures
+    included), equal to summary.json."""
     out = tmp_path / "out"
-    res = run_fedcl("simulate", "--clients", "6", "--tasks", "2", "--rounds-per-task", "2",
-                    "--eval-samples-per-task", "200", "--client-fault-rate", "0.4",
-                    "--output", str(out), cwd=tmp_path, env=ray_env)
-    assert res.returncode == 0, res.stderr
+    outbox = out / tracking.OUTBOX_FILE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedcl.cli", "simulate", "--clients", "6", "--tasks", "2",
+         "--rounds-per-task", "3", "--eval-samples-per-task", "200", "--client-fault-rate", "0.4",
+         "--tracking-uri", mlflow_server.uri, "--experiment", "outage", "--tracking-wait-s", "300",
+         "--output", str(out)],
+        cwd=tmp_path, env={**os.environ, **ray_env}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:  # round 1 reaches MLflow
+            if run_id is None:
+                with contextlib.suppress(FedclError):  # no experiment yet
+                    runs = tracking.fetch_runs(mlflow_server.uri, "outage")
+                    run_id = runs[0]["run_id"] if runs else None
+            if run_id and tracking.metric_history(mlflow_server.uri, run_id, "avg_acc"):
+                break
+            time.sleep(0.2)
+        assert run_id is not None and proc.poll() is None
+        mlflow_server.stop()
+        while time.monotonic() < deadline and not outbox.exists():  # a round is queued
+            time.sleep(0.2)
+        queued = tracking.read_outbox(outbox, run_id)[1]
+        assert any(op["op"] == "metrics" and op["metrics"][0][3] >= 2 for op in queued)
+        mlflow_server.start()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stdout + stderr and "warning" not in stderr
     s = _summary(out)
+    assert s["mlflow_run_id"] == run_id and not outbox.exists()
     failures = [r["failures"] for r in s["rounds"]]
     assert sum(failures) > 0
     assert all(r["clients"] + r["failures"] == 6 for r in s["rounds"])
+    uri = mlflow_server.uri
+    assert tracking.run_status(uri, run_id) == "FINISHED"
+    steps = list(range(1, 7))
+    for key in ("avg_acc", "failures", "clients", "train_loss"):
+        history = tracking.metric_history(uri, run_id, key)
+        assert [step for step, _ in history] == steps, key
+        assert [v for _, v in history] == pytest.approx([r[key] for r in s["rounds"]]), key
+    for j in range(2):
+        history = tracking.metric_history(uri, run_id, f"acc_task_{j}")
+        assert [v for _, v in history] == pytest.approx(
+            [r["acc_per_task"][j] for r in s["rounds"]])
+    run = next(r for r in tracking.fetch_runs(uri, "outage") if r["run_id"] == run_id)
+    assert run["metrics"]["acc"] == pytest.approx(s["acc"])
+    assert run["tags"]["fedcl.status"] == "finished"
 
 
 def test_backend_that_cannot_start_fails_fast(tmp_path: Path, ray_env: dict) -> None:
