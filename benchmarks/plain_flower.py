@@ -4,9 +4,12 @@ fedcl's overhead is measured against.
 Flower's own FedAvg and ``strategy.start`` run each task's rounds, with a hand-written PyTorch
 loop on the clients and central evaluation of every task after every round (``evaluate_fn``), as
 fedcl does. Only the data comes from fedcl (``fedcl.data``), so both sides train on identical
-samples. Prints one JSON object: per-round seconds and the accuracy matrix.
+samples. Clients train on the config's device (CUDA with ``client_gpus`` per client when there
+is a GPU) and the server evaluates there too. Prints one JSON object: per-round seconds, the Unix
+time each round ended, and the accuracy matrix.
 
     python benchmarks/plain_flower.py --clients 50 --tasks 5 --rounds-per-task 3
+    python benchmarks/plain_flower.py --config workload.toml    # any fedcl config file
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 from torch import nn
 
-from fedcl.config import Config
+from fedcl.config import Config, load_toml
 from fedcl.data.datasets import to_float
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
 from fedcl.models import build_model
+from fedcl.training import resolve_device
 
 client_app = ClientApp()
 CONFIG_JSON = "bench-config"
@@ -43,14 +47,16 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     sc = build_scenario(cfg)
     x, y = sc.train_data(task, client_positions(cfg, pid, task))
+    device = resolve_device(cfg.device)
     model = build_model(cfg.model, sc.dataset.input_shape, sc.classes_per_head, sc.num_heads)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    model.train()
+    model.to(device).train()
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     head = sc.head_for(task)
-    total, steps = 0.0, 0
+    total, steps = torch.zeros((), device=device), 0
     for _ in range(cfg.local_epochs):
-        order = torch.randperm(len(y))
+        order = torch.randperm(len(y), device=device)
         for s in range(0, len(y), cfg.batch_size):
             b = order[s:s + cfg.batch_size]
             loss = nn.functional.cross_entropy(model(to_float(x[b], sc.dataset.mean,
@@ -58,11 +64,12 @@ def train(msg: Message, context: Context) -> Message:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += loss.detach()
             steps += 1
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+    return Message(RecordDict({"arrays": ArrayRecord(model.to("cpu").state_dict()),
                                "metrics": MetricRecord({"num-examples": len(y),
-                                                        "train-loss": total / max(steps, 1)})}),
+                                                        "train-loss": float(total) / max(steps, 1)
+                                                        })}),
                    reply_to=msg)
 
 
@@ -72,16 +79,19 @@ def make_server_app(cfg: Config, result: dict) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         sc = build_scenario(cfg)
+        device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, sc.dataset.input_shape, sc.classes_per_head, sc.num_heads)
-        tests = [sc.test_data(t) for t in range(cfg.tasks)]
+        tests = [tuple(v.to(device) for v in sc.test_data(t, cfg.eval_samples_per_task,
+                                                           cfg.seed)) for t in range(cfg.tasks)]
         stamps: list[float] = []
+        ended_at: list[float] = []
         curves: list[list[float]] = []
 
         @torch.no_grad()
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            model.eval()
+            model.to(device).eval()
             accs = []
             for t, (x, y) in enumerate(tests):
                 pred = torch.cat([model(to_float(x[i:i + 1000], sc.dataset.mean, sc.dataset.std),
@@ -90,6 +100,7 @@ def make_server_app(cfg: Config, result: dict) -> ServerApp:
                 accs.append(float((pred == y).float().mean()))
             if server_round > 0:
                 curves.append(accs)
+                ended_at.append(time.time())
             stamps.append(time.monotonic())
             return MetricRecord({"avg": sum(accs) / len(accs)})
 
@@ -107,7 +118,7 @@ def make_server_app(cfg: Config, result: dict) -> ServerApp:
             arrays = res.arrays
             seconds += [b - a for a, b in itertools.pairwise(stamps)]
             matrix.append(curves[-1])
-        result.update(seconds_per_round=seconds, accuracy_matrix=matrix)
+        result.update(seconds_per_round=seconds, accuracy_matrix=matrix, ended_at=ended_at)
 
     return app
 
@@ -118,9 +129,14 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=5)
     p.add_argument("--rounds-per-task", type=int, default=3)
     p.add_argument("--fraction-train", type=float, default=1.0)
+    p.add_argument("--config", help="a fedcl TOML config (then the other flags are ignored)")
     args = p.parse_args()
-    cfg = Config(clients=args.clients, tasks=args.tasks, rounds_per_task=args.rounds_per_task,
-                 fraction_train=args.fraction_train).validate()
+    if args.config:
+        cfg = load_toml(args.config).validate()
+    else:
+        cfg = Config(clients=args.clients, tasks=args.tasks,
+                     rounds_per_task=args.rounds_per_task,
+                     fraction_train=args.fraction_train).validate()
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}.items():
         os.environ.setdefault(k, v)
@@ -129,7 +145,8 @@ def main() -> None:
     t0 = time.monotonic()
     run_simulation(server_app=make_server_app(cfg, result), client_app=client_app,
                    num_supernodes=cfg.clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                   backend_config={"client_resources": {"num_cpus": cfg.client_cpus,
+                                                        "num_gpus": cfg.client_gpus},
                                    "init_args": {"logging_level": logging.ERROR,
                                                  "log_to_driver": False}})
     result["wall_time_s"] = time.monotonic() - t0

@@ -17,6 +17,7 @@ import os
 import time
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -51,11 +52,15 @@ def state_footprint(context: Context) -> tuple[list[str], int]:
     return sorted(context.state.keys()), total
 
 
-def _info(context: Context) -> ConfigRecord:
+def _info(context: Context, device: torch.device | None = None) -> ConfigRecord:
     pid, num = client_identity(context)
     keys, size = state_footprint(context)
-    return ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
+    info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
                          protocol.STATE_KEYS: ",".join(keys), protocol.STATE_BYTES: size})
+    if device is not None and device.type == "cuda":
+        info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
+        info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
+    return info
 
 
 def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
@@ -96,9 +101,12 @@ def train(msg: Message, context: Context) -> Message:
     state = context.state.get(protocol.CLIENT_STATE)
     state = state if isinstance(state, ConfigRecord) else ConfigRecord({"task": -1, "rounds": 0})
     trainer = registry.build_trainer(config)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     local = LocalRound(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
                        task=task, round=round_, partition_id=pid,
-                       device=resolve_device(config.device), mean=scenario.dataset.mean,
+                       device=device, mean=scenario.dataset.mean,
                        std=scenario.dataset.std,
                        last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
                        message=msg.content)
@@ -113,6 +121,7 @@ def train(msg: Message, context: Context) -> Message:
                             protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
                             **result.extra_metrics})
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
-                          protocol.METRICS: metrics, protocol.CLIENT_INFO: _info(context),
+                          protocol.METRICS: metrics,
+                          protocol.CLIENT_INFO: _info(context, device),
                           **result.records})
     return Message(content, reply_to=msg)

@@ -26,6 +26,8 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 STATE_KEYS = "state-keys"  # the records the client keeps in Context.state (comma-joined)
 STATE_BYTES = "state-bytes"  # and the bytes their values take
+GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
+GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
 
 # Node config keys (Flower's simulation engine sets the first two; deployments set all three).
 NODE_PARTITION_ID = "partition-id"

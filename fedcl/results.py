@@ -26,6 +26,11 @@
                        (mean client loss), ``clients`` (replies aggregated), ``failures``
                        (sampled clients that failed, did not answer or were rejected),
                        ``rejected`` (replies refused by ``fedcl.validation``), ``seconds``
+                       (since the previous round ended, its MLflow logging and checkpoint
+                       included), ``ended_at`` (Unix time), ``client_gpu_peak_mb`` and
+                       ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
+                       of the round's training, and the largest CUDA memory an allocator held
+                       after it, over the replies; null on CPU)
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -66,6 +71,9 @@ class RoundRecord:
     failures: int
     seconds: float
     rejected: int = 0
+    ended_at: float = 0.0
+    client_gpu_peak_mb: float | None = None
+    client_gpu_reserved_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

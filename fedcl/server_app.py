@@ -150,6 +150,18 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     return roster
 
 
+def client_gpu_memory(replies: list[Message]) -> dict[str, float | None]:
+    """The largest CUDA memory peak and allocator reserve (MiB) reported by ``replies``;
+    None when no client trained on a GPU."""
+    out: dict[str, float | None] = {}
+    for field_name, key in (("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES),
+                            ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES)):
+        values = [int(m.content[protocol.CLIENT_INFO][key]) for m in replies
+                  if key in m.content[protocol.CLIENT_INFO]]
+        out[field_name] = max(values) / 2**20 if values else None
+    return out
+
+
 def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     """``arrays`` with the dtypes of ``like``: Flower's weighted average turns integer buffers
     (BatchNorm's ``num_batches_tracked``) into float64, which clients would then send back as
@@ -188,8 +200,9 @@ class Evaluator:
         self.device = device
         self.batch_size = config.eval_batch_size
         self.model = registry.build_model(config, scenario).to(device)
-        self.test = [scenario.test_data(t, config.eval_samples_per_task, config.seed)
-                     for t in range(len(scenario.tasks))]
+        # test sets stay on the device: moved once, not after every round
+        self.test = [tuple(v.to(device) for v in scenario.test_data(
+            t, config.eval_samples_per_task, config.seed)) for t in range(len(scenario.tasks))]
 
     def __call__(self, arrays: ArrayRecord) -> list[float]:
         self.model.load_state_dict(arrays.to_torch_state_dict())
@@ -240,6 +253,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         config_json = config.to_json()
         p = progress
         ckpt = out_dir / checkpoint.FILE
+        t0 = time.monotonic()  # a round's seconds run from the previous round's end
         while p.task < num_tasks:
             task = p.task
             if not p.task_started:
@@ -247,7 +261,6 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 p.task_started = True
             task_round = p.task_round
             p.global_round += 1
-            t0 = time.monotonic()
             pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
                                   p.global_round)
             info = RoundInfo(task, task_round, rounds, p.global_round)
@@ -290,14 +303,17 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 task=task, round=p.global_round, task_round=task_round, acc_per_task=acc,
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
-                failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0)
+                failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0,
+                ended_at=time.time(), **client_gpu_memory(ok))
             p.records.append(record)
             tracker.log_round(record)
             if control.observer:
                 control.observer.on_round(record)
             if info.last_of_task:
-                p.arrays = strategy.end_task(task, p.arrays)
-                p.matrix.append(evaluator(p.arrays))
+                ended = strategy.end_task(task, p.arrays)
+                # the matrix row is the round's accuracy unless end_task changed the model
+                p.matrix.append(acc if ended is p.arrays else evaluator(ended))
+                p.arrays = ended
                 state = strategy.state_metrics()
                 if state:
                     tracker.log_metrics(state, step=p.global_round)
@@ -307,6 +323,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 p.task_round += 1
             checkpoint.save(ckpt, p, strategy, config, control.run_id,
                             p.wall_time_before_s + time.monotonic() - started)
+            t0 = time.monotonic()
         summary = build_summary(
             strategy=config.strategy, config=config.to_dict(), matrix=p.matrix,
             baseline=p.baseline, rounds=p.records,

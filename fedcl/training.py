@@ -92,7 +92,8 @@ class LocalTrainer:
         optimizer = make_optimizer(model.parameters(), lr.config)
         reference = [p.detach().clone() for p in model.parameters()]
         n = int(lr.y.shape[0])
-        total, steps = 0.0, 0
+        # the loss is summed on the device: a float() per step would wait for the GPU each step
+        total, steps = torch.zeros((), device=lr.device), 0
         x_dev, y_dev = lr.x.to(lr.device), lr.y.to(lr.device)
         for _ in range(lr.config.local_epochs):
             order = torch.randperm(n, generator=gen).to(lr.device)
@@ -106,9 +107,9 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach())
+                total += loss.detach()
                 steps += 1
-        return TrainResult(num_examples=n, loss=total / max(steps, 1), steps=steps)
+        return TrainResult(num_examples=n, loss=float(total) / max(steps, 1), steps=steps)
 
 
 @torch.no_grad()

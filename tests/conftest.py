@@ -104,7 +104,9 @@ class MlflowServer:
             [str(exe), "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # no background job workers (MLflow's GenAI jobs): idle processes that poll the CPU
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,9 +1,11 @@
-"""The real ``fedcl`` command on bad input: one line ``fedcl: error: ...`` on stderr, a non-zero
+"""The ``fedcl`` command on bad input: one line ``fedcl: error: ...`` on stderr, a non-zero
 exit, no traceback, and nothing written to the working folder.
 
 Every ``simulate`` case here fails before Flower or Ray start (on the config, the data or the
 device), so these tests stay fast. The ``cuda`` case is skipped where a GPU exists, as there it
-would start a real run.
+would start a real run. The many flag and config cases call the command's entry point,
+``fedcl.cli.main``, in this process (an exception escaping it fails the test, as a traceback
+would); the missing-dataset and ``strategies`` cases start the real ``fedcl`` executable.
 """
 
 from __future__ import annotations
@@ -92,11 +94,25 @@ SIMULATE_CASES = [
 ]
 
 
+def _in_process(args: list[str], cwd: Path, capsys: pytest.CaptureFixture[str],
+                monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess[str]:
+    """``fedcl ARGS`` through ``fedcl.cli.main`` in this process, run in ``cwd``."""
+    from fedcl.cli import main
+
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    code = main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["fedcl", *args], code, captured.out, captured.err)
+
+
 @pytest.mark.parametrize(("args", "phrase"), SIMULATE_CASES)
-def test_simulate_bad_input(args: list[str], phrase: str, tmp_path: Path, fedcl_cmd) -> None:
+def test_simulate_bad_input(args: list[str], phrase: str, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     for name, text in CONFIG_FILES.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    result = fedcl_cmd("simulate", *args, cwd=tmp_path, timeout=TIMEOUT_S)
+    result = _in_process(["simulate", *args], tmp_path, capsys, monkeypatch)
     _assert_one_line_error(result, phrase, tmp_path)
 
 
@@ -110,10 +126,11 @@ def test_simulate_missing_dataset_names_expected_folder(tmp_path: Path, fedcl_cm
     assert list(data_dir.iterdir()) == []
 
 
-def test_compare_unknown_experiment(tmp_path: Path, fedcl_cmd) -> None:
+def test_compare_unknown_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "x.db"
-    result = fedcl_cmd("compare", "--experiment", "nothere", "--tracking-uri",
-                       f"sqlite:///{db}", cwd=tmp_path, timeout=TIMEOUT_S)
+    result = _in_process(["compare", "--experiment", "nothere", "--tracking-uri",
+                          f"sqlite:///{db}"], tmp_path, capsys, monkeypatch)
     line = _assert_one_line_error(result, "no MLflow experiment", tmp_path, exit_code=None)
     assert "'nothere'" in line
     assert result.stdout == ""
@@ -133,8 +150,10 @@ def test_strategies_one_line_each(tmp_path: Path, fedcl_cmd) -> None:
         assert line[len(name):].strip(), f"no summary for {name}"
 
 
-def test_config_prints_toml_with_flag_applied(tmp_path: Path, fedcl_cmd) -> None:
-    result = fedcl_cmd("config", "--clients", "7", cwd=tmp_path, timeout=TIMEOUT_S)
+def test_config_prints_toml_with_flag_applied(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _in_process(["config", "--clients", "7"], tmp_path, capsys, monkeypatch)
     assert result.returncode == 0, result.stderr
     assert "clients = 7" in result.stdout.splitlines()
     assert tomllib.loads(result.stdout)["clients"] == 7

@@ -50,8 +50,9 @@ def test_outage_mid_run_queues_then_sends_everything(tmp_path: Path, mlflow_serv
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     assert tracker.finish(summary, [tmp_path / "summary.json"]) == 0
     assert tracking.run_status(mlflow_server.uri, run_id) == "FINISHED"
-    artifact = mlflow_server.root / "artifacts"
-    assert [p.name for p in artifact.rglob("summary.json")] == ["summary.json"]
+    stored = [p for p in (mlflow_server.root / "artifacts").rglob("summary.json")
+              if run_id in p.parts]
+    assert len(stored) == 1 and json.loads(stored[0].read_text()) == summary
 
 
 def test_server_down_at_the_end_keeps_outbox_for_fedcl_sync(tmp_path: Path,
