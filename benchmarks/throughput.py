@@ -267,7 +267,11 @@ def main() -> None:
                         if r.get("client_gpu_reserved_mb") is not None]
             if peaks:
                 gpu_client_peak = {"peak_mb_per_round": peaks, "reserved_mb_per_round": reserved}
+            names = summary["rounds"][-1]["phases"]
+            phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in summary["rounds"])
+                      for k in names}
         else:
+            phases = None
             out = json.loads(res["stdout"].strip().splitlines()[-1])
             ended_at, acc = out["ended_at"], statistics.mean(out["accuracy_matrix"][-1])
         steady, gaps = steady_seconds(ended_at, args.rounds_per_task)
@@ -275,7 +279,7 @@ def main() -> None:
             "steady_s_per_round": steady, "samples_per_s": args.clients * args.samples / steady,
             "first_round_s": ended_at[0] - res["launched"], "round_gaps_s": gaps,
             "peak_host_pss_gib": res["peak_pss"] / 2**30, "peak_gpu_mib": res["peak_gpu_mib"],
-            "client_gpu": gpu_client_peak, "acc": acc}
+            "client_gpu": gpu_client_peak, "phases_median_s": phases, "acc": acc}
         print(f"{way}: {steady:.3f} s/round", file=sys.stderr, flush=True)
 
     device = torch.cuda.get_device_name(0) if has_gpu else f"CPU ({os.cpu_count()} cores)"
@@ -300,6 +304,9 @@ def main() -> None:
                  / results["fedcl-fedavg"]["steady_s_per_round"])
         print(f"fedcl-fot / fedcl-fedavg: {ratio:.2f}x")
     for way, r in results.items():
+        if r["phases_median_s"]:
+            print(f"{way}: median seconds per phase: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r["phases_median_s"].items()))
         if r["client_gpu"]:
             peaks = r["client_gpu"]["peak_mb_per_round"]
             res_ = r["client_gpu"]["reserved_mb_per_round"]

@@ -30,7 +30,11 @@
                        included), ``ended_at`` (Unix time), ``client_gpu_peak_mb`` and
                        ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
                        of the round's training, and the largest CUDA memory an allocator held
-                       after it, over the replies; null on CPU)
+                       after it, over the replies; null on CPU), ``phases`` (seconds of the
+                       round in each phase: ``clients`` (sampling, sending, local training,
+                       replies), ``screen``, ``aggregate``, ``evaluate``, ``log`` (MLflow and
+                       the display), ``end_task`` (in a task's last round), ``checkpoint``; they
+                       add up to ``seconds``)
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -48,7 +52,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,7 @@ class RoundRecord:
     ended_at: float = 0.0
     client_gpu_peak_mb: float | None = None
     client_gpu_reserved_mb: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -150,6 +150,20 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     return roster
 
 
+class PhaseClock:
+    """Seconds a round spends in each of its phases (``rounds[].phases`` in summary.json)."""
+
+    def __init__(self, start: float) -> None:
+        self.last = start
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        """Close ``phase``: the time since the previous phase ended is added to it."""
+        now = time.monotonic()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 def client_gpu_memory(replies: list[Message]) -> dict[str, float | None]:
     """The largest CUDA memory peak and allocator reserve (MiB) reported by ``replies``;
     None when no client trained on a GPU."""
@@ -255,6 +269,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         ckpt = out_dir / checkpoint.FILE
         t0 = time.monotonic()  # a round's seconds run from the previous round's end
         while p.task < num_tasks:
+            clock = PhaseClock(t0)
             task = p.task
             if not p.task_started:
                 p.arrays = strategy.begin_task(task, p.arrays)
@@ -272,8 +287,10 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 info, p.arrays, train_config,
                 SampledGrid(grid, [roster[q] for q in pids]))  # type: ignore[arg-type]
             replies = send_and_receive(grid, messages, config.round_timeout_s, control.cancel)
+            clock("clients")
             ok, rejected = screen_replies([m for m in replies if not m.has_error()],
                                           p.arrays, config.max_update_norm_ratio)
+            clock("screen")
             ok = sorted((m for m in ok if _pid(m) in pids), key=_pid)
             failures = len(pids) - len(ok)
             if rejected:
@@ -294,7 +311,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             new_arrays, train_metrics = strategy.aggregate_train(p.global_round, ok)
             if new_arrays is not None:
                 p.arrays = keep_dtypes(new_arrays, p.arrays)
+            clock("aggregate")
             acc = evaluator(p.arrays)
+            clock("evaluate")
             p.curves.append(acc)
             p.round_task.append(task)
             min_acc, wc_acc = stability_metrics(p.curves, p.round_task)
@@ -304,11 +323,12 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
                 failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0,
-                ended_at=time.time(), **client_gpu_memory(ok))
+                ended_at=time.time(), phases=clock.phases, **client_gpu_memory(ok))
             p.records.append(record)
             tracker.log_round(record)
             if control.observer:
                 control.observer.on_round(record)
+            clock("log")
             if info.last_of_task:
                 ended = strategy.end_task(task, p.arrays)
                 # the matrix row is the round's accuracy unless end_task changed the model
@@ -319,11 +339,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                     tracker.log_metrics(state, step=p.global_round)
                     p.strategy_state.append({"task": task, **state})
                 p.task, p.task_round, p.task_started = task + 1, 1, False
+                clock("end_task")
             else:
                 p.task_round += 1
             checkpoint.save(ckpt, p, strategy, config, control.run_id,
                             p.wall_time_before_s + time.monotonic() - started)
-            t0 = time.monotonic()
+            clock("checkpoint")
+            t0 = clock.last
         summary = build_summary(
             strategy=config.strategy, config=config.to_dict(), matrix=p.matrix,
             baseline=p.baseline, rounds=p.records,

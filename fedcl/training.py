@@ -90,7 +90,9 @@ class LocalTrainer:
                                                       lr.partition_id))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         optimizer = make_optimizer(model.parameters(), lr.config)
-        reference = [p.detach().clone() for p in model.parameters()]
+        # the round's starting weights, for a regularizer that needs them (FedProx)
+        needs_reference = type(self).regularizer is not LocalTrainer.regularizer
+        reference = [p.detach().clone() for p in model.parameters()] if needs_reference else []
         n = int(lr.y.shape[0])
         # the loss is summed on the device: a float() per step would wait for the GPU each step
         total, steps = torch.zeros((), device=lr.device), 0

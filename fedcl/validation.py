@@ -6,6 +6,11 @@ or the client's identity; when its arrays do not have exactly the global model's
 and dtypes; when any value is NaN or infinite; when ``num-examples`` is not a positive number;
 or when its distance to the global model is absurd: larger than ``max_update_norm_ratio`` times
 the global model's norm (at least 1).
+
+Screening reads each reply's arrays in place (:func:`array_view`, no copy) and gets the distance
+from dot products, ``|g - r|^2 = g.g - 2 g.r + r.r``, without forming ``g - r``: two passes over
+the reply's memory. The rounding of that formula is about 1e-7 of ``|r|^2``, far below the
+threshold it is compared with; a NaN or infinity anywhere makes ``g.g`` non-finite.
 """
 
 from __future__ import annotations
@@ -14,14 +19,29 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedcl import protocol
 
 
-def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: float,
-                  _ref: dict[str, np.ndarray] | None = None) -> str | None:
+class Reference:
+    """The global model's arrays as NumPy, with each float array's squared norm (computed once
+    per round, for every reply)."""
+
+    def __init__(self, record: ArrayRecord) -> None:
+        self.record = record
+        self.arrays = {key: array.numpy() for key, array in record.items()}
+        self.flat = {key: a.ravel() for key, a in self.arrays.items()}
+        self.sq = {key: float(np.dot(a, a)) for key, a in self.flat.items()
+                   if a.dtype.kind == "f"}
+        self.norm = math.sqrt(sum(self.sq.values()))
+
+
+def reply_problem(msg: Message, reference: ArrayRecord | Reference,
+                  max_update_norm_ratio: float) -> str | None:
     """Why ``msg`` must not be aggregated, or None when it is fine."""
+    ref = reference if isinstance(reference, Reference) else Reference(reference)
+    reference = ref.record
     content = msg.content
     arrays = content.get(protocol.ARRAYS)
     metrics = content.get(protocol.METRICS)
@@ -42,41 +62,52 @@ def reply_problem(msg: Message, reference: ArrayRecord, max_update_norm_ratio: f
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
         return f"arrays differ from the model's (missing {missing[:3]}, extra {extra[:3]})"
-    ref_arrays = _ref if _ref is not None else _numpy(reference)
     diff2 = 0.0
-    for key, r in ref_arrays.items():
+    for key, r in ref.arrays.items():
         got = arrays[key]
         if tuple(got.shape) != tuple(r.shape) or got.dtype != reference[key].dtype:
             return (f"array {key} is {got.dtype}{list(got.shape)}, "
                     f"expected {reference[key].dtype}{list(r.shape)}")
         if r.dtype.kind == "f":
-            d = (got.numpy() - r).ravel()
-            sq = float(np.dot(d, d))
-            if not math.isfinite(sq):
+            g = array_view(got).ravel()
+            gg = float(np.dot(g, g))
+            if not math.isfinite(gg):
                 return f"array {key} has non-finite values"
-            diff2 += sq
-    limit = max_update_norm_ratio * max(_norm(ref_arrays), 1.0)
-    if math.sqrt(diff2) > limit:
-        return f"update norm {math.sqrt(diff2):.3g} exceeds {limit:.3g}"
+            diff2 += gg - 2.0 * float(np.dot(g, ref.flat[key])) + ref.sq[key]
+    update = math.sqrt(max(diff2, 0.0))
+    limit = max_update_norm_ratio * max(ref.norm, 1.0)
+    if update > limit:
+        return f"update norm {update:.3g} exceeds {limit:.3g}"
     return None
 
 
-def _norm(arrays: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.dot(a.ravel(), a.ravel()))
-                         for a in arrays.values() if a.dtype.kind == "f"))
-
-
-def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
+def array_view(array: Array) -> np.ndarray:
+    """The values of a Flower ``Array`` (NumPy-serialised) as a read-only view of its bytes,
+    without the copy that ``Array.numpy()`` makes. Shape and dtype come from the Array's
+    metadata; only the header's length and order are read from the ``.npy`` bytes."""
+    data = array.data
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+        return array.numpy()
+    if data[6] == 1:
+        start = 10 + int.from_bytes(data[8:10], "little")
+    else:
+        start = 12 + int.from_bytes(data[8:12], "little")
+    fortran = b"'fortran_order': True" in data[:start]
+    dtype = np.dtype(array.dtype)
+    shape = tuple(array.shape)
+    if start + math.prod(shape) * dtype.itemsize != len(data):
+        return array.numpy()  # not what the metadata says: let NumPy parse (and complain)
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def screen_replies(replies: Iterable[Message], reference: ArrayRecord,
                    max_update_norm_ratio: float) -> tuple[list[Message], list[str]]:
     """The replies fit to aggregate, and the reasons of the rejected ones."""
-    ref = _numpy(reference)
+    ref = Reference(reference)
     good, reasons = [], []
     for msg in replies:
-        problem = reply_problem(msg, reference, max_update_norm_ratio, ref)
+        problem = reply_problem(msg, ref, max_update_norm_ratio)
         if problem is None:
             good.append(msg)
         else:

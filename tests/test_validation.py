@@ -143,3 +143,25 @@ def test_aggregate_keeps_integer_buffers_integer() -> None:
     # so a client's next reply (int64 again) passes the screening
     reply = _msg({"bn.num_batches_tracked": torch.tensor(7), "w": torch.ones(2)})
     assert reply_problem(reply, kept, 100.0) is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.arange(12, dtype=np.float32).reshape(3, 4),
+    lambda: np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+    lambda: np.array(7, dtype=np.int64),
+    lambda: np.zeros((0, 5), dtype=np.float32),
+    lambda: np.arange(6, dtype=np.uint8).reshape(2, 3, 1),
+], ids=["c-float32", "fortran-float64", "scalar-int64", "empty", "uint8-3d"])
+def test_array_view_reads_what_numpy_reads_without_copying(make) -> None:  # type: ignore[no-untyped-def]
+    from flwr.app import Array
+
+    from fedcl.validation import array_view
+
+    original = make()
+    array = Array(original)
+    view = array_view(array)
+    expected = array.numpy()
+    assert view.dtype == expected.dtype and view.shape == expected.shape
+    np.testing.assert_array_equal(view, expected)
+    if original.size:
+        assert not view.flags.writeable  # a view of the message's bytes, not a copy
