@@ -15,6 +15,7 @@ partitioners are seeded from ``(seed, task)``.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 
@@ -45,11 +46,17 @@ def partition_positions(labels: np.ndarray, num_partitions: int, method: str, *,
     else:
         raise DataError(f"unknown partition '{method}'")
     part.dataset = ds
+    hint = {"dirichlet": "; a larger dirichlet_alpha, fewer clients or partition = 'iid' may fit",
+            "shards": "; fewer shards_per_client or fewer clients may fit"}.get(method, "")
     try:
-        return [np.asarray(part.load_partition(i)["pos"], dtype=np.int64)
-                for i in range(num_partitions)]
+        # flwr-datasets warns on every failed Dirichlet draw; the outcome is what matters
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return [np.asarray(part.load_partition(i)["pos"], dtype=np.int64)
+                    for i in range(num_partitions)]
     except ValueError as err:
-        raise DataError(f"{method} partition failed for {num_partitions} clients: {err}") from None
+        raise DataError(f"{method} partition failed for {num_partitions} clients "
+                        f"({len(labels)} samples): {str(err).rstrip('.')}{hint}") from None
 
 
 @functools.lru_cache(maxsize=64)
