@@ -69,7 +69,7 @@ def main() -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    out, err = proc.communicate()
+    _, err = proc.communicate()
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"fedcl simulate failed:\n{err[-3000:]}")

@@ -1,5 +1,5 @@
-"""One federated workload, four ways, one table: the single-process limit, plain Flower, fedcl
-FedAvg and fedcl FOT.
+"""One federated workload, five ways, one table: the single-process limit, plain Flower, fedcl
+FedAvg, fedcl FOT and fedcl FedAvg with batched cohorts.
 
 The workload: ``--clients`` clients with ``--samples`` CIFAR-sized (3x32x32) images each, the
 small CNN (``--model cnn``), one local epoch of SGD (lr 0.01, batch 32), every client in every
@@ -8,7 +8,7 @@ permutations) so that FOT projects in the second. The images are synthetic (clas
 colour patterns plus noise), written as a CIFAR-10 folder in the dataset's own format and read
 through fedcl's CIFAR-10 loader: timing does not depend on the pixels.
 
-The four ways, each in its own process tree:
+The five ways, each in its own process tree:
 
 ``sequential``    the same client work in one process with plain PyTorch: every client's data
                   already on the device, one model reused, weighted averaging by hand
@@ -16,6 +16,9 @@ The four ways, each in its own process tree:
                   Flower's Ray simulation engine
 ``fedcl-fedavg``  ``fedcl simulate`` (MLflow logging and a checkpoint every round included)
 ``fedcl-fot``     ``fedcl simulate --strategy fot``
+``fedcl-cohort``  ``fedcl simulate --cohort-size K``: FedAvg with K clients trained per
+                  ClientApp call as one vmap-batched computation (``--cohort-size``, default 10;
+                  ``--gpus-per-cohort``, default 1 / number of cohorts)
 
 Columns: steady-state seconds per round (median of round-to-round times, leaving out each
 task's first round), samples per second (clients x samples / that), time from launch to the end
@@ -49,7 +52,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WAYS = ("sequential", "plain-flower", "fedcl-fedavg", "fedcl-fot")
+WAYS = ("sequential", "plain-flower", "fedcl-fedavg", "fedcl-fot", "fedcl-cohort")
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -216,6 +219,9 @@ def main() -> None:
     p.add_argument("--gpus-per-client", type=float, default=None,
                    help="Ray GPUs per simulated client (default: 0.1 with a GPU, else 0)")
     p.add_argument("--cpus-per-client", type=float, default=1.0)
+    p.add_argument("--cohort-size", type=int, default=10, help="clients per cohort (fedcl-cohort)")
+    p.add_argument("--gpus-per-cohort", type=float, default=None,
+                   help="Ray GPUs per cohort (default: 1 / number of cohorts with a GPU, else 0)")
     p.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of " +
                    ", ".join(WAYS))
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -234,6 +240,9 @@ def main() -> None:
     has_gpu = args.device != "cpu" and torch.cuda.is_available()
     if args.gpus_per_client is None:
         args.gpus_per_client = 0.1 if has_gpu else 0.0
+    if args.gpus_per_cohort is None:
+        cohorts = -(-args.clients // args.cohort_size)
+        args.gpus_per_cohort = round(1.0 / cohorts, 3) if has_gpu else 0.0
     work = Path(tempfile.mkdtemp(prefix="fedcl-throughput-"))
     write_synthetic_cifar10(work / "data", args.clients * args.samples, 2000)
     config = work / "workload.toml"
@@ -252,6 +261,9 @@ def main() -> None:
                          "--output", str(work / "fedcl-fedavg")],
         "fedcl-fot": [sys.executable, "-m", "fedcl.cli", "simulate", "--config", str(config),
                       "--strategy", "fot", "--output", str(work / "fedcl-fot")],
+        "fedcl-cohort": [sys.executable, "-m", "fedcl.cli", "simulate", "--config", str(config),
+                         "--cohort-size", str(args.cohort_size), "--client-gpus",
+                         str(args.gpus_per_cohort), "--output", str(work / "fedcl-cohort")],
     }
     results = {}
     for way in ways:
@@ -285,7 +297,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if has_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{args.clients} clients x {args.samples} samples, {args.rounds_per_task} rounds x "
           f"2 tasks, {device}, {args.gpus_per_client} GPU / {args.cpus_per_client} CPU per "
-          "Ray client\n")
+          f"Ray client; cohorts of {args.cohort_size} with {args.gpus_per_cohort} GPU each\n")
     print("| way | s/round (steady) | samples/s | first round s | peak host PSS GiB | "
           "peak GPU MiB | ACC % |")
     print("|---|---|---|---|---|---|---|")
@@ -296,9 +308,11 @@ def main() -> None:
               f"{100 * r['acc']:.2f} |")
     if "plain-flower" in results:
         base = results["plain-flower"]["steady_s_per_round"]
-        for way in ("fedcl-fedavg", "fedcl-fot"):
+        for way in ("fedcl-fedavg", "fedcl-fot", "fedcl-cohort"):
             if way in results:
-                print(f"{way} / plain-flower: {results[way]['steady_s_per_round'] / base:.2f}x")
+                print(f"{way} / plain-flower: {results[way]['steady_s_per_round'] / base:.2f}x "
+                      f"time per round ({base / results[way]['steady_s_per_round']:.2f}x "
+                      "throughput)")
     if "fedcl-fedavg" in results and "fedcl-fot" in results:
         ratio = (results["fedcl-fot"]["steady_s_per_round"]
                  / results["fedcl-fedavg"]["steady_s_per_round"])

@@ -21,11 +21,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl import protocol
+from fedcl import cohort, protocol
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
-from fedcl.training import LocalRound, resolve_device
+from fedcl.training import LocalRound, LocalTrainer, TrainResult, resolve_device
 from strategies import registry
 
 app = ClientApp()
@@ -52,8 +52,10 @@ def state_footprint(context: Context) -> tuple[list[str], int]:
     return sorted(context.state.keys()), total
 
 
-def _info(context: Context, device: torch.device | None = None) -> ConfigRecord:
+def _info(context: Context, device: torch.device | None = None,
+          partition_id: int | None = None) -> ConfigRecord:
     pid, num = client_identity(context)
+    pid = pid if partition_id is None else partition_id
     keys, size = state_footprint(context)
     info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
                          protocol.STATE_KEYS: ",".join(keys), protocol.STATE_BYTES: size})
@@ -92,6 +94,9 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected fault (client_fault_rate={config.client_fault_rate}) "
                            f"in client {pid}, round {round_}")
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
+    if protocol.COHORT in cfg_record:
+        return train_cohort(msg, context, config, data_dir,
+                            [int(q) for q in cfg_record[protocol.COHORT]])
 
     scenario = build_scenario(config, data_dir)
     x, y = scenario.train_data(task, client_positions(config, pid, task, data_dir))
@@ -124,4 +129,52 @@ def train(msg: Message, context: Context) -> Message:
                           protocol.METRICS: metrics,
                           protocol.CLIENT_INFO: _info(context, device),
                           **result.records})
+    return Message(content, reply_to=msg)
+
+
+def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
+                 members: list[int]) -> Message:
+    """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort`); the reply
+    holds each member's records under ``<record>.<partition id>``."""
+    cfg_record = msg.content[protocol.CONFIG]
+    task = int(cfg_record[protocol.TASK])
+    round_ = int(cfg_record[protocol.ROUND])
+    scenario = build_scenario(config, data_dir)
+    data = [(pid, *scenario.train_data(task, client_positions(config, pid, task, data_dir)))
+            for pid in members]
+    model = registry.build_model(config, scenario)
+    start = msg.content[protocol.ARRAYS].to_torch_state_dict()
+    model.load_state_dict(start)
+    trainer = registry.build_trainer(config)
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    head = scenario.head_for(task)
+
+    def local_round(pid: int, x: torch.Tensor, y: torch.Tensor) -> LocalRound:
+        return LocalRound(config=config, model=model, x=x, y=y, head=head, task=task,
+                          round=round_, partition_id=pid, device=device,
+                          mean=scenario.dataset.mean, std=scenario.dataset.std,
+                          last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
+                          message=msg.content)
+
+    first = local_round(*data[0])
+    results = cohort.train_cohort(
+        model, data, config=config, task=task, round_=round_, head=head, device=device,
+        mean=scenario.dataset.mean, std=scenario.dataset.std,
+        regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
+    content = RecordDict()
+    for (pid, x, y), res in zip(data, results, strict=True):
+        result = TrainResult(num_examples=res.num_examples, loss=res.loss, steps=res.steps)
+        if type(trainer).after_training is not LocalTrainer.after_training:
+            model.load_state_dict(res.state)
+            result = trainer.after_training(local_round(pid, x, y), result)
+        records = {protocol.ARRAYS: ArrayRecord(res.state),
+                   protocol.METRICS: MetricRecord({
+                       protocol.NUM_EXAMPLES: result.num_examples,
+                       protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
+                       **result.extra_metrics}),
+                   protocol.CLIENT_INFO: _info(context, device, pid), **result.records}
+        for key, record in records.items():
+            content[cohort.member_key(key, pid)] = record
     return Message(content, reply_to=msg)

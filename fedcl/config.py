@@ -176,6 +176,14 @@ class Config:
     client_gpus: float = field(
         default=0.0, metadata=_doc("GPUs per simulated client (fractions share a GPU).")
     )
+    cohort_size: int = field(
+        default=1,
+        metadata=_doc(
+            "Simulated clients trained together in one ClientApp call as one batched (vmap) "
+            "computation; 1 trains each client on its own. Same results to float rounding "
+            "(not for dropout masks); no batch-norm models; simulation only."
+        ),
+    )
     # --- tracking and output ---------------------------------------------------------------
     tracking_uri: str | None = field(
         default=None,
@@ -203,7 +211,7 @@ class Config:
     def validate(self) -> Config:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
         positive = ("clients", "tasks", "rounds_per_task", "local_epochs", "batch_size",
-                    "shards_per_client", "eval_batch_size", "min_train_clients")
+                    "shards_per_client", "eval_batch_size", "min_train_clients", "cohort_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -249,6 +257,16 @@ class Config:
         from strategies import registry
 
         registry.validate(self.strategy, self.strategy_params)
+        if self.cohort_size > 1:
+            from fedcl.models import BATCH_NORM_MODELS
+
+            if self.model in BATCH_NORM_MODELS:
+                raise ConfigError(f"cohort_size > 1 cannot train model {self.model!r}: its batch "
+                                  "norm keeps running statistics that a batched cohort cannot "
+                                  "share; use cohort_size = 1 or model mlp/cnn")
+            if not registry.build_trainer(self).batchable:
+                raise ConfigError(f"cohort_size > 1 cannot train strategy {self.strategy!r}: its "
+                                  "clients train their own way; use cohort_size = 1")
         return self
 
     # --- conversions ---------------------------------------------------------------------------

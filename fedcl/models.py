@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18")
+#: models with batch norm (running statistics are module state: no batched cohort training)
+BATCH_NORM_MODELS: tuple[str, ...] = ("resnet18",)
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl import checkpoint, protocol
+from fedcl.cohort import form_cohorts, split_cohort_replies
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.errors import FedclError, RunAborted, RunCancelled
@@ -261,6 +262,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         roster = discover_clients(grid, config.clients,
                                   max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
                                   control.cancel)
+        node_to_pid = {node: pid for pid, node in roster.items()}
         num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
         if control.observer:
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
@@ -286,7 +288,14 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             messages = strategy.configure_round(
                 info, p.arrays, train_config,
                 SampledGrid(grid, [roster[q] for q in pids]))  # type: ignore[arg-type]
-            replies = send_and_receive(grid, messages, config.round_timeout_s, control.cancel)
+            if config.cohort_size > 1:
+                cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
+                replies = send_and_receive(grid, [leader for leader, _ in cohorts],
+                                           config.round_timeout_s, control.cancel)
+                replies = split_cohort_replies(replies, cohorts, node_to_pid)
+            else:
+                replies = send_and_receive(grid, messages, config.round_timeout_s,
+                                           control.cancel)
             clock("clients")
             ok, rejected = screen_replies([m for m in replies if not m.has_error()],
                                           p.arrays, config.max_update_norm_ratio)

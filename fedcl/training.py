@@ -72,9 +72,19 @@ class TrainResult:
 class LocalTrainer:
     """Cross-entropy training on the current task. Subclasses override only what they change."""
 
-    def regularizer(self, lr: LocalRound, reference: list[torch.Tensor]) -> torch.Tensor | None:
-        """An extra loss term added to cross-entropy each step (FedProx's proximal term...)."""
+    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> torch.Tensor | None:
+        """An extra loss term added to cross-entropy each step (FedProx's proximal term...),
+        from the model's parameters (in ``named_parameters`` order) and the round's starting
+        ones. Pure tensor code: a cohort calls it under ``vmap``."""
         return None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether clients of this trainer can train as a batched cohort (``cohort_size`` > 1):
+        true for trainers that change only :meth:`regularizer` and :meth:`after_training`."""
+        cls = type(self)
+        return cls.train is LocalTrainer.train and cls.begin_task is LocalTrainer.begin_task
 
     def begin_task(self, lr: LocalRound) -> None:
         """Called once when this client first trains on a new task."""
@@ -92,7 +102,8 @@ class LocalTrainer:
         optimizer = make_optimizer(model.parameters(), lr.config)
         # the round's starting weights, for a regularizer that needs them (FedProx)
         needs_reference = type(self).regularizer is not LocalTrainer.regularizer
-        reference = [p.detach().clone() for p in model.parameters()] if needs_reference else []
+        params = list(model.parameters())
+        reference = [p.detach().clone() for p in params] if needs_reference else []
         n = int(lr.y.shape[0])
         # the loss is summed on the device: a float() per step would wait for the GPU each step
         total, steps = torch.zeros((), device=lr.device), 0
@@ -103,7 +114,7 @@ class LocalTrainer:
                 batch = order[start:start + lr.config.batch_size]
                 inputs = to_float(x_dev[batch], lr.mean, lr.std)
                 loss = nn.functional.cross_entropy(model(inputs, lr.head), y_dev[batch])
-                extra = self.regularizer(lr, reference)
+                extra = self.regularizer(lr, params, reference) if needs_reference else None
                 if extra is not None:
                     loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)

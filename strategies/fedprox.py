@@ -35,10 +35,11 @@ class FedProxTrainer(LocalTrainer):
     def __init__(self, params: FedProxParams) -> None:
         self.mu = params.proximal_mu
 
-    def regularizer(self, lr: LocalRound, reference: list[torch.Tensor]) -> torch.Tensor | None:
+    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> torch.Tensor | None:
         if self.mu == 0:
             return None
-        return proximal_term(list(lr.model.parameters()), reference, self.mu)
+        return proximal_term(params, reference, self.mu)
 
 
 def proximal_term(params: list[torch.Tensor], reference: list[torch.Tensor],

@@ -1,0 +1,313 @@
+"""Cohort training: several simulated clients trained in one ClientApp call as one batched
+computation (``cohort_size`` > 1).
+
+On a small model a GPU spends a client's round launching kernels, not doing arithmetic, and a
+simulation pays one Flower message and one Ray task per client. A cohort trains K sampled
+clients together: their parameters are stacked along a new leading dimension and one step of
+all K is one :func:`torch.func.vmap` of :func:`torch.func.grad_and_value` over
+:func:`torch.func.functional_call`, followed by one batched optimizer update.
+
+Each member trains exactly as :meth:`fedcl.training.LocalTrainer.train` would train it alone:
+its own data, its batches drawn from the same seeded generator (:func:`member_batches`), the
+mean cross-entropy over its batch (a ragged last batch is masked, not padded into the mean),
+the same regularizer, and SGD or Adam with PyTorch's update rules (:func:`sgd_step`,
+:func:`adam_step`). A member whose epoch has run out of batches while others go on is frozen
+(its weights and optimizer state are left as they are); parameters the loss does not reach
+(other tasks' heads) are not updated, as PyTorch's optimizers skip them. The results agree with
+per-client training to float rounding (``tests/test_cohort.py`` compares them). Batched
+kernels round differently, and local SGD amplifies rounding: a ReLU or max-pool whose inputs
+nearly tie sends a gradient another way. On Split-MNIST with the CNN, members agree with
+per-client training to ~1e-7 of the update over tens of steps, but over 50 steps of FedProx
+with momentum a perturbation of 1e-7 in the starting weights alone moves per-client training's
+own result by up to 5% of the update; cohort training lands within that spread.
+
+Deviations, by design:
+
+* dropout masks are drawn by ``vmap(randomness="different")`` from one generator, so a model
+  with dropout (the MLP) trains with different masks than it would alone (from the same
+  distribution); models without dropout (the CNN) agree to rounding;
+* batch norm is refused: its running statistics are module state that vmap cannot batch;
+* a cohort is a simulation device. The leader (the first member's node) loads every member's
+  partition from its own data dir, so on a real federation each node must be a cohort of one.
+
+The server side (:func:`form_cohorts`, :func:`split_cohort_replies`) sends one message per
+cohort and splits each cohort reply back into one reply per member, so screening, aggregation
+and strategy payloads see exactly what per-client training gives them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedcl import protocol
+from fedcl.config import Config
+from fedcl.data.datasets import to_float
+from fedcl.training import round_seed
+
+#: the record that lists a cohort's partition ids in a training message's config
+COHORT = protocol.COHORT
+
+Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor | None]
+
+
+@dataclass
+class MemberResult:
+    """One member's locally trained weights (on the CPU) and its training figures."""
+
+    partition_id: int
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    loss: float
+    steps: int
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------
+def member_batches(n: int, batch_size: int, epochs: int, generator: torch.Generator
+                   ) -> list[list[torch.Tensor]]:
+    """The index batches a client trains on, epoch by epoch: a fresh permutation of ``range(n)``
+    from ``generator`` each epoch, cut into batches (the last may be short). The same draws as
+    :meth:`fedcl.training.LocalTrainer.train`."""
+    epochs_out = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        epochs_out.append([order[s:s + batch_size] for s in range(0, n, batch_size)])
+    return epochs_out
+
+
+def stack_step(batches: Sequence[Sequence[torch.Tensor]], step: int, batch_size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members' index batches for one step as a ``[K, batch_size]`` index tensor and a mask
+    (False where a member's batch is short or its epoch is over)."""
+    k = len(batches)
+    index = torch.zeros((k, batch_size), dtype=torch.long)
+    mask = torch.zeros((k, batch_size), dtype=torch.bool)
+    for i, member in enumerate(batches):
+        if step < len(member):
+            b = member[step]
+            index[i, :len(b)] = b
+            mask[i, :len(b)] = True
+    return index, mask
+
+
+def _per_member(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return flag.view(-1, *([1] * (like.dim() - 1)))
+
+
+def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+             momentum_buffers: dict[str, torch.Tensor | None], active: torch.Tensor, *,
+             lr: float, momentum: float, weight_decay: float) -> None:
+    """``torch.optim.SGD`` (no dampening, no Nesterov) on stacked parameters, in place; a
+    member with ``active`` False keeps its weights and momentum."""
+    for name, p in params.items():
+        d = grads[name]
+        if weight_decay:
+            d = d + weight_decay * p
+        if momentum:
+            buf = momentum_buffers.get(name)
+            if buf is None:  # PyTorch starts the buffer at the first gradient
+                buf = d.clone()
+            else:
+                buf = torch.where(_per_member(active, p), momentum * buf + d, buf)
+            momentum_buffers[name] = buf
+            d = buf
+        p.copy_(torch.where(_per_member(active, p), p - lr * d, p))
+
+
+def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+              moments: dict[str, tuple[torch.Tensor, torch.Tensor]], steps: torch.Tensor,
+              active: torch.Tensor, *, lr: float, weight_decay: float,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """``torch.optim.Adam`` (L2 weight decay, no AMSGrad) on stacked parameters, in place.
+    ``steps`` counts each member's own updates (already including this one)."""
+    b1, b2 = betas
+    for name, p in params.items():
+        on = _per_member(active, p)
+        d = grads[name]
+        if weight_decay:
+            d = d + weight_decay * p
+        m, v = moments.get(name, (torch.zeros_like(p), torch.zeros_like(p)))
+        m = torch.where(on, m.lerp(d, 1 - b1), m)
+        v = torch.where(on, v * b2 + (1 - b2) * d * d, v)
+        moments[name] = (m, v)
+        # bias corrections in double precision, as PyTorch computes them (Python floats)
+        t = steps.clamp(min=1).to(torch.float64)
+        step_size = _per_member((lr / (1 - b1 ** t)).to(p.dtype), p)
+        bc2_sqrt = _per_member(((1 - b2 ** t) ** 0.5).to(p.dtype), p)
+        denom = v.sqrt() / bc2_sqrt + eps
+        p.copy_(torch.where(on, p - step_size * m / denom, p))
+
+
+def trained_parameters(model: nn.Module, x: torch.Tensor, head: int | None,
+                       mean: tuple[float, ...], std: tuple[float, ...],
+                       regularizer: Regularizer | None = None) -> set[str]:
+    """The names of the parameters the loss (with the regularizer) reaches with this ``head``,
+    from one sample's forward: what per-client training's optimizer would update."""
+    named = list(model.named_parameters())
+    loss = model(to_float(x, mean, std), head).sum()
+    if regularizer is not None:
+        params = [p for _, p in named]
+        extra = regularizer(params, [p.detach() for p in params])
+        if extra is not None:
+            loss = loss + extra
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {name for (name, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def check_batchable(model: nn.Module) -> None:
+    """Refuse a model whose training mutates module state (batch norm's running statistics)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.training \
+                and module.track_running_stats:
+            raise ValueError(f"cohort training cannot batch {type(module).__name__} "
+                             f"({name or 'model'}): its running statistics are module state; "
+                             "use cohort_size = 1 with this model")
+
+
+# --------------------------------------------------------------------------------------------
+# Training a cohort
+# --------------------------------------------------------------------------------------------
+def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]], *,
+                 config: Config, task: int, round_: int, head: int | None,
+                 device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
+                 regularizer: Regularizer | None = None) -> list[MemberResult]:
+    """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
+    computation; ``x`` are uint8 images and ``y`` head targets, as for one client."""
+    model = model.to(device).train()
+    check_batchable(model)
+    k = len(members)
+    used = trained_parameters(model, members[0][1][:1].to(device), head, mean, std,
+                              regularizer)
+    start = {name: p.detach() for name, p in model.named_parameters() if name in used}
+    params = {name: p.unsqueeze(0).repeat(k, *([1] * p.dim())).clone()
+              for name, p in start.items()}
+    # what the loss does not reach (other tasks' heads) has no gradient: PyTorch's optimizers
+    # skip it (no weight decay either), and so does the cohort
+    buffers = {name: b for name, b in model.named_buffers()}
+    buffers.update({name: p.detach() for name, p in model.named_parameters() if name not in used})
+    names = list(params)
+    sizes = [int(y.shape[0]) for _, _, y in members]
+    x_all = torch.zeros((k, max(sizes), *members[0][1].shape[1:]), dtype=members[0][1].dtype,
+                        device=device)
+    y_all = torch.zeros((k, max(sizes)), dtype=members[0][2].dtype, device=device)
+    generators = []
+    for i, (pid, x, y) in enumerate(members):
+        x_all[i, :sizes[i]] = x.to(device)
+        y_all[i, :sizes[i]] = y.to(device)
+        gen = torch.Generator().manual_seed(round_seed(config.seed, task, round_, pid))
+        dropout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        if i == 0:
+            torch.manual_seed(dropout_seed)  # one generator draws every member's dropout masks
+        generators.append(gen)
+    batches = [member_batches(n, config.batch_size, config.local_epochs, g)
+               for n, g in zip(sizes, generators, strict=True)]
+    reference = {name: p.unsqueeze(0).expand(k, *p.shape) for name, p in start.items()}
+
+    def member_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                    mb: torch.Tensor, ref: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = functional_call(model, {**p, **buffers}, (xb,), {"task": head})
+        ce = nn.functional.cross_entropy(out, yb, reduction="none")
+        loss = (ce * mb).sum() / mb.sum().clamp(min=1.0)
+        if regularizer is not None:
+            extra = regularizer([p[n] for n in names], [ref[n] for n in names])
+            if extra is not None:
+                loss = loss + extra
+        return loss
+
+    step_fn = vmap(grad_and_value(member_loss), randomness="different")
+    rows = torch.arange(k, device=device).unsqueeze(1)
+    total = torch.zeros(k, device=device)
+    steps = torch.zeros(k, dtype=torch.long, device=device)
+    momentum: dict[str, torch.Tensor | None] = {}
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    bs = config.batch_size
+    for epoch in range(config.local_epochs):
+        epoch_batches = [b[epoch] for b in batches]
+        for step in range(max(len(b) for b in epoch_batches)):
+            index, mask = stack_step(epoch_batches, step, bs)
+            index, mask = index.to(device), mask.to(device)
+            xb = to_float(x_all[rows, index].flatten(0, 1), mean, std).view(k, bs,
+                                                                           *x_all.shape[2:])
+            yb = y_all[rows, index]
+            grads, losses = step_fn(params, xb, yb, mask.to(torch.float32), reference)
+            active = mask.any(dim=1)
+            steps += active
+            total += torch.where(active, losses.detach(), torch.zeros_like(losses))
+            with torch.no_grad():
+                if config.optimizer == "adam":
+                    adam_step(params, grads, moments, steps, active, lr=config.lr,
+                              weight_decay=config.weight_decay)
+                else:
+                    sgd_step(params, grads, momentum, active, lr=config.lr,
+                             momentum=config.momentum, weight_decay=config.weight_decay)
+    keys = list(model.state_dict().keys())
+    host = {name: p.detach().cpu() for name, p in params.items()}
+    fixed = {name: b.detach().cpu() for name, b in model.state_dict().items() if name not in host}
+    losses_host, steps_host = total.cpu().tolist(), steps.cpu().tolist()
+    results = []
+    for i, (pid, _, _) in enumerate(members):
+        state = {key: host[key][i] if key in host else fixed[key] for key in keys}
+        results.append(MemberResult(pid, state, sizes[i], losses_host[i] / max(steps_host[i], 1),
+                                    int(steps_host[i])))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Messages: one per cohort out, one per member back
+# --------------------------------------------------------------------------------------------
+def member_key(key: str, partition_id: int) -> str:
+    """The name of a member's record in a cohort reply (``arrays.7``)."""
+    return f"{key}.{partition_id}"
+
+
+def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohort_size: int
+                 ) -> list[tuple[Message, list[Message]]]:
+    """Group a round's training messages into cohorts of ``cohort_size`` (in partition order):
+    for each, the message sent to the cohort's first node, with the members' partition ids in
+    its config, and the members' own messages (what each member's reply answers)."""
+    ordered = sorted(messages, key=lambda m: node_to_pid[m.metadata.dst_node_id])
+    cohorts = []
+    for start in range(0, len(ordered), cohort_size):
+        group = ordered[start:start + cohort_size]
+        first = group[0]
+        content = RecordDict()
+        for key, record in first.content.items():
+            if key == protocol.CONFIG:
+                record = ConfigRecord(dict(record))
+                record[COHORT] = [node_to_pid[m.metadata.dst_node_id] for m in group]
+            content[key] = record
+        leader = Message(content, dst_node_id=first.metadata.dst_node_id,
+                         message_type=first.metadata.message_type,
+                         group_id=first.metadata.group_id)
+        cohorts.append((leader, group))
+    return cohorts
+
+
+def split_cohort_replies(replies: Sequence[Message],
+                         cohorts: Sequence[tuple[Message, list[Message]]],
+                         node_to_pid: dict[int, int]) -> list[Message]:
+    """One reply per member from the cohort replies. A cohort's error reply stays one error
+    reply (all its members count as failed); a member missing from a cohort reply is failed."""
+    members_of = {leader.metadata.message_id: group for leader, group in cohorts}
+    out: list[Message] = []
+    for reply in replies:
+        group = members_of.get(reply.metadata.reply_to_message_id)
+        if group is None or reply.has_error():
+            out.append(reply)
+            continue
+        for member in group:
+            suffix = f".{node_to_pid[member.metadata.dst_node_id]}"
+            content = RecordDict()
+            for key, record in reply.content.items():
+                if key.endswith(suffix):
+                    content[key[:-len(suffix)]] = record
+            if len(content):
+                out.append(Message(content, reply_to=member))
+    return out
