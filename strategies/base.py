@@ -14,6 +14,10 @@
 * :meth:`state_metrics` and :meth:`save_state`, the strategy's own state as metrics (logged by
   the server loop after each task) and as files (logged as artifacts at the end);
 * :meth:`on_erasure`, where erasure requests arrive (not used by the baselines).
+
+Where the Flower strategy aggregates as FedAvg does (FedAvg, FedProx), the arrays are averaged
+by :func:`fedcl.aggregation.weighted_average` (the same average, read in place); Flower's reply
+checks and metric aggregation stay.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fedcl import protocol
+from fedcl.aggregation import weighted_average
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,18 @@ class ContinualStrategy:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, Any]:
         replies = self.take_payloads(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        flower = super().aggregate_train  # type: ignore[misc]
+        if getattr(flower, "__func__", None) is FedAvg.aggregate_train:
+            # FedAvg's own checks and metrics, fedcl's in-place weighted average of the arrays
+            valid, _ = self._check_and_log_replies(replies, is_train=True)  # type: ignore[attr-defined]
+            arrays = metrics = None
+            if valid:
+                contents = [m.content for m in valid]
+                key = self.weighted_by_key  # type: ignore[attr-defined]
+                arrays = weighted_average(contents, key)
+                metrics = self.train_metrics_aggr_fn(contents, key)  # type: ignore[attr-defined]
+        else:
+            arrays, metrics = flower(server_round, replies)
         if arrays is not None:
             arrays = self.after_aggregate(arrays, [m for m in replies if not m.has_error()])
         return arrays, metrics
