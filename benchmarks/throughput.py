@@ -282,6 +282,10 @@ def main() -> None:
             names = summary["rounds"][-1]["phases"]
             phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in summary["rounds"])
                       for k in names}
+            handler = [r["client_compute_s"] for r in summary["rounds"]
+                       if r.get("client_compute_s") is not None]
+            if handler:  # the longest train handler of a round, inside the clients phase
+                phases["longest_client_handler"] = statistics.median(handler)
         else:
             phases = None
             out = json.loads(res["stdout"].strip().splitlines()[-1])

@@ -53,12 +53,14 @@ def state_footprint(context: Context) -> tuple[list[str], int]:
 
 
 def _info(context: Context, device: torch.device | None = None,
-          partition_id: int | None = None) -> ConfigRecord:
+          partition_id: int | None = None, started: float | None = None) -> ConfigRecord:
     pid, num = client_identity(context)
     pid = pid if partition_id is None else partition_id
     keys, size = state_footprint(context)
     info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
                          protocol.STATE_KEYS: ",".join(keys), protocol.STATE_BYTES: size})
+    if started is not None:
+        info[protocol.HANDLER_SECONDS] = time.perf_counter() - started
     if device is not None and device.type == "cuda":
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
@@ -81,6 +83,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     cfg_record = msg.content[protocol.CONFIG]
     config = Config.from_json(str(cfg_record[protocol.RUN_CONFIG_JSON]))
     task = int(cfg_record[protocol.TASK])
@@ -96,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
     if protocol.COHORT in cfg_record:
         return train_cohort(msg, context, config, data_dir,
-                            [int(q) for q in cfg_record[protocol.COHORT]])
+                            [int(q) for q in cfg_record[protocol.COHORT]], started)
 
     scenario = build_scenario(config, data_dir)
     x, y = scenario.train_data(task, client_positions(config, pid, task, data_dir))
@@ -127,13 +130,13 @@ def train(msg: Message, context: Context) -> Message:
                             **result.extra_metrics})
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
                           protocol.METRICS: metrics,
-                          protocol.CLIENT_INFO: _info(context, device),
+                          protocol.CLIENT_INFO: _info(context, device, started=started),
                           **result.records})
     return Message(content, reply_to=msg)
 
 
 def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
-                 members: list[int]) -> Message:
+                 members: list[int], started: float) -> Message:
     """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort`); the reply
     holds each member's records under ``<record>.<partition id>``."""
     cfg_record = msg.content[protocol.CONFIG]
@@ -163,7 +166,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
         model, data, config=config, task=task, round_=round_, head=head, device=device,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
         regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
-    content = RecordDict()
+    replies = []
     for (pid, x, y), res in zip(data, results, strict=True):
         result = TrainResult(num_examples=res.num_examples, loss=res.loss, steps=res.steps)
         if type(trainer).after_training is not LocalTrainer.after_training:
@@ -174,7 +177,11 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
                        protocol.NUM_EXAMPLES: result.num_examples,
                        protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
                        **result.extra_metrics}),
-                   protocol.CLIENT_INFO: _info(context, device, pid), **result.records}
+                   **result.records}
+        replies.append((pid, records))
+    content = RecordDict()
+    for pid, records in replies:  # every member reports the whole handler's time
+        records[protocol.CLIENT_INFO] = _info(context, device, pid, started)
         for key, record in records.items():
             content[cohort.member_key(key, pid)] = record
     return Message(content, reply_to=msg)

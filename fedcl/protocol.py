@@ -29,6 +29,7 @@ STATE_KEYS = "state-keys"  # the records the client keeps in Context.state (comm
 STATE_BYTES = "state-bytes"  # and the bytes their values take
 GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
 GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
+HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ran
 
 # Node config keys (Flower's simulation engine sets the first two; deployments set all three).
 NODE_PARTITION_ID = "partition-id"

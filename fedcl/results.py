@@ -30,7 +30,9 @@
                        included), ``ended_at`` (Unix time), ``client_gpu_peak_mb`` and
                        ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
                        of the round's training, and the largest CUDA memory an allocator held
-                       after it, over the replies; null on CPU), ``phases`` (seconds of the
+                       after it, over the replies; null on CPU), ``client_compute_s`` (the
+                       longest a client's train handler ran: the rest of the ``clients``
+                       phase is messaging and scheduling), ``phases`` (seconds of the
                        round in each phase: ``clients`` (sampling, sending, local training,
                        replies), ``screen``, ``aggregate``, ``evaluate``, ``log`` (MLflow and
                        the display), ``end_task`` (in a task's last round), ``checkpoint``; they
@@ -78,6 +80,7 @@ class RoundRecord:
     ended_at: float = 0.0
     client_gpu_peak_mb: float | None = None
     client_gpu_reserved_mb: float | None = None
+    client_compute_s: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

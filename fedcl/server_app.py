@@ -165,15 +165,17 @@ class PhaseClock:
         self.last = now
 
 
-def client_gpu_memory(replies: list[Message]) -> dict[str, float | None]:
-    """The largest CUDA memory peak and allocator reserve (MiB) reported by ``replies``;
-    None when no client trained on a GPU."""
+def client_reports(replies: list[Message]) -> dict[str, float | None]:
+    """From the clients' own reports: the longest time a train handler ran (s), and the
+    largest CUDA memory peak and allocator reserve (MiB); None where no reply said."""
     out: dict[str, float | None] = {}
-    for field_name, key in (("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES),
-                            ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES)):
-        values = [int(m.content[protocol.CLIENT_INFO][key]) for m in replies
+    for field_name, key, scale in (("client_compute_s", protocol.HANDLER_SECONDS, 1.0),
+                                   ("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES, 2**-20),
+                                   ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES,
+                                    2**-20)):
+        values = [float(m.content[protocol.CLIENT_INFO][key]) for m in replies
                   if key in m.content[protocol.CLIENT_INFO]]
-        out[field_name] = max(values) / 2**20 if values else None
+        out[field_name] = max(values) * scale if values else None
     return out
 
 
@@ -332,7 +334,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
                 failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0,
-                ended_at=time.time(), phases=clock.phases, **client_gpu_memory(ok))
+                ended_at=time.time(), phases=clock.phases, **client_reports(ok))
             p.records.append(record)
             tracker.log_round(record)
             if control.observer:

@@ -1,0 +1,76 @@
+"""Where a cohort's time goes inside one ClientApp call: batched training, copying the members'
+weights off the GPU, and serialising them into Flower ArrayRecords (CNN, 3x32x32, 500 samples
+per member, batch 32, one epoch), for several cohort sizes.
+
+    python benchmarks/cohort_profile.py --sizes 1,10,50
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import ArrayRecord
+
+from fedcl import cohort
+from fedcl.config import Config
+from fedcl.models import build_model
+from fedcl.training import LocalRound, LocalTrainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1,10,25,50")
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = Config(batch_size=32, lr=0.01, device=device.type)
+    model = build_model("cnn", (3, 32, 32), 10, 1)
+    gen = torch.Generator().manual_seed(0)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'}")
+    for k in [int(v) for v in args.sizes.split(",")]:
+        members = [(i, torch.randint(0, 256, (args.samples, 3, 32, 32), generator=gen,
+                                     dtype=torch.uint8),
+                    torch.randint(0, 10, (args.samples,), generator=gen)) for i in range(k)]
+        times: dict[str, list[float]] = {"train": [], "serialise": [], "loop": []}
+        for _ in range(args.repeats):
+            sync()
+            t0 = time.perf_counter()
+            res = cohort.train_cohort(model, members, config=config, task=0, round_=1,
+                                      head=None, device=device, mean=mean, std=std)
+            sync()
+            t1 = time.perf_counter()
+            records = [ArrayRecord(r.state) for r in res]
+            t2 = time.perf_counter()
+            times["train"].append(t1 - t0)
+            times["serialise"].append(t2 - t1)
+            assert len(records) == k
+            sync()
+            t3 = time.perf_counter()
+            for pid, x, y in members:  # the same clients one after another, per-client loop
+                LocalTrainer().train(LocalRound(config=config, model=model, x=x, y=y, head=None,
+                                                task=0, round=1, partition_id=pid,
+                                                device=device, mean=mean, std=std))
+            sync()
+            times["loop"].append(time.perf_counter() - t3)
+        med = {key: statistics.median(v[1:] or v) for key, v in times.items()}
+        print(f"cohort {k:3d}: train {med['train']:.3f} s, serialise {med['serialise']:.3f} s,"
+              f" one-by-one {med['loop']:.3f} s ({med['loop'] / med['train']:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
