@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("strategies", help="list the strategies, one line each")
 
+    certs = sub.add_parser("certs", help="write a CA, a SuperLink certificate and SuperNode "
+                                         "keys for a TLS federation")
+    certs.add_argument("output_dir", metavar="DIR", help="folder for the files")
+    certs.add_argument("--host", action="append", dest="hosts", metavar="HOST",
+                       help="an address or DNS name the SuperLink is reached at (repeatable; "
+                            "default 127.0.0.1 and localhost)")
+    certs.add_argument("--supernodes", type=int, default=0, metavar="N",
+                       help="also write N SuperNode authentication key pairs")
+
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
     add_config_flags(cfg)
     cfg.add_argument("--flower", action="store_true",
@@ -224,8 +233,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedcl.certs import make_federation_certs
+
+    if args.supernodes < 0:
+        raise FedclError(f"--supernodes must be 0 or more, got {args.supernodes}")
+    try:
+        files = make_federation_certs(args.output_dir, args.hosts or ["127.0.0.1", "localhost"],
+                                      args.supernodes)
+    except OSError as err:
+        raise FedclError(f"cannot write certificates to {args.output_dir}: "
+                         f"{err.strerror or err}") from None
+    print(f"wrote {len(files)} files to {args.output_dir}: "
+          + ", ".join(f.name for f in files))
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
-            "config": cmd_config, "sync": cmd_sync}
+            "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs}
 
 
 def one_line(text: str) -> str:

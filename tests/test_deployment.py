@@ -1,0 +1,146 @@
+"""fedcl on a real Flower deployment: a SuperLink serving TLS and three SuperNodes, each its own
+process on 127.0.0.1, running a 2-task job with ``flwr run``; and a SuperNode that connects
+without TLS is refused with a clear error. Every process started here is stopped, also when a
+test fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedcl import tracking
+from fedcl.certs import make_federation_certs
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Federation:
+    """A TLS SuperLink and its SuperNodes, as real processes in their own sessions."""
+
+    home: Path
+    certs: Path
+    env: dict[str, str]
+    address: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)  # type: ignore[type-arg]
+
+    def start(self, args: list[str], log: str) -> subprocess.Popen:  # type: ignore[type-arg]
+        with open(self.home / log, "w") as out:
+            proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=self.home)
+        self.procs.append(proc)
+        return proc
+
+    def start_superlink(self) -> None:
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.start([str(BIN / "flower-superlink"), "--ssl-ca-certfile",
+                    str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"), "--host", "127.0.0.1",
+                    "--port", str(port), "--health-server-address",
+                    f"127.0.0.1:{free_port()}", "--database", str(self.home / "state.db"),
+                    "--disable-runtime-dependency-installation"], "superlink.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise AssertionError("the SuperLink did not start:\n" + self.log("superlink.log"))
+
+    def supernode_args(self, pid: int, num: int, *, insecure: bool = False) -> list[str]:
+        tls = ["--insecure"] if insecure else ["--root-certificates", str(self.certs / "ca.crt")]
+        return [str(BIN / "flower-supernode"), *tls, "--superlink", self.address,
+                "--node-config", f"partition-id={pid} num-partitions={num}",
+                "--port", str(free_port())]
+
+    def log(self, name: str) -> str:
+        path = self.home / name
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the process and what it started
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def federation() -> Iterator[Federation]:
+    home = Path(tempfile.mkdtemp(prefix="fd", dir="/tmp"))
+    certs = home / "certs"
+    make_federation_certs(certs, ["127.0.0.1", "localhost"])
+    env = {**os.environ, "FLWR_HOME": str(home / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "MPLCONFIGDIR": str(home / "mpl"),
+           "HF_HOME": str(home / "hf"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    fed = Federation(home, certs, env)
+    try:
+        fed.start_superlink()
+        yield fed
+    finally:
+        fed.stop()
+        left = [p.pid for p in fed.procs if p.poll() is None]
+        shutil.rmtree(home, ignore_errors=True)
+        assert not left, f"processes left running: {left}"
+
+
+def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Path) -> None:
+    """Three SuperNodes verify the SuperLink's certificate against the federation's CA;
+    `flwr run` (over TLS too) runs a 2-task class-IL job; summary.json and the MLflow run agree;
+    a SuperNode that connects without TLS is refused with Flower's error line."""
+    for pid in range(3):
+        federation.start(federation.supernode_args(pid, 3), f"supernode-{pid}.log")
+    (federation.home / "flwr").mkdir(exist_ok=True)
+    (federation.home / "flwr" / "config.toml").write_text(
+        f'[superlink.fed]\naddress = "{federation.address}"\n'
+        f'root-certificates = "{federation.certs / "ca.crt"}"\n')
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    overrides = (f"clients=3 tasks=2 rounds-per-task=1 partition='iid' "
+                 f"eval-samples-per-task=300 experiment='deployment' output='{out}' "
+                 f"tracking-uri='sqlite:///{db}' round-timeout-s=300")
+    res = subprocess.run([str(BIN / "flwr"), "run", ".", "fed", "--run-config", overrides,
+                          "--stream"], cwd=ROOT, env=federation.env, capture_output=True,
+                         text=True, timeout=600)
+    logs = "\n".join(federation.log(f"supernode-{i}.log") for i in range(3))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:] + logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_clients"] == 3 and summary["num_tasks"] == 2
+    assert [r["clients"] for r in summary["rounds"]] == [3, 3]
+    matrix = summary["accuracy_matrix"]
+    assert len(matrix) == 2 and matrix[0][0] > 0.8
+    assert sorted(summary["client_state"]) == ["0", "1", "2"]
+    runs = tracking.fetch_runs(f"sqlite:///{db}", "deployment")
+    assert [r["status"] for r in runs] == ["FINISHED"]
+    assert runs[0]["run_id"] == summary["mlflow_run_id"]
+    assert runs[0]["metrics"]["acc"] == pytest.approx(summary["acc"])
+
+    # (its own ClientApp runner would keep a captured pipe open: log to a file instead)
+    insecure = federation.start([*federation.supernode_args(0, 3, insecure=True),
+                                 "--max-retries", "1", "--max-wait-time", "10"], "insecure.log")
+    assert insecure.wait(timeout=120) != 0
+    assert "could not establish a connection to the SuperLink" in federation.log("insecure.log")
