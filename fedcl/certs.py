@@ -69,7 +69,7 @@ def make_federation_certs(out_dir: str | os.PathLike[str], hosts: list[str],
         raise ValueError(f"supernodes must be 0 or more, got {supernodes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (x509.CertificateBuilder().subject_name(_name("fedcl CA"))
                .issuer_name(_name("fedcl CA")).public_key(ca_key.public_key())

@@ -237,7 +237,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from fedcl.certs import make_federation_certs
 
     if args.supernodes < 0:
-        raise FedclError(f"--supernodes must be 0 or more, got {args.supernodes}")
+        raise ConfigError(f"--supernodes must be 0 or more, got {args.supernodes}")
     try:
         files = make_federation_certs(args.output_dir, args.hosts or ["127.0.0.1", "localhost"],
                                       args.supernodes)
