@@ -1,0 +1,103 @@
+"""docker/: the compose file's services, ports, volumes and certificates fit together, match
+the images built from docker/ and the README's steps (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import flwr
+import yaml
+from cryptography import x509
+
+from fedcl.certs import make_federation_certs
+from tests.conftest import ROOT
+
+DOCKER = ROOT / "docker"
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _flags(service: dict) -> dict[str, str]:
+    return dict(arg.split("=", 1) if "=" in arg else (arg, "") for arg in service["command"])
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """container path -> host path or volume name"""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+
+
+def test_compose_services_images_and_ports() -> None:
+    compose = _compose()
+    services = compose["services"]
+    assert sorted(services) == ["mlflow", "superlink", "supernode-0", "supernode-1",
+                                "supernode-2"]
+    for name, service in services.items():
+        dockerfile = ROOT / service["build"]["dockerfile"]
+        assert service["build"]["context"] == ".." and dockerfile.is_file(), name
+    version = flwr.__version__
+    for name, image in (("superlink", "superlink"), ("supernode-0", "supernode")):
+        text = (ROOT / services[name]["build"]["dockerfile"]).read_text()
+        assert f"FROM flwr/{image}:{version}" in text  # Flower's own image, this Flower
+        assert "pip install --no-cache-dir /app/fedcl" in text
+    link = services["superlink"]
+    port = re.search(r'"--port", "(\d+)"',
+                     (ROOT / link["build"]["dockerfile"]).read_text()).group(1)
+    assert link["ports"] == [f"{port}:{port}"]
+    assert services["mlflow"]["ports"] == ["5000:5000"]
+    assert link["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    pids = []
+    for i in range(3):
+        node = services[f"supernode-{i}"]
+        flags = _flags(node)
+        assert flags["--superlink"] == f"superlink:{port}"
+        config = dict(kv.split("=", 1) for kv in flags["--node-config"].split())
+        pids.append(int(config["partition-id"]))
+        assert config["num-partitions"] == "3"
+        assert node["depends_on"] == ["superlink"]
+    assert pids == [0, 1, 2]
+
+
+def test_compose_tls_volumes_and_certificates(tmp_path: Path) -> None:
+    """The SuperLink serves the certificate `fedcl certs` writes for the host name the
+    SuperNodes dial, and every SuperNode verifies it with the CA; declared volumes are used."""
+    compose = _compose()
+    services = compose["services"]
+    link = services["superlink"]
+    flags, mounts = _flags(link), _mounts(link)
+    assert mounts["/certs"] == "./certs"
+    assert {flags["--ssl-ca-certfile"], flags["--ssl-certfile"], flags["--ssl-keyfile"]} == {
+        "/certs/ca.crt", "/certs/server.pem", "/certs/server.key"}
+    assert "--insecure" not in flags
+    used = set()
+    for name, service in services.items():
+        for host in _mounts(service).values():
+            if not host.startswith("."):
+                used.add(host)
+        if name.startswith("supernode"):
+            node_flags, node_mounts = _flags(service), _mounts(service)
+            assert node_flags["--root-certificates"] == "/certs/ca.crt"
+            assert node_mounts["/certs/ca.crt"] == "./certs/ca.crt"
+            assert "--insecure" not in node_flags
+    assert used == set(compose["volumes"])
+    # the README's certificate command, run for real: the certificate names the SuperLink
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"^fedcl certs docker/certs (.*)$", readme, re.M)
+    assert command is not None
+    hosts = re.findall(r"--host (\S+)", command.group(1))
+    make_federation_certs(tmp_path, hosts)
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dialled = _flags(services["supernode-0"])["--superlink"].split(":")[0]
+    assert dialled in names.get_values_for_type(x509.DNSName)
+
+
+def test_readme_gives_the_build_and_run_steps() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for line in ("docker compose -f docker/compose.yaml up --build -d",
+                 "flwr run . docker --stream",
+                 "docker compose -f docker/compose.yaml down"):
+        assert line in readme, line
+    assert '[superlink.docker]\naddress = "127.0.0.1:8000"\nroot-certificates = ' in readme
