@@ -27,6 +27,8 @@ Deviations, by design:
   with dropout (the MLP) trains with different masks than it would alone (from the same
   distribution); models without dropout (the CNN) agree to rounding;
 * batch norm is refused: its running statistics are module state that vmap cannot batch;
+* fault injection (``client_fault_rate``) draws once per cohort, for its leader: a faulty
+  cohort fails all its members;
 * a cohort is a simulation device. The leader (the first member's node) loads every member's
   partition from its own data dir, so on a real federation each node must be a cohort of one.
 

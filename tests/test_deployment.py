@@ -1,7 +1,7 @@
-"""fedcl on a real Flower deployment: a SuperLink serving TLS and three SuperNodes, each its own
-process on 127.0.0.1, running a 2-task job with ``flwr run``; and a SuperNode that connects
-without TLS is refused with a clear error. Every process started here is stopped, also when a
-test fails."""
+"""fedcl on a real Flower deployment: a SuperLink serving TLS with SuperNode authentication and
+three registered SuperNodes, each its own process on 127.0.0.1, running a 2-task job with
+``flwr run``; an unregistered SuperNode and one that connects without TLS are refused. Every
+process started here is stopped, also when a test fails."""
 
 from __future__ import annotations
 
@@ -60,24 +60,43 @@ class Federation:
                     "--ssl-keyfile", str(self.certs / "server.key"), "--host", "127.0.0.1",
                     "--port", str(port), "--health-server-address",
                     f"127.0.0.1:{free_port()}", "--database", str(self.home / "state.db"),
-                    "--disable-runtime-dependency-installation"], "superlink.log")
+                    "--disable-runtime-dependency-installation", "--enable-supernode-auth"],
+                   "superlink.log")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as sock:
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     return
             time.sleep(0.3)
-        raise AssertionError("the SuperLink did not start:\n" + self.log("superlink.log"))
+        raise AssertionError("the SuperLink did not start:\n" + self.log("superlink.log")[-3000:])
 
-    def supernode_args(self, pid: int, num: int, *, insecure: bool = False) -> list[str]:
+    def connect_cli(self) -> None:
+        """``flwr``'s connection to this SuperLink (TLS, verified with the CA): ``fed``."""
+        (self.home / "flwr").mkdir(exist_ok=True)
+        (self.home / "flwr" / "config.toml").write_text(
+            f'[superlink.fed]\naddress = "{self.address}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+
+    def register(self, key: int) -> None:
+        """Tell the SuperLink SuperNode ``key``'s public key (``flwr supernode register``)."""
+        res = subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                              str(self.certs / f"supernode-{key}.pub"), "fed"], env=self.env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "registered successfully" in res.stdout
+
+    def supernode_args(self, pid: int, num: int, key: int | None, *, insecure: bool = False
+                       ) -> list[str]:
         tls = ["--insecure"] if insecure else ["--root-certificates", str(self.certs / "ca.crt")]
-        return [str(BIN / "flower-supernode"), *tls, "--superlink", self.address,
+        auth = [] if key is None else ["--auth-supernode-private-key",
+                                       str(self.certs / f"supernode-{key}")]
+        return [str(BIN / "flower-supernode"), *tls, "--superlink", self.address, *auth,
                 "--node-config", f"partition-id={pid} num-partitions={num}",
                 "--port", str(free_port())]
 
     def log(self, name: str) -> str:
         path = self.home / name
-        return path.read_text()[-3000:] if path.exists() else ""
+        return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -92,7 +111,7 @@ class Federation:
 def federation() -> Iterator[Federation]:
     home = Path(tempfile.mkdtemp(prefix="fd", dir="/tmp"))
     certs = home / "certs"
-    make_federation_certs(certs, ["127.0.0.1", "localhost"])
+    make_federation_certs(certs, ["127.0.0.1", "localhost"], supernodes=4)
     env = {**os.environ, "FLWR_HOME": str(home / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "MPLCONFIGDIR": str(home / "mpl"),
@@ -110,15 +129,16 @@ def federation() -> Iterator[Federation]:
 
 
 def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Path) -> None:
-    """Three SuperNodes verify the SuperLink's certificate against the federation's CA;
-    `flwr run` (over TLS too) runs a 2-task class-IL job; summary.json and the MLflow run agree;
-    a SuperNode that connects without TLS is refused with Flower's error line."""
+    """Three registered SuperNodes verify the SuperLink's certificate against the federation's
+    CA and sign in with their keys; `flwr run` (over TLS too) runs a 2-task class-IL job;
+    summary.json and the MLflow run agree. A SuperNode with an unregistered key, and one that
+    connects without TLS (and so without a key: Flower allows keys only over TLS), are refused
+    with Flower's error line."""
+    federation.connect_cli()
+    for key in range(3):
+        federation.register(key)
     for pid in range(3):
-        federation.start(federation.supernode_args(pid, 3), f"supernode-{pid}.log")
-    (federation.home / "flwr").mkdir(exist_ok=True)
-    (federation.home / "flwr" / "config.toml").write_text(
-        f'[superlink.fed]\naddress = "{federation.address}"\n'
-        f'root-certificates = "{federation.certs / "ca.crt"}"\n')
+        federation.start(federation.supernode_args(pid, 3, key=pid), f"supernode-{pid}.log")
     out, db = tmp_path / "out", tmp_path / "mlflow.db"
     overrides = (f"clients=3 tasks=2 rounds-per-task=1 partition='iid' "
                  f"eval-samples-per-task=300 experiment='deployment' output='{out}' "
@@ -126,7 +146,7 @@ def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Pa
     res = subprocess.run([str(BIN / "flwr"), "run", ".", "fed", "--run-config", overrides,
                           "--stream"], cwd=ROOT, env=federation.env, capture_output=True,
                          text=True, timeout=600)
-    logs = "\n".join(federation.log(f"supernode-{i}.log") for i in range(3))
+    logs = "\n".join(federation.log(f"supernode-{i}.log")[-2000:] for i in range(3))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:] + logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_clients"] == 3 and summary["num_tasks"] == 2
@@ -139,8 +159,11 @@ def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Pa
     assert runs[0]["run_id"] == summary["mlflow_run_id"]
     assert runs[0]["metrics"]["acc"] == pytest.approx(summary["acc"])
 
-    # (its own ClientApp runner would keep a captured pipe open: log to a file instead)
-    insecure = federation.start([*federation.supernode_args(0, 3, insecure=True),
-                                 "--max-retries", "1", "--max-wait-time", "10"], "insecure.log")
-    assert insecure.wait(timeout=120) != 0
-    assert "could not establish a connection to the SuperLink" in federation.log("insecure.log")
+    # (a SuperNode's ClientApp runner would keep a captured pipe open: log to files instead)
+    for name, args in (("unregistered", federation.supernode_args(0, 3, key=3)),
+                       ("insecure", federation.supernode_args(0, 3, key=None, insecure=True))):
+        node = federation.start([*args, "--max-retries", "1", "--max-wait-time", "10"],
+                                f"{name}.log")
+        assert node.wait(timeout=120) != 0, name
+        assert "could not establish a connection to the SuperLink" in federation.log(
+            f"{name}.log"), name

@@ -71,6 +71,7 @@ def test_compose_tls_volumes_and_certificates(tmp_path: Path) -> None:
     assert {flags["--ssl-ca-certfile"], flags["--ssl-certfile"], flags["--ssl-keyfile"]} == {
         "/certs/ca.crt", "/certs/server.pem", "/certs/server.key"}
     assert "--insecure" not in flags
+    assert "--enable-supernode-auth" in flags
     used = set()
     for name, service in services.items():
         for host in _mounts(service).values():
@@ -81,13 +82,19 @@ def test_compose_tls_volumes_and_certificates(tmp_path: Path) -> None:
             assert node_flags["--root-certificates"] == "/certs/ca.crt"
             assert node_mounts["/certs/ca.crt"] == "./certs/ca.crt"
             assert "--insecure" not in node_flags
+            # each SuperNode signs in with its own key from `fedcl certs --supernodes 3`
+            key = node_mounts[node_flags["--auth-supernode-private-key"]]
+            assert key == f"./certs/supernode-{name.split('-')[1]}"
     assert used == set(compose["volumes"])
     # the README's certificate command, run for real: the certificate names the SuperLink
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"^fedcl certs docker/certs (.*)$", readme, re.M)
     assert command is not None
     hosts = re.findall(r"--host (\S+)", command.group(1))
-    make_federation_certs(tmp_path, hosts)
+    supernodes = int(re.search(r"--supernodes (\d+)", command.group(1)).group(1))
+    assert supernodes == len([n for n in services if n.startswith("supernode")])
+    make_federation_certs(tmp_path, hosts, supernodes)
+    assert (tmp_path / "supernode-2").is_file()
     cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     dialled = _flags(services["supernode-0"])["--superlink"].split(":")[0]
@@ -96,7 +103,10 @@ def test_compose_tls_volumes_and_certificates(tmp_path: Path) -> None:
 
 def test_readme_gives_the_build_and_run_steps() -> None:
     readme = (ROOT / "README.md").read_text()
-    for line in ("docker compose -f docker/compose.yaml up --build -d",
+    for line in ("docker compose -f docker/compose.yaml up --build -d superlink mlflow",
+                 "for i in 0 1 2; do flwr supernode register docker/certs/supernode-$i.pub "
+                 "docker; done",
+                 "docker compose -f docker/compose.yaml up --build -d\n",
                  "flwr run . docker --stream",
                  "docker compose -f docker/compose.yaml down"):
         assert line in readme, line
