@@ -75,6 +75,13 @@ def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
     return bool(draw < config.client_fault_rate)
 
 
+def reply_metrics(result: TrainResult) -> MetricRecord:
+    """A train reply's metrics: sample count (FedAvg's weight), loss, unit weight, extras."""
+    return MetricRecord({protocol.NUM_EXAMPLES: result.num_examples,
+                         protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
+                         **result.extra_metrics})
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this client is (the server's roster call at start-up)."""
@@ -125,11 +132,8 @@ def train(msg: Message, context: Context) -> Message:
     state["rounds"] = int(state["rounds"]) + 1
     context.state[protocol.CLIENT_STATE] = state
 
-    metrics = MetricRecord({protocol.NUM_EXAMPLES: result.num_examples,
-                            protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
-                            **result.extra_metrics})
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
-                          protocol.METRICS: metrics,
+                          protocol.METRICS: reply_metrics(result),
                           protocol.CLIENT_INFO: _info(context, device, started=started),
                           **result.records})
     return Message(content, reply_to=msg)
@@ -173,11 +177,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
             model.load_state_dict(res.state)
             result = trainer.after_training(local_round(pid, x, y), result)
         records = {protocol.ARRAYS: ArrayRecord(res.state),
-                   protocol.METRICS: MetricRecord({
-                       protocol.NUM_EXAMPLES: result.num_examples,
-                       protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
-                       **result.extra_metrics}),
-                   **result.records}
+                   protocol.METRICS: reply_metrics(result), **result.records}
         replies.append((pid, records))
     content = RecordDict()
     for pid, records in replies:  # every member reports the whole handler's time

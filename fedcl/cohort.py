@@ -52,9 +52,6 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.training import round_seed
 
-#: the record that lists a cohort's partition ids in a training message's config
-COHORT = protocol.COHORT
-
 Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor | None]
 
 
@@ -232,9 +229,13 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
     bs = config.batch_size
     for epoch in range(config.local_epochs):
         epoch_batches = [b[epoch] for b in batches]
-        for step in range(max(len(b) for b in epoch_batches)):
-            index, mask = stack_step(epoch_batches, step, bs)
-            index, mask = index.to(device), mask.to(device)
+        # the epoch's indices and masks go to the device at once: a small copy per step would
+        # make the host wait for the GPU every step
+        stacked = [stack_step(epoch_batches, s, bs)
+                   for s in range(max(len(b) for b in epoch_batches))]
+        indices = torch.stack([i for i, _ in stacked]).to(device)
+        masks = torch.stack([m for _, m in stacked]).to(device)
+        for index, mask in zip(indices, masks, strict=True):
             xb = to_float(x_all[rows, index].flatten(0, 1), mean, std).view(k, bs,
                                                                            *x_all.shape[2:])
             yb = y_all[rows, index]
@@ -283,7 +284,7 @@ def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohor
         for key, record in first.content.items():
             if key == protocol.CONFIG:
                 record = ConfigRecord(dict(record))
-                record[COHORT] = [node_to_pid[m.metadata.dst_node_id] for m in group]
+                record[protocol.COHORT] = [node_to_pid[m.metadata.dst_node_id] for m in group]
             content[key] = record
         leader = Message(content, dst_node_id=first.metadata.dst_node_id,
                          message_type=first.metadata.message_type,

@@ -75,8 +75,9 @@ class LocalTrainer:
     def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
         """An extra loss term added to cross-entropy each step (FedProx's proximal term...),
-        from the model's parameters (in ``named_parameters`` order) and the round's starting
-        ones. Pure tensor code: a cohort calls it under ``vmap``."""
+        from the trained parameters (in ``named_parameters`` order) and their values at the
+        round's start, matched by position. Pure tensor code: a cohort calls it under ``vmap``
+        with only the parameters its loss reaches."""
         return None
 
     @property
