@@ -248,11 +248,16 @@ class Config:
         _check_choice("model", self.model, MODEL_NAMES)
         if not self.experiment.strip():
             raise ConfigError("experiment must be a non-empty name")
-        min_clients = self.min_train_clients
+        min_clients, sampled = self.min_train_clients, sample_size(self.clients,
+                                                                   self.fraction_train)
         if min_clients > self.clients:
             raise ConfigError(
                 f"min_train_clients ({min_clients}) is larger than clients ({self.clients})"
             )
+        if min_clients > sampled:
+            raise ConfigError(
+                f"min_train_clients ({min_clients}) is larger than the {sampled} clients "
+                f"sampled per round (clients x fraction_train)")
 
         from strategies import registry
 
@@ -404,6 +409,11 @@ def load_toml(path: str | os.PathLike[str], base: Config | None = None) -> Confi
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
     return config_from_dict(values, source=str(file), base=base)
+
+
+def sample_size(available: int, fraction: float) -> int:
+    """Clients sampled in a round from ``available`` connected ones: ``max(1, int(f * n))``."""
+    return max(1, int(available * fraction))
 
 
 def resolve_tracking_uri(config: Config) -> str:

@@ -36,7 +36,10 @@
                        round in each phase: ``clients`` (sampling, sending, local training,
                        replies), ``screen``, ``aggregate``, ``evaluate``, ``log`` (MLflow and
                        the display), ``end_task`` (in a task's last round), ``checkpoint``; they
-                       add up to ``seconds``)
+                       add up to ``seconds``), ``connected`` (clients connected when the
+                       round began: the round samples from these; MLflow metric
+                       ``clients_connected``), ``lost`` and ``back`` (partition ids whose node
+                       left, or came back, since the previous round: a deployment's SuperNodes)
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -82,6 +85,9 @@ class RoundRecord:
     client_gpu_reserved_mb: float | None = None
     client_compute_s: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    connected: int | None = None  # clients connected at the round's start
+    lost: list[int] = field(default_factory=list)  # partition ids gone since the last round
+    back: list[int] = field(default_factory=list)  # partition ids reconnected since then
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

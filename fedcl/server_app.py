@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcl import checkpoint, protocol
 from fedcl.cohort import form_cohorts, split_cohort_replies
-from fedcl.config import Config, resolve_tracking_uri
+from fedcl.config import Config, resolve_tracking_uri, sample_size
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
@@ -117,6 +117,34 @@ def error_line(reason: str, limit: int = 300) -> str:
     return text[:limit]
 
 
+def query_partitions(grid: Grid, node_ids: list[int], expected: int, timeout: float,
+                     cancel: threading.Event | None) -> tuple[dict[int, int], list[str]]:
+    """Ask ``node_ids`` for their partition ids: (partition id -> node id, one problem line per
+    node that failed to answer properly)."""
+    messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(
+        {protocol.QUERY_IDENTITY: True})}), message_type=MessageType.QUERY, dst_node_id=nid)
+        for nid in node_ids]
+    replies = send_and_receive(grid, messages, timeout, cancel)
+    found: dict[int, int] = {}
+    problems: list[str] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            problems.append(f"client on node {node} failed to start: "
+                            f"{error_line(msg.error.reason)}")
+            continue
+        info = msg.content[protocol.CLIENT_INFO]
+        pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
+        if num != expected:
+            problems.append(f"client {pid} says the federation has {num} partitions, "
+                            f"the config says clients = {expected}")
+        elif pid in found:
+            problems.append(f"two nodes claim partition-id {pid}")
+        else:
+            found[pid] = node
+    return found, problems
+
+
 def discover_clients(grid: Grid, expected: int, timeout: float,
                      cancel: threading.Event | None) -> dict[int, int]:
     """Ask every connected node for its partition id; returns partition id -> node id."""
@@ -128,27 +156,59 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
             raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
                              f"{timeout:.0f} s")
         time.sleep(0.2)
-    messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(
-        {protocol.QUERY_IDENTITY: True})}), message_type=MessageType.QUERY, dst_node_id=nid)
-        for nid in node_ids]
-    replies = send_and_receive(grid, messages, timeout, cancel)
-    roster: dict[int, int] = {}
-    for msg in replies:
-        if msg.has_error():
-            raise RunAborted(f"client on node {msg.metadata.src_node_id} failed to start: "
-                             f"{error_line(msg.error.reason)}")
-        info = msg.content[protocol.CLIENT_INFO]
-        pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
-        if num != expected:
-            raise RunAborted(f"client {pid} says the federation has {num} partitions, "
-                             f"the config says clients = {expected}")
-        if pid in roster:
-            raise RunAborted(f"two nodes claim partition-id {pid}")
-        roster[pid] = msg.metadata.src_node_id
+    roster, problems = query_partitions(grid, node_ids, expected, timeout, cancel)
+    if problems:
+        raise RunAborted(problems[0])
     missing = sorted(set(range(expected)) - set(roster))
     if missing:
         raise RunAborted(f"no reply from clients with partition-id {missing[:10]}")
     return roster
+
+
+@dataclass
+class Roster:
+    """Which node serves each partition id, kept current from round to round.
+
+    A SuperNode that stops (killed, crashed, cut off) stops sending heartbeats, and Flower's
+    SuperLink drops it from ``grid.get_node_ids()`` once two heartbeat intervals have passed;
+    until then messages to it end in Flower's "Node Unavailable" error reply or the round's
+    timeout. A node that connects later (a restarted SuperNode, which may come back under a new
+    node id) is asked its partition id and serves that partition again. Under simulation every
+    node stays connected and this changes nothing.
+    """
+
+    nodes: dict[int, int]  # partition id -> node id
+    expected: int
+    offline: set[int] = field(default_factory=set)  # partition ids not connected now
+    unknown: set[int] = field(default_factory=set)  # connected node ids that serve no partition
+
+    def refresh(self, grid: Grid, timeout: float, cancel: threading.Event | None
+                ) -> tuple[list[int], list[int], list[int]]:
+        """(connected partition ids, partitions lost since the last refresh, partitions back)."""
+        live = set(grid.get_node_ids())
+        self.unknown &= live
+        new_nodes = sorted(live - set(self.nodes.values()) - self.unknown)
+        back: list[int] = []
+        if new_nodes:
+            found, problems = query_partitions(grid, new_nodes, self.expected, timeout, cancel)
+            for problem in problems:
+                log.warning("a node that joined was not admitted: %s", problem)
+            for pid, node in found.items():
+                if pid < self.expected and self.nodes.get(pid) not in live:
+                    self.nodes[pid] = node
+            self.unknown |= set(new_nodes) - set(self.nodes.values())
+        connected = sorted(pid for pid, node in self.nodes.items() if node in live)
+        offline = set(self.nodes) - set(connected)
+        lost, back = sorted(offline - self.offline), sorted(self.offline - offline)
+        self.offline = offline
+        if lost:
+            log.warning("clients with partition-id %s left the federation", lost)
+        if back:
+            log.warning("clients with partition-id %s are back", back)
+        return connected, lost, back
+
+    def node_to_pid(self) -> dict[int, int]:
+        return {node: pid for pid, node in self.nodes.items()}
 
 
 class PhaseClock:
@@ -194,6 +254,31 @@ def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(state)
 
 
+def connected_clients(roster: Roster, grid: Grid, config: Config, where: str,
+                      cancel: threading.Event | None) -> tuple[list[int], list[int], list[int]]:
+    """The partition ids connected for a round, with those lost and back since the last round.
+
+    With too few connected to sample ``min_train_clients``, waits up to ``round_timeout_s`` for
+    nodes to come back, then stops the run with one line."""
+    deadline = time.monotonic() + config.round_timeout_s
+    lost: list[int] = []
+    back: list[int] = []
+    while True:
+        connected, gone, returned = roster.refresh(grid, min(config.round_timeout_s, 60.0),
+                                                   cancel)
+        lost, back = lost + gone, back + returned
+        if sample_size(len(connected), config.fraction_train) >= config.min_train_clients:
+            return connected, sorted(set(lost)), sorted(set(back))
+        if time.monotonic() > deadline:
+            raise RunAborted(
+                f"{where}: only {len(connected)} of {config.clients} clients are connected "
+                f"(partition-ids {sorted(roster.offline)[:10]} left), too few to sample "
+                f"min_train_clients={config.min_train_clients}")
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        time.sleep(1.0)
+
+
 def _pid(msg: Message) -> int:
     return int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
 
@@ -201,7 +286,7 @@ def _pid(msg: Message) -> int:
 def sample_clients(available: list[int], fraction: float, seed: int, round_: int) -> list[int]:
     """The round's clients: ``max(1, int(fraction * N))`` of the available partition ids, drawn
     from one seeded stream, so every strategy sees the same clients in the same round."""
-    k = max(1, int(len(available) * fraction))
+    k = sample_size(len(available), fraction)
     rng = np.random.default_rng([seed, round_, 5])
     return sorted(int(p) for p in rng.choice(sorted(available), size=k, replace=False))
 
@@ -261,10 +346,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         progress = checkpoint.Progress(arrays=arrays, baseline=evaluator(arrays))
         control.run_id = tracker.start(config.to_dict())
     try:
-        roster = discover_clients(grid, config.clients,
-                                  max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
-                                  control.cancel)
-        node_to_pid = {node: pid for pid, node in roster.items()}
+        roster = Roster(discover_clients(grid, config.clients,
+                                         max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
+                                         control.cancel), config.clients)
         num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
         if control.observer:
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
@@ -280,8 +364,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 p.task_started = True
             task_round = p.task_round
             p.global_round += 1
-            pids = sample_clients(sorted(roster), config.fraction_train, config.seed,
-                                  p.global_round)
+            connected, lost, back = connected_clients(
+                roster, grid, config, f"round {p.global_round} (task {task})", control.cancel)
+            pids = sample_clients(connected, config.fraction_train, config.seed, p.global_round)
             info = RoundInfo(task, task_round, rounds, p.global_round)
             train_config = ConfigRecord({
                 protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
@@ -289,8 +374,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 protocol.LAST_ROUND_OF_TASK: info.last_of_task})
             messages = strategy.configure_round(
                 info, p.arrays, train_config,
-                SampledGrid(grid, [roster[q] for q in pids]))  # type: ignore[arg-type]
+                SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
             if config.cohort_size > 1:
+                node_to_pid = roster.node_to_pid()
                 cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
                 replies = send_and_receive(grid, [leader for leader, _ in cohorts],
                                            config.round_timeout_s, control.cancel)
@@ -333,7 +419,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 task=task, round=p.global_round, task_round=task_round, acc_per_task=acc,
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
-                failures=failures, rejected=len(rejected), seconds=time.monotonic() - t0,
+                failures=failures, rejected=len(rejected), connected=len(connected),
+                lost=lost, back=back, seconds=time.monotonic() - t0,
                 ended_at=time.time(), phases=clock.phases, **client_reports(ok))
             p.records.append(record)
             tracker.log_round(record)

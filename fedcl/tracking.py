@@ -162,7 +162,8 @@ class Tracker:
                       rejected=record.rejected, task=record.task,
                       client_gpu_peak_mb=record.client_gpu_peak_mb,
                       client_gpu_reserved_mb=record.client_gpu_reserved_mb,
-                      client_compute_s=record.client_compute_s)
+                      client_compute_s=record.client_compute_s,
+                      clients_connected=record.connected)
         self.log_metrics(values, step=record.round)
 
     def log_metrics(self, values: dict[str, float | None], step: int = 0) -> None:

@@ -227,6 +227,14 @@ def test_min_train_clients_above_clients() -> None:
     Config(clients=4, min_train_clients=4).validate()
 
 
+def test_min_train_clients_above_the_sampled_clients() -> None:
+    """10 clients x 0.25 samples 2 per round: a minimum of 3 could never be met."""
+    with pytest.raises(ConfigError, match=r"min_train_clients \(3\) is larger than the 2 "
+                                          r"clients sampled per round"):
+        Config(clients=10, fraction_train=0.25, min_train_clients=3).validate()
+    Config(clients=10, fraction_train=0.25, min_train_clients=2).validate()
+
+
 # --- tracking URI ---------------------------------------------------------------------------
 def test_tracking_uri_from_config_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
