@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--supernodes", type=int, default=0, metavar="N",
                        help="also write N SuperNode authentication key pairs")
 
+    sx = sub.add_parser("superexec", help="run a SuperNode's ClientApps from a warm process "
+                                          "(SuperNode started with --isolation process)")
+    sx.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
+                    help="the SuperNode's Runtime API (its --host and --port)")
+    sx.add_argument("--insecure", action="store_true",
+                    help="connect to the Runtime API without TLS (it serves on its own host)")
+    sx.add_argument("--root-certificates", metavar="FILE",
+                    help="CA certificate of a Runtime API served with TLS")
+
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
     add_config_flags(cfg)
     cfg.add_argument("--flower", action="store_true",
@@ -249,8 +258,17 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_superexec(args: argparse.Namespace) -> int:
+    from fedcl.warm_superexec import run_warm_superexec
+
+    run_warm_superexec(args.runtime_api_address, insecure=args.insecure,
+                       root_certificates=args.root_certificates)
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
-            "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs}
+            "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs,
+            "superexec": cmd_superexec}
 
 
 def one_line(text: str) -> str:

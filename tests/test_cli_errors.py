@@ -157,3 +157,15 @@ def test_config_prints_toml_with_flag_applied(tmp_path: Path,
     assert result.returncode == 0, result.stderr
     assert "clients = 7" in result.stdout.splitlines()
     assert tomllib.loads(result.stdout)["clients"] == 7
+
+
+@pytest.mark.parametrize(("extra", "phrase"), [
+    ([], "give --insecure"),
+    (["--root-certificates", "missing-ca.crt"], "cannot read --root-certificates"),
+])
+def test_superexec_bad_input(extra: list[str], phrase: str, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _in_process(["superexec", "--runtime-api-address", "127.0.0.1:9", *extra],
+                         tmp_path, capsys, monkeypatch)
+    _assert_one_line_error(result, phrase, tmp_path, exit_code=None)

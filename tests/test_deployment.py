@@ -1,7 +1,9 @@
 """fedcl on a real Flower deployment: a SuperLink serving TLS with SuperNode authentication and
 three registered SuperNodes, each its own process on 127.0.0.1, running a 2-task job with
-``flwr run``; an unregistered SuperNode and one that connects without TLS are refused. Every
-process started here is stopped, also when a test fails."""
+``flwr run``; an unregistered SuperNode and one that connects without TLS are refused; a
+SuperNode killed mid-run leaves and the run goes on without it. Every process started here is
+stopped, also when a test fails. ClientApps use one torch thread each (``OMP_NUM_THREADS``):
+several on one small host would otherwise fight over its cores."""
 
 from __future__ import annotations
 
@@ -94,6 +96,17 @@ class Federation:
                 "--node-config", f"partition-id={pid} num-partitions={num}",
                 "--port", str(free_port())]
 
+    def start_warm_supernode(self, pid: int, num: int, key: int
+                             ) -> list[subprocess.Popen]:  # type: ignore[type-arg]
+        """A SuperNode with ``--isolation process`` and ``fedcl superexec`` running its
+        ClientApps (a warm process forking one child per message)."""
+        args = self.supernode_args(pid, num, key)
+        runtime = f"127.0.0.1:{args[-1]}"
+        node = self.start([*args, "--isolation", "process"], f"supernode-{pid}.log")
+        execs = self.start([str(BIN / "fedcl"), "superexec", "--runtime-api-address", runtime,
+                            "--insecure"], f"superexec-{pid}.log")
+        return [node, execs]
+
     def log(self, name: str) -> str:
         path = self.home / name
         return path.read_text() if path.exists() else ""
@@ -115,7 +128,8 @@ def federation() -> Iterator[Federation]:
     env = {**os.environ, "FLWR_HOME": str(home / "flwr"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true", "MPLCONFIGDIR": str(home / "mpl"),
-           "HF_HOME": str(home / "hf"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+           "HF_HOME": str(home / "hf"), "OMP_NUM_THREADS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     fed = Federation(home, certs, env)
     try:
@@ -167,3 +181,53 @@ def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Pa
         assert node.wait(timeout=120) != 0, name
         assert "could not establish a connection to the SuperLink" in federation.log(
             f"{name}.log"), name
+
+
+def test_a_killed_supernode_leaves_and_the_run_goes_on(federation: Federation,
+                                                       tmp_path: Path) -> None:
+    """Three SuperNodes whose ClientApps run from warm ``fedcl superexec`` processes. SIGKILL
+    one of them (SuperNode, SuperExec and ClientApp processes: the host is gone) after the
+    first round: the round that still addresses it ends by Flower's "Node Unavailable" reply
+    once its heartbeats are overdue, then the SuperLink drops the node and rounds sample the two
+    that are left; with min_train_clients = 2 the job completes, and summary.json and MLflow
+    say what happened."""
+    federation.connect_cli()
+    for key in range(3):
+        federation.register(key)
+    nodes = [federation.start_warm_supernode(pid, 3, key=pid) for pid in range(3)]
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    overrides = (f"clients=3 tasks=2 rounds-per-task=2 partition='iid' min-train-clients=2 "
+                 f"eval-samples-per-task=300 experiment='faults' output='{out}' "
+                 f"tracking-uri='sqlite:///{db}' round-timeout-s=240")
+    with open(tmp_path / "flwr-run.log", "w") as log:
+        job = subprocess.Popen([str(BIN / "flwr"), "run", ".", "fed", "--run-config", overrides,
+                                "--stream"], cwd=ROOT, env=federation.env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    federation.procs.append(job)
+    deadline = time.monotonic() + 400
+    while not (out / "checkpoint.pt").exists():  # written at the end of every round
+        assert job.poll() is None and time.monotonic() < deadline, (
+            (tmp_path / "flwr-run.log").read_text()[-3000:])
+        time.sleep(0.2)
+    for proc in nodes[2]:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert job.wait(timeout=600) == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert len(rounds) == 4
+    assert (rounds[0]["connected"], rounds[0]["clients"], rounds[0]["failures"]) == (3, 3, 0)
+    # the node is dropped once its heartbeats are overdue; until then it fails its rounds
+    gone = next(i for i, r in enumerate(rounds) if r["connected"] == 2)
+    assert rounds[gone]["lost"] == [2] and sum(r["lost"] != [] for r in rounds) == 1
+    for r in rounds[1:gone]:
+        assert (r["connected"], r["clients"], r["failures"]) == (3, 2, 1)
+    for r in rounds[gone:]:
+        assert (r["connected"], r["clients"], r["failures"]) == (2, 2, 0)
+    run = tracking.fetch_runs(f"sqlite:///{db}", "faults")[0]
+    assert run["status"] == "FINISHED"
+    uri = f"sqlite:///{db}"
+    assert [v for _, v in tracking.metric_history(uri, run["run_id"], "clients_connected")] == [
+        float(r["connected"]) for r in rounds]
+    assert [v for _, v in tracking.metric_history(uri, run["run_id"], "failures")] == [
+        float(r["failures"]) for r in rounds]
