@@ -1,9 +1,12 @@
 """docker/: the compose file's services, ports, volumes and certificates fit together, match
-the images built from docker/ and the README's steps (no Docker engine needed)."""
+the images built from docker/ and the README's steps, and the file is valid under the Compose
+Specification's JSON schema (no Docker engine needed)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import flwr
@@ -14,6 +17,27 @@ from fedcl.certs import make_federation_certs
 from tests.conftest import ROOT
 
 DOCKER = ROOT / "docker"
+
+
+def _check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema against the Compose Specification's JSON schema (vendored by it)."""
+    return subprocess.run([str(Path(sys.executable).parent / "check-jsonschema"),
+                           "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_compose_file_is_valid_under_the_compose_specification(tmp_path: Path) -> None:
+    """The Compose Specification's schema accepts the file, and the same check refuses a copy
+    with a misspelt key (so it does look at the services)."""
+    ok = _check_compose_schema(DOCKER / "compose.yaml")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "validation done" in ok.stdout
+    text = (DOCKER / "compose.yaml").read_text()
+    assert "    ports:" in text
+    (tmp_path / "compose.yaml").write_text(text.replace("    ports:", "    portz:", 1))
+    bad = _check_compose_schema(tmp_path / "compose.yaml")
+    assert bad.returncode == 1
+    assert "'portz' was unexpected" in bad.stdout
 
 
 def _compose() -> dict:
