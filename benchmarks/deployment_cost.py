@@ -88,8 +88,13 @@ def run_federation(work: Path, env: dict[str, str], job: dict, supernodes: int,
                              for k, v in {**job, "output": str(out),
                                           "tracking-uri": f"sqlite:///{work}/mlflow.db"}.items())
         t0 = time.monotonic()
-        subprocess.run([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config",
-                        overrides], cwd=ROOT, env=env, check=True, capture_output=True)
+        res = subprocess.run([str(BIN / "flwr"), "run", ".", "fed", "--stream", "--run-config",
+                              overrides], cwd=ROOT, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            logs = "".join(f"--- {p.name}\n{p.read_text()[-1500:]}"
+                           for p in sorted(work.glob(f"{name}-*.log")))
+            raise SystemExit(f"flwr run failed:\n{res.stdout[-3000:]}{res.stderr[-2000:]}\n"
+                             f"{logs}")
         return json.loads((out / "summary.json").read_text()), time.monotonic() - t0
     finally:
         for proc in procs:
