@@ -1,0 +1,142 @@
+"""The math of federated unlearning and of judging it, as pure functions on tensors.
+
+Each function follows the method's spec in the research notes (section numbers below refer to
+them); the strategies that erase data in a run are built on these.
+
+- :func:`fisher_importance`: SSD's diagonal importances, the mean over mini-batches of the
+  squared mini-batch gradient of the cross-entropy, the model in eval mode (SSD, §3.1).
+- :func:`ssd_dampen`: Selective Synaptic Dampening: a parameter whose forget importance exceeds
+  ``alpha`` times its full importance is scaled by ``min(lam * I_D / I_f, 1)`` (never up).
+- :func:`federaser_calibrate`: FedEraser's calibrated step, per tensor: the stored update's
+  length along the calibration update's direction (§9.1).
+- :func:`project_forget_gradient`: the forget gradient less its component along the retain
+  gradient, with one dot product over all tensors (Geometric-Disentanglement Unlearning's
+  rank-1 projection, §6.2 step 3, adapted to cross-entropy gradients of a vision model and
+  without the optimizer-metric whitening of step 2).
+- :func:`linear_cka`: linear CKA of two feature matrices on the same inputs (§8.2).
+- :func:`entropy_mia`: SSD's membership-inference attack (§9.3): a class-balanced logistic
+  regression on the prediction entropy, retain-train samples as members and test samples as
+  non-members; returns the share of forget samples judged members (lower: more forgotten; the
+  target is the retrained model's value).
+- :func:`relative_distance`: relative L2 distance between two sets of weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def fisher_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[str, torch.Tensor]:
+    """Mean over ``batches`` of the squared gradient of the batch's mean cross-entropy, per
+    parameter, with the model in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    try:
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (name, _), grad in zip(params.items(), grads, strict=True):
+                if grad is not None:
+                    total[name] += grad.detach() ** 2
+            count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no batches to compute importances from")
+    return {name: value / count for name, value in total.items()}
+
+
+def ssd_dampen(params: Tensors, importance_all: Tensors, importance_forget: Tensors,
+               alpha: float, lam: float) -> dict[str, torch.Tensor]:
+    """SSD: where ``I_f > alpha * I_D``, multiply the parameter by ``min(lam * I_D / I_f, 1)``;
+    elsewhere keep it. Returns new tensors (the inputs are not changed)."""
+    if alpha <= 0 or lam <= 0:
+        raise ValueError(f"alpha and lam must be positive, got alpha={alpha}, lam={lam}")
+    out = {}
+    for name, theta in params.items():
+        i_all, i_forget = importance_all[name], importance_forget[name]
+        selected = i_forget > alpha * i_all
+        beta = torch.clamp(lam * i_all / torch.where(selected, i_forget, 1.0), max=1.0)
+        out[name] = torch.where(selected, beta * theta, theta)
+    return out
+
+
+def federaser_calibrate(new_global: Tensors, old_update: Tensors, new_update: Tensors
+                        ) -> dict[str, torch.Tensor]:
+    """``new_global + ||old_update|| * new_update / ||new_update||`` per tensor (a tensor whose
+    calibration update is zero keeps the new global value)."""
+    out = {}
+    for name, base in new_global.items():
+        new = new_update[name].to(torch.float64)
+        norm_new = torch.linalg.vector_norm(new)
+        if norm_new == 0:
+            out[name] = base.clone()
+            continue
+        step = torch.linalg.vector_norm(old_update[name].to(torch.float64)) * new / norm_new
+        out[name] = (base.to(torch.float64) + step).to(base.dtype)
+    return out
+
+
+def project_forget_gradient(forget: Tensors, retain: Tensors) -> dict[str, torch.Tensor]:
+    """``g_f - (<g_f, g_r> / <g_r, g_r>) g_r`` with the dot products summed over all tensors
+    (``g_f`` unchanged when the retain gradient is zero)."""
+    dot = sum(float((forget[n].double() * retain[n].double()).sum()) for n in forget)
+    norm2 = sum(float((retain[n].double() ** 2).sum()) for n in forget)
+    if norm2 == 0.0:
+        return {n: g.clone() for n, g in forget.items()}
+    coef = dot / norm2
+    return {n: g - coef * retain[n] for n, g in forget.items()}
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA of features ``x`` (n, d1) and ``y`` (n, d2) of the same n inputs:
+    ``HSIC(XX', YY') / sqrt(HSIC(XX', XX') HSIC(YY', YY'))`` with centred Gram matrices, in the
+    feature-space form ``||Yc' Xc||_F^2 / (||Xc' Xc||_F ||Yc' Yc||_F)``."""
+    if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"CKA needs the same n >= 2 inputs, got {x.shape[0]} and {y.shape[0]}")
+    xc = x.double() - x.double().mean(0)
+    yc = y.double() - y.double().mean(0)
+    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    denom = torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
+    return float(cross / denom) if denom > 0 else 0.0
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's softmax."""
+    logp = torch.log_softmax(logits.double(), dim=1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def entropy_mia(member: np.ndarray, nonmember: np.ndarray, forget: np.ndarray) -> float:
+    """Share of ``forget`` samples a class-balanced logistic regression on the entropy, fitted
+    on ``member`` (label 1) and ``nonmember`` (label 0) entropies, judges members."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(member) == 0 or len(nonmember) == 0 or len(forget) == 0:
+        raise ValueError("the attack needs member, non-member and forget samples")
+    features = np.concatenate([member, nonmember]).reshape(-1, 1)
+    labels = np.concatenate([np.ones(len(member)), np.zeros(len(nonmember))])
+    attack = LogisticRegression(class_weight="balanced").fit(features, labels)
+    return float(attack.predict(np.asarray(forget).reshape(-1, 1)).mean())
+
+
+def relative_distance(a: Tensors, b: Tensors) -> float:
+    """``||a - b|| / ||b||`` over all floating-point tensors together."""
+    num = sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in b
+              if b[n].is_floating_point())
+    den = sum(float((b[n].double() ** 2).sum()) for n in b if b[n].is_floating_point())
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+__all__ = ["entropy_mia", "federaser_calibrate", "fisher_importance", "linear_cka",
+           "prediction_entropy", "project_forget_gradient", "relative_distance", "ssd_dampen"]
