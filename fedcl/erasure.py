@@ -1,0 +1,134 @@
+"""Erasure requests in the task stream: what to forget, and when.
+
+A request names the data (a client's, a class's everywhere, or one client's share of one
+class) and a point in the stream: after task ``t``'s last round, or at round ``r`` of task
+``t`` (before that round trains). Tasks count from 0, as in summary.json; rounds within a
+task from 1. The text form (``--erase``) is a comma-separated list of ``key=value``::
+
+    client=7,after-task=2         client 7 leaves; all its data is forgotten
+    class=3,after-task=2          class 3 is forgotten on every client
+    client=7,class=3,task=1,round=5   client 7's samples of class 3, at round 5 of task 1
+
+:func:`validate_requests` checks a whole schedule against the run before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedcl.errors import ConfigError
+
+_KEYS = ("client", "class", "after-task", "task", "round")
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """One request. ``client`` and/or ``klass`` say what; ``task`` and ``round`` say when
+    (``round`` None: after the task's last round)."""
+
+    client: int | None
+    klass: int | None
+    task: int
+    round: int | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.klass is None:
+            return "client"
+        return "class" if self.client is None else "client-class"
+
+    def point(self, rounds_per_task: int) -> tuple[int, int]:
+        """(task, round before which it applies); after a task = before the next task's first
+        round, ordered after every round of the task."""
+        return (self.task, rounds_per_task + 1) if self.round is None else (self.task,
+                                                                            self.round)
+
+    def describe(self) -> str:
+        what = {"client": f"client {self.client}", "class": f"class {self.klass}",
+                "client-class": f"client {self.client}'s class {self.klass}"}[self.kind]
+        when = (f"after task {self.task}" if self.round is None
+                else f"at round {self.round} of task {self.task}")
+        return f"{what} {when}"
+
+    def to_text(self) -> str:
+        parts = [] if self.client is None else [f"client={self.client}"]
+        parts += [] if self.klass is None else [f"class={self.klass}"]
+        parts += ([f"after-task={self.task}"] if self.round is None
+                  else [f"task={self.task}", f"round={self.round}"])
+        return ",".join(parts)
+
+
+def parse_erasure(text: str) -> ErasureRequest:
+    """An :class:`ErasureRequest` from its text form; one-line :class:`ConfigError` if bad."""
+    fields: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in _KEYS:
+            raise ConfigError(f"erasure '{text}': '{part}' is not one of "
+                              f"{', '.join(k + '=N' for k in _KEYS)}")
+        if key in fields:
+            raise ConfigError(f"erasure '{text}': {key} given twice")
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"erasure '{text}': {key} must be an integer, got "
+                              f"'{value.strip()}'") from None
+        if number < (1 if key == "round" else 0):
+            raise ConfigError(f"erasure '{text}': {key} must be "
+                              f"{'1 or more' if key == 'round' else '0 or more'}")
+        fields[key] = number
+    if "client" not in fields and "class" not in fields:
+        raise ConfigError(f"erasure '{text}': say what to erase (client=N, class=N or both)")
+    if "after-task" in fields:
+        if "task" in fields or "round" in fields:
+            raise ConfigError(f"erasure '{text}': give after-task=T, or task=T with round=R, "
+                              "not both")
+        task, round_ = fields["after-task"], None
+    elif "task" in fields and "round" in fields:
+        task, round_ = fields["task"], fields["round"]
+    else:
+        raise ConfigError(f"erasure '{text}': say when (after-task=T, or task=T with round=R)")
+    return ErasureRequest(fields.get("client"), fields.get("class"), task, round_)
+
+
+def validate_requests(requests: list[ErasureRequest], *, clients: int, tasks: int,
+                      rounds_per_task: int, classes: int) -> None:
+    """Refuse (one-line :class:`ConfigError`) a schedule that names an unknown client or class,
+    a point outside the run, data erased twice, or that would erase every client or class."""
+    erased_clients: set[int] = set()
+    erased_classes: set[int] = set()
+    erased_pairs: set[tuple[int, int]] = set()
+    order = sorted(requests, key=lambda r: r.point(rounds_per_task))
+    for req in order:
+        where = f"erasure '{req.to_text()}'"
+        if req.client is not None and not 0 <= req.client < clients:
+            raise ConfigError(f"{where}: no client {req.client} (clients are 0..{clients - 1})")
+        if req.klass is not None and not 0 <= req.klass < classes:
+            raise ConfigError(f"{where}: no class {req.klass} (classes are 0..{classes - 1})")
+        if not 0 <= req.task < tasks:
+            raise ConfigError(f"{where}: task {req.task} is outside the run "
+                              f"(tasks are 0..{tasks - 1})")
+        if req.round is not None and req.round > rounds_per_task:
+            raise ConfigError(f"{where}: round {req.round} is outside task {req.task} "
+                              f"(rounds are 1..{rounds_per_task})")
+        if req.client is not None and req.client in erased_clients:
+            raise ConfigError(f"{where}: client {req.client}'s data is already erased")
+        if req.klass is not None and req.klass in erased_classes:
+            raise ConfigError(f"{where}: class {req.klass} is already erased")
+        if req.kind == "client-class" and (req.client, req.klass) in erased_pairs:
+            raise ConfigError(f"{where}: client {req.client}'s class {req.klass} is already "
+                              "erased")
+        if req.kind == "client":
+            erased_clients.add(req.client)  # type: ignore[arg-type]
+        elif req.kind == "class":
+            erased_classes.add(req.klass)  # type: ignore[arg-type]
+        else:
+            erased_pairs.add((req.client, req.klass))  # type: ignore[arg-type]
+        if len(erased_clients) == clients:
+            raise ConfigError(f"{where}: it would erase every client")
+        if len(erased_classes) == classes:
+            raise ConfigError(f"{where}: it would erase every class")
+
+
+__all__ = ["ErasureRequest", "parse_erasure", "validate_requests"]
