@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,18 +27,23 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/split_mnist")
+    p.add_argument("--extra", default="",
+                   help="more fedcl simulate flags for every run, e.g. '--local-epochs 3 "
+                        "--strategy-param lambda_distill=1'")
+    p.add_argument("--tag", default="", help="suffix of the run folders (for variants)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for strategy in args.strategies:
-        run_out = out / f"{args.scenario}-{strategy}"
+        run_out = out / f"{args.scenario}-{strategy}{'-' + args.tag if args.tag else ''}"
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--strategy", strategy,
                "--scenario", args.scenario, "--clients", str(args.clients), "--partition",
                "dirichlet", "--dirichlet-alpha", "0.5", "--rounds-per-task",
                str(args.rounds_per_task), "--seed", str(args.seed), "--experiment",
-               f"split-mnist-{args.scenario}", "--output", str(run_out)]
+               f"split-mnist-{args.scenario}", "--output", str(run_out),
+               *shlex.split(args.extra)]
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             print(f"{strategy} failed: {res.stderr.strip()[-500:]}", file=sys.stderr)
@@ -48,7 +54,7 @@ def main() -> None:
               flush=True)
     print()
     print(f"Split-MNIST {args.scenario}, {args.clients} clients, Dirichlet 0.5, "
-          f"{args.rounds_per_task} rounds per task, seed {args.seed}")
+          f"{args.rounds_per_task} rounds per task, seed {args.seed} {args.extra}")
     print(f"{'strategy':<10}{'ACC %':>8}{'forgetting %':>14}{'BWT %':>8}{'wall s':>8}")
     for strategy, acc, fgt, bwt, wall in rows:
         print(f"{strategy:<10}{100 * acc:8.2f}{100 * fgt:14.2f}{100 * bwt:8.2f}{wall:8.0f}")
