@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,10 +77,13 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     server_app = build_server_app(config, control)
     crashed: BaseException | None = None
     saved_fds = None if verbose else _output_to(out_dir / "flower.log")
+    interrupted = _stop_on_sigint(control)
     try:
         run_simulation(server_app=server_app, client_app=client_app,
                        num_supernodes=config.clients, backend_config=backend_config(config),
                        verbose_logging=verbose)
+        if interrupted.is_set():  # the ServerApp saw the cancel and ended its run
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         control.cancel.set()
         control.done.wait(SHUTDOWN_GRACE_S)
@@ -87,6 +92,8 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     except BaseException as err:  # the Ray backend failed to start or crashed
         crashed = err
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if crashed is not None:
             control.cancel.set()
         _shutdown_ray()
@@ -137,6 +144,25 @@ def _restore_output(saved: tuple[int, int]) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _stop_on_sigint(control: RunControl) -> threading.Event:
+    """Ctrl-C asks the ServerApp to stop (it checks ``control.cancel`` while it waits for
+    replies) instead of raising KeyboardInterrupt wherever the main thread happens to be: in
+    Ray's or Flower's code, where it could be swallowed and the run go on. A second Ctrl-C
+    raises KeyboardInterrupt at once. Returns the event that says Ctrl-C came."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return interrupted
+
+    def on_sigint(_signum: int, _frame: object) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        interrupted.set()
+        control.cancel.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return interrupted
 
 
 def _mark_failed(control: RunControl, reason: str) -> None:
