@@ -188,7 +188,6 @@ class Roster:
         live = set(grid.get_node_ids())
         self.unknown &= live
         new_nodes = sorted(live - set(self.nodes.values()) - self.unknown)
-        back: list[int] = []
         if new_nodes:
             found, problems = query_partitions(grid, new_nodes, self.expected, timeout, cancel)
             for problem in problems:

@@ -55,7 +55,6 @@ class ForkExecutor:
     def __init__(self, certificates: bytes | None) -> None:
         self.certificates = certificates
         self.children: set[int] = set()
-        self.exit_codes: list[int] = []
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *,
                               insecure: bool = False, root_certificates_path: str | None = None
@@ -95,12 +94,11 @@ class ForkExecutor:
         """Reap children that have exited."""
         for pid in list(self.children):
             try:
-                done, status = os.waitpid(pid, os.WNOHANG)
+                done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                done, status = pid, 0
+                done = pid
             if done:
                 self.children.discard(pid)
-                self.exit_codes.append(os.waitstatus_to_exitcode(status))
 
     def close(self) -> None:
         """Stop the children still running (the SuperExec is going away)."""
