@@ -49,6 +49,8 @@ class Progress:
     round_task: list[int] = field(default_factory=list)
     strategy_state: list[dict[str, float]] = field(default_factory=list)
     client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
+    erased_clients: list[int] = field(default_factory=list)  # left the federation on request
+    erasures: list[dict[str, Any]] = field(default_factory=list)  # summary.json's `erasures`
     wall_time_before_s: float = 0.0  # wall time of the sessions before this one
 
 

@@ -90,6 +90,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=typ.__name__.upper(), help=helptext)
 
 
+def add_erase_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--erase", action="append", metavar="REQUEST", default=None,
+                        help="an erasure request, e.g. client=7,after-task=2 (repeatable; "
+                             "added to the config's erasures)")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Defaults, then ``--config``, then flags; validated."""
     config = load_toml(args.config) if args.config else Config()
@@ -102,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             overrides[name] = {**config.strategy_params, **dict(value)}
         else:
             overrides[name] = value
+    if getattr(args, "erase", None):
+        given = overrides.get("erasures", config.erasures)
+        overrides["erasures"] = "; ".join([given, *args.erase] if given else args.erase)
     config = config_from_dict(overrides, source="the command line", base=config)
     return config.validate()
 
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a continual federated simulation (Flower + Ray)")
     add_config_flags(sim)
+    add_erase_flag(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the run whose output folder is DIR (from its checkpoint)")
@@ -152,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
     add_config_flags(cfg)
+    add_erase_flag(cfg)
     cfg.add_argument("--flower", action="store_true",
                      help="print it as Flower's [tool.flwr.app.config] table instead")
     return parser
@@ -167,8 +178,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         from fedcl import checkpoint
 
-        given = [name for name in FIELDS if hasattr(args, name)] + (["config"] if args.config
-                                                                    else [])
+        given = ([name for name in FIELDS if hasattr(args, name)]
+                 + (["config"] if args.config else []) + (["erase"] if args.erase else []))
         if given:
             raise ConfigError(f"--resume continues the run with its own config; drop "
                               f"--{given[0].replace('_', '-')}")

@@ -114,7 +114,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
 
     state = context.state.get(protocol.CLIENT_STATE)
-    state = state if isinstance(state, ConfigRecord) else ConfigRecord({"task": -1, "rounds": 0})
+    state = ConfigRecord(dict(state) if isinstance(state, ConfigRecord)
+                         else {"task": -1, "rounds": 0})  # a copy: replays leave it alone
     trainer = registry.build_trainer(config)
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -130,7 +131,8 @@ def train(msg: Message, context: Context) -> Message:
         state["task"] = task
     result = trainer.after_training(local, trainer.train(local))
     state["rounds"] = int(state["rounds"]) + 1
-    context.state[protocol.CLIENT_STATE] = state
+    if not bool(cfg_record.get(protocol.REPLAY, False)):  # the retrain oracle's rounds
+        context.state[protocol.CLIENT_STATE] = state
 
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
                           protocol.METRICS: reply_metrics(result),

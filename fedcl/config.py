@@ -184,6 +184,22 @@ class Config:
             "(not for dropout masks); no batch-norm models; simulation only."
         ),
     )
+    # --- erasure requests and unlearning -----------------------------------------------------
+    erasures: str = field(
+        default="",
+        metadata=_doc(
+            "Erasure requests, separated by ';' (flag: repeat --erase), e.g. "
+            "'client=7,after-task=2' or 'client=3,task=1,round=2' (tasks from 0, rounds within "
+            "a task from 1). The erased client leaves the federation."
+        ),
+    )
+    unlearning: str = field(
+        default="retrain",
+        metadata=_doc(
+            "How the model forgets an erased client: retrain (the exact oracle: retrain from "
+            "the initial model without it, same seeds and sampling)."
+        ),
+    )
     # --- tracking and output ---------------------------------------------------------------
     tracking_uri: str | None = field(
         default=None,
@@ -259,6 +275,8 @@ class Config:
                 f"min_train_clients ({min_clients}) is larger than the {sampled} clients "
                 f"sampled per round (clients x fraction_train)")
 
+        _check_choice("unlearning", self.unlearning, UNLEARNING_METHODS)
+        self.erasure_requests()  # parsed and checked against the run
         from strategies import registry
 
         registry.validate(self.strategy, self.strategy_params)
@@ -273,6 +291,22 @@ class Config:
                 raise ConfigError(f"cohort_size > 1 cannot train strategy {self.strategy!r}: its "
                                   "clients train their own way; use cohort_size = 1")
         return self
+
+    def erasure_requests(self) -> list[Any]:
+        """The erasure schedule (:class:`fedcl.erasure.ErasureRequest`), in stream order,
+        checked against the run (one-line :class:`ConfigError` otherwise)."""
+        from fedcl.data.datasets import DATASETS
+        from fedcl.erasure import parse_schedule, validate_requests
+
+        requests = parse_schedule(self.erasures)
+        validate_requests(requests, clients=self.clients, tasks=self.tasks,
+                          rounds_per_task=self.rounds_per_task,
+                          classes=DATASETS[self.dataset].num_classes)
+        for req in requests:
+            if req.kind != "client":
+                raise ConfigError(f"erasure '{req.to_text()}': only client erasures "
+                                  "(client=N without class=) run in this version")
+        return sorted(requests, key=lambda r: r.point(self.rounds_per_task))
 
     # --- conversions ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -409,6 +443,10 @@ def load_toml(path: str | os.PathLike[str], base: Config | None = None) -> Confi
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
     return config_from_dict(values, source=str(file), base=base)
+
+
+#: Values of ``Config.unlearning``.
+UNLEARNING_METHODS = ("retrain",)
 
 
 def sample_size(available: int, fraction: float) -> int:

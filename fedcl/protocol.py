@@ -14,6 +14,7 @@ ROUND = "fedcl.round"  # 1-based round counter over the whole run
 TASK_ROUND = "fedcl.task-round"  # 1-based round within the task
 LAST_ROUND_OF_TASK = "fedcl.last-round-of-task"  # True in a task's last round
 SERVER_ROUND = "server-round"  # Flower's own key (set by FedAvg.configure_train)
+REPLAY = "fedcl.replay"  # True in the retrain oracle's rounds: clients leave Context.state alone
 COHORT = "fedcl.cohort"  # partition ids a cohort leader trains together (cohort_size > 1)
 
 # Keys inside reply MetricRecords (averaged by FedAvg, weighted by num-examples).

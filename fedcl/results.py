@@ -39,7 +39,13 @@
                        add up to ``seconds``), ``connected`` (clients connected when the
                        round began: the round samples from these; MLflow metric
                        ``clients_connected``), ``lost`` and ``back`` (partition ids whose node
-                       left, or came back, since the previous round: a deployment's SuperNodes)
+                       left, or came back, since the previous round: a deployment's SuperNodes),
+                       ``sampled`` (the partition ids sampled for the round)
+``erasures``           one entry per erasure request (``fedcl.erasure``): ``request``,
+                       ``method``, ``round`` (the last round before it), ``forget_acc``,
+                       ``retain_acc``, ``test_acc``, ``mia``, ``seconds``, ``oracle`` (the
+                       same for the retrained model), ``distance_to_oracle`` (``weights``,
+                       ``cka_forget``, ``cka_retain``)
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -88,6 +94,7 @@ class RoundRecord:
     connected: int | None = None  # clients connected at the round's start
     lost: list[int] = field(default_factory=list)  # partition ids gone since the last round
     back: list[int] = field(default_factory=list)  # partition ids reconnected since then
+    sampled: list[int] = field(default_factory=list)  # partition ids sampled for the round
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

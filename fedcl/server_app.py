@@ -30,6 +30,7 @@ from fedcl import checkpoint, protocol
 from fedcl.cohort import form_cohorts, split_cohort_replies
 from fedcl.config import Config, resolve_tracking_uri, sample_size
 from fedcl.data.scenarios import Scenario, build_scenario
+from fedcl.erasure import Erasures, due
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.tracking import OUTBOX_FILE, Tracker
@@ -314,6 +315,65 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------------
+# One training round
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RoundOutcome:
+    arrays: ArrayRecord  # the new global arrays
+    ok: list[Message]  # the replies aggregated, by partition id
+    rejected: list[str]  # why replies were refused
+    failures: int  # sampled clients that failed, did not answer or were rejected
+    train_metrics: Any
+
+
+def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, config_json: str,
+                arrays: ArrayRecord, info: RoundInfo, pids: list[int],
+                cancel: threading.Event | None, clock: PhaseClock | None = None,
+                replay: bool = False) -> RoundOutcome:
+    """Send the round's training messages to clients ``pids``, screen the replies and let the
+    strategy aggregate them. ``replay``: a round of the retrain oracle (clients leave their
+    Context.state alone)."""
+    train_config = ConfigRecord({
+        protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: info.task,
+        protocol.ROUND: info.round, protocol.TASK_ROUND: info.task_round,
+        protocol.LAST_ROUND_OF_TASK: info.last_of_task, protocol.REPLAY: replay})
+    messages = strategy.configure_round(
+        info, arrays, train_config,
+        SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
+    if config.cohort_size > 1:
+        node_to_pid = roster.node_to_pid()
+        cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
+        replies = send_and_receive(grid, [leader for leader, _ in cohorts],
+                                   config.round_timeout_s, cancel)
+        replies = split_cohort_replies(replies, cohorts, node_to_pid)
+    else:
+        replies = send_and_receive(grid, messages, config.round_timeout_s, cancel)
+    if clock:
+        clock("clients")
+    ok, rejected = screen_replies([m for m in replies if not m.has_error()], arrays,
+                                  config.max_update_norm_ratio)
+    if clock:
+        clock("screen")
+    ok = sorted((m for m in ok if _pid(m) in pids), key=_pid)
+    if rejected:
+        log.warning("round %d: rejected %d replies: %s", info.round, len(rejected),
+                    "; ".join(rejected[:5]))
+    if len(ok) < config.min_train_clients:
+        reasons = [m.error.reason for m in replies if m.has_error()]
+        detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
+        raise RunAborted(
+            f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
+            f": {len(ok)} of {len(pids)} clients replied, fewer than "
+            f"min_train_clients={config.min_train_clients}{detail}")
+    new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
+    if new_arrays is not None:
+        arrays = keep_dtypes(new_arrays, arrays)
+    if clock:
+        clock("aggregate")
+    return RoundOutcome(arrays, ok, rejected, len(pids) - len(ok), train_metrics)
+
+
+# --------------------------------------------------------------------------------------------
 # The task loop
 # --------------------------------------------------------------------------------------------
 def default_run_name(config: Config) -> str:
@@ -353,6 +413,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
         config_json = config.to_json()
         p = progress
+        schedule = config.erasure_requests()
+        erasures = Erasures(grid, config, scenario, evaluator, tracker)
         ckpt = out_dir / checkpoint.FILE
         t0 = time.monotonic()  # a round's seconds run from the previous round's end
         while p.task < num_tasks:
@@ -362,52 +424,24 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 p.arrays = strategy.begin_task(task, p.arrays)
                 p.task_started = True
             task_round = p.task_round
+            for req in due(schedule, task, task_round, rounds):
+                strategy = erasures.apply(req, p, strategy, roster, control.cancel)
             p.global_round += 1
             connected, lost, back = connected_clients(
                 roster, grid, config, f"round {p.global_round} (task {task})", control.cancel)
-            pids = sample_clients(connected, config.fraction_train, config.seed, p.global_round)
+            pool = [q for q in connected if q not in p.erased_clients]
+            pids = sample_clients(pool, config.fraction_train, config.seed, p.global_round)
             info = RoundInfo(task, task_round, rounds, p.global_round)
-            train_config = ConfigRecord({
-                protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: task,
-                protocol.ROUND: p.global_round, protocol.TASK_ROUND: task_round,
-                protocol.LAST_ROUND_OF_TASK: info.last_of_task})
-            messages = strategy.configure_round(
-                info, p.arrays, train_config,
-                SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
-            if config.cohort_size > 1:
-                node_to_pid = roster.node_to_pid()
-                cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
-                replies = send_and_receive(grid, [leader for leader, _ in cohorts],
-                                           config.round_timeout_s, control.cancel)
-                replies = split_cohort_replies(replies, cohorts, node_to_pid)
-            else:
-                replies = send_and_receive(grid, messages, config.round_timeout_s,
-                                           control.cancel)
-            clock("clients")
-            ok, rejected = screen_replies([m for m in replies if not m.has_error()],
-                                          p.arrays, config.max_update_norm_ratio)
-            clock("screen")
-            ok = sorted((m for m in ok if _pid(m) in pids), key=_pid)
-            failures = len(pids) - len(ok)
-            if rejected:
-                log.warning("round %d: rejected %d replies: %s", p.global_round, len(rejected),
-                            "; ".join(rejected[:5]))
-            if len(ok) < config.min_train_clients:
-                reasons = [m.error.reason for m in replies if m.has_error()]
-                detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
-                raise RunAborted(
-                    f"round {p.global_round} (task {task}): {len(ok)} of {len(pids)} clients "
-                    f"replied, fewer than min_train_clients={config.min_train_clients}{detail}")
+            outcome = train_round(grid, roster, strategy, config, config_json, p.arrays, info,
+                                  pids, control.cancel, clock)
+            ok, rejected, failures = outcome.ok, outcome.rejected, outcome.failures
             for m in ok:
                 info_rec = m.content[protocol.CLIENT_INFO]
                 p.client_state[int(info_rec[protocol.PARTITION_ID])] = {
                     "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
                              if k],
                     "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
-            new_arrays, train_metrics = strategy.aggregate_train(p.global_round, ok)
-            if new_arrays is not None:
-                p.arrays = keep_dtypes(new_arrays, p.arrays)
-            clock("aggregate")
+            p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
             acc = evaluator(p.arrays)
             clock("evaluate")
             p.curves.append(acc)
@@ -419,7 +453,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
                 train_loss=None if loss is None else float(loss), clients=len(ok),
                 failures=failures, rejected=len(rejected), connected=len(connected),
-                lost=lost, back=back, seconds=time.monotonic() - t0,
+                lost=lost, back=back, sampled=pids, seconds=time.monotonic() - t0,
                 ended_at=time.time(), phases=clock.phases, **client_reports(ok))
             p.records.append(record)
             tracker.log_round(record)
@@ -436,6 +470,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                     tracker.log_metrics(state, step=p.global_round)
                     p.strategy_state.append({"task": task, **state})
                 p.task, p.task_round, p.task_started = task + 1, 1, False
+                for req in due(schedule, task, rounds + 1, rounds):
+                    strategy = erasures.apply(req, p, strategy, roster, control.cancel)
                 clock("end_task")
             else:
                 p.task_round += 1
@@ -449,6 +485,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             wall_time_s=p.wall_time_before_s + time.monotonic() - started,
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
         summary["strategy_state"] = p.strategy_state
+        summary["erasures"] = p.erasures
         summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}
         files = write_outputs(summary, out_dir, config.to_toml())
         files += strategy.save_state(out_dir)

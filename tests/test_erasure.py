@@ -63,3 +63,29 @@ def test_a_good_schedule_passes() -> None:
 def test_bad_schedules_are_refused_with_one_line(texts: list[str], phrase: str) -> None:
     with pytest.raises(ConfigError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
         validate_requests([parse_erasure(t) for t in texts], **RUN)
+
+
+def test_schedule_text_and_due_points() -> None:
+    """';' separates requests; an after-task request is due after the task's last round
+    (round rounds_per_task + 1), an at-round one before that round."""
+    from fedcl.erasure import due, parse_schedule
+
+    schedule = parse_schedule("client=1,after-task=0; ;client=2,task=1,round=2")
+    assert [r.to_text() for r in schedule] == ["client=1,after-task=0", "client=2,task=1,round=2"]
+    assert due(schedule, 0, 5, rounds_per_task=4) == [schedule[0]]
+    assert due(schedule, 0, 4, rounds_per_task=4) == []
+    assert due(schedule, 1, 2, rounds_per_task=4) == [schedule[1]]
+
+
+def test_config_checks_the_schedule_and_the_method() -> None:
+    from fedcl.config import Config
+
+    requests = Config(clients=4, tasks=2, erasures="client=3,after-task=1; client=0,task=0,"
+                      "round=2").validate().erasure_requests()
+    assert [r.to_text() for r in requests] == ["client=0,task=0,round=2", "client=3,after-task=1"]
+    with pytest.raises(ConfigError, match="only client erasures"):
+        Config(erasures="class=1,after-task=0").validate()
+    with pytest.raises(ConfigError, match="unknown unlearning 'ssd'"):
+        Config(unlearning="ssd").validate()
+    with pytest.raises(ConfigError, match=r"task 2 is outside the run \(tasks are 0..1\)"):
+        Config(tasks=2, erasures="client=0,after-task=2").validate()
