@@ -74,30 +74,30 @@ def parse_erasure(text: str) -> ErasureRequest:
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in _KEYS:
-            raise ConfigError(f"erasure '{text}': '{part}' is not one of "
+            raise ConfigError(f"erasure {text!r}: {part!r} is not one of "
                               f"{', '.join(k + '=N' for k in _KEYS)}")
         if key in fields:
-            raise ConfigError(f"erasure '{text}': {key} given twice")
+            raise ConfigError(f"erasure {text!r}: {key} given twice")
         try:
             number = int(value.strip())
         except ValueError:
-            raise ConfigError(f"erasure '{text}': {key} must be an integer, got "
-                              f"'{value.strip()}'") from None
+            raise ConfigError(f"erasure {text!r}: {key} must be an integer, got "
+                              f"{value.strip()!r}") from None
         if number < (1 if key == "round" else 0):
-            raise ConfigError(f"erasure '{text}': {key} must be "
+            raise ConfigError(f"erasure {text!r}: {key} must be "
                               f"{'1 or more' if key == 'round' else '0 or more'}")
         fields[key] = number
     if "client" not in fields and "class" not in fields:
-        raise ConfigError(f"erasure '{text}': say what to erase (client=N, class=N or both)")
+        raise ConfigError(f"erasure {text!r}: say what to erase (client=N, class=N or both)")
     if "after-task" in fields:
         if "task" in fields or "round" in fields:
-            raise ConfigError(f"erasure '{text}': give after-task=T, or task=T with round=R, "
+            raise ConfigError(f"erasure {text!r}: give after-task=T, or task=T with round=R, "
                               "not both")
         task, round_ = fields["after-task"], None
     elif "task" in fields and "round" in fields:
         task, round_ = fields["task"], fields["round"]
     else:
-        raise ConfigError(f"erasure '{text}': say when (after-task=T, or task=T with round=R)")
+        raise ConfigError(f"erasure {text!r}: say when (after-task=T, or task=T with round=R)")
     return ErasureRequest(fields.get("client"), fields.get("class"), task, round_)
 
 
