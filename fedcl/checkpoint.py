@@ -50,13 +50,17 @@ class Progress:
     strategy_state: list[dict[str, float]] = field(default_factory=list)
     client_state: dict[int, dict[str, Any]] = field(default_factory=dict)
     erased_clients: list[int] = field(default_factory=list)  # left the federation on request
+    # classes erased everywhere ([-1, class]) or on one client ([client, class])
+    erased_classes: list[list[int]] = field(default_factory=list)
+    erasures_done: int = 0  # requests of the schedule carried out so far
     erasures: list[dict[str, Any]] = field(default_factory=list)  # summary.json's `erasures`
     wall_time_before_s: float = 0.0  # wall time of the sessions before this one
 
 
 def save(path: Path, progress: Progress, strategy: ContinualStrategy, config: Config,
-         run_id: str | None, wall_time_s: float) -> None:
-    """Write the checkpoint atomically (temporary file, then rename)."""
+         run_id: str | None, wall_time_s: float, extra: dict[str, Any] | None = None) -> None:
+    """Write the checkpoint atomically (temporary file, then rename); ``extra``: more state by
+    name (the unlearning method's)."""
     fields = {f.name: getattr(progress, f.name) for f in dataclasses.fields(progress)}
     fields["arrays"] = progress.arrays.to_torch_state_dict()
     fields["records"] = [r.to_dict() for r in progress.records]
@@ -64,7 +68,7 @@ def save(path: Path, progress: Progress, strategy: ContinualStrategy, config: Co
     payload = {"version": VERSION, "config": config.to_dict(), "mlflow_run_id": run_id,
                "progress": fields, "strategy": strategy.state_dict(),
                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-               "ray_session_dir": _ray_session_dir()}
+               "ray_session_dir": _ray_session_dir(), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from fedcl.config import FIELDS, Config, config_from_dict, field_type, load_toml
+from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
 from fedcl.errors import ConfigError, FedclError
 
 
@@ -63,11 +63,14 @@ def _param_value(text: str) -> Any:
     return text
 
 
-def _strategy_param(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"--strategy-param needs KEY=VALUE, got '{text}'")
-    return key.strip().replace("-", "_"), _param_value(value.strip())
+def _param_flag(flag: str) -> Callable[[str], tuple[str, Any]]:
+    def parse(text: str) -> tuple[str, Any]:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"{flag} needs KEY=VALUE, got '{text}'")
+        return key.strip().replace("-", "_"), _param_value(value.strip())
+
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,10 +80,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         helptext = fld.metadata.get("help", "")
         typ, optional = field_type(name)
-        if typ is dict:
-            parser.add_argument("--strategy-param", dest="strategy_params", action="append",
-                                type=_strategy_param, metavar="KEY=VALUE", help=helptext,
-                                default=argparse.SUPPRESS)
+        if typ is dict:  # strategy_params -> --strategy-param KEY=VALUE (repeatable)
+            parser.add_argument(flag.removesuffix("s"), dest=name, action="append",
+                                type=_param_flag(flag.removesuffix("s")), metavar="KEY=VALUE",
+                                help=helptext, default=argparse.SUPPRESS)
         elif typ is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=helptext)
@@ -104,8 +107,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not hasattr(args, name):
             continue
         value = getattr(args, name)
-        if name == "strategy_params":
-            overrides[name] = {**config.strategy_params, **dict(value)}
+        if name in PARAM_TABLES:
+            overrides[name] = {**getattr(config, name), **dict(value)}
         else:
             overrides[name] = value
     if getattr(args, "erase", None):
@@ -140,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--tracking-uri", default=None,
                       help="send to this tracking URI instead of the run's own")
 
-    sub.add_parser("strategies", help="list the strategies, one line each")
+    sub.add_parser("strategies", help="list the strategies and unlearning methods, one line "
+                   "each")
 
     certs = sub.add_parser("certs", help="write a CA, a SuperLink certificate and SuperNode "
                                          "keys for a TLS federation")
@@ -215,10 +219,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:
-    from strategies import registry
+    from strategies import registry, unlearning
 
     for name in registry.names():
         print(f"{name:<12} {registry.get(name).summary}")
+    print("\nunlearning methods (--unlearning NAME):")
+    for name in unlearning.names():
+        print(f"{name:<12} {unlearning.get(name).summary}")
     return 0
 
 

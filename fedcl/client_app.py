@@ -25,6 +25,7 @@ from fedcl import cohort, protocol
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
+from fedcl.erasure import ErasedData, held_positions
 from fedcl.training import LocalRound, LocalTrainer, TrainResult, resolve_device
 from strategies import registry
 
@@ -75,16 +76,33 @@ def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
     return bool(draw < config.client_fault_rate)
 
 
+def training_positions(config: Config, scenario: object, pid: int, task: int, data_dir: str,
+                       cfg_record: ConfigRecord) -> np.ndarray:
+    """The client's samples of ``task``, less the classes erased for it."""
+    erased = str(cfg_record.get(protocol.ERASED_CLASSES, ""))
+    if not erased:
+        return client_positions(config, pid, task, data_dir)
+    return held_positions(config, scenario, pid, task, data_dir, ErasedData.decode(erased))
+
+
 def reply_metrics(result: TrainResult) -> MetricRecord:
-    """A train reply's metrics: sample count (FedAvg's weight), loss, unit weight, extras."""
+    """A train reply's metrics: sample count (FedAvg's weight), loss, unit weight (0 for a
+    client left without samples by erasures), extras."""
     return MetricRecord({protocol.NUM_EXAMPLES: result.num_examples,
-                         protocol.TRAIN_LOSS: result.loss, protocol.UNIT_WEIGHT: 1,
+                         protocol.TRAIN_LOSS: result.loss,
+                         protocol.UNIT_WEIGHT: 1 if result.num_examples else 0,
                          **result.extra_metrics})
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Say who this client is (the server's roster call at start-up)."""
+    """Say who this client is (the server's roster call at start-up), or run an unlearning
+    method's operation on this client's data (:mod:`strategies.unlearning.client_ops`)."""
+    cfg_record = msg.content.get(protocol.CONFIG)
+    if cfg_record is not None and protocol.OP in cfg_record:
+        from strategies.unlearning.client_ops import run_operation
+
+        return run_operation(msg, context, _info)
     return Message(RecordDict({protocol.CLIENT_INFO: _info(context)}), reply_to=msg)
 
 
@@ -109,7 +127,8 @@ def train(msg: Message, context: Context) -> Message:
                             [int(q) for q in cfg_record[protocol.COHORT]], started)
 
     scenario = build_scenario(config, data_dir)
-    x, y = scenario.train_data(task, client_positions(config, pid, task, data_dir))
+    x, y = scenario.train_data(task, training_positions(config, scenario, pid, task, data_dir,
+                                                        cfg_record))
     model = registry.build_model(config, scenario)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
 
@@ -129,7 +148,12 @@ def train(msg: Message, context: Context) -> Message:
     if int(state["task"]) != task:
         trainer.begin_task(local)
         state["task"] = task
-    result = trainer.after_training(local, trainer.train(local))
+    if bool(cfg_record.get(protocol.NO_TRAIN, False)) or len(y) == 0:
+        # task-end payloads only, or every sample of this client's task erased
+        trained = TrainResult(num_examples=len(y), loss=0.0, steps=0)
+    else:
+        trained = trainer.train(local)
+    result = trainer.after_training(local, trained) if len(y) else trained
     state["rounds"] = int(state["rounds"]) + 1
     if not bool(cfg_record.get(protocol.REPLAY, False)):  # the retrain oracle's rounds
         context.state[protocol.CLIENT_STATE] = state
@@ -149,7 +173,8 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
     task = int(cfg_record[protocol.TASK])
     round_ = int(cfg_record[protocol.ROUND])
     scenario = build_scenario(config, data_dir)
-    data = [(pid, *scenario.train_data(task, client_positions(config, pid, task, data_dir)))
+    data = [(pid, *scenario.train_data(task, training_positions(config, scenario, pid, task,
+                                                                data_dir, cfg_record)))
             for pid in members]
     model = registry.build_model(config, scenario)
     start = msg.content[protocol.ARRAYS].to_torch_state_dict()

@@ -33,6 +33,12 @@ FAULT_MODES = ("raise", "hang", "vanish")
 
 # Prefix of strategy parameters in Flower's flat run config: "strategy-param.proximal-mu".
 RUN_CONFIG_STRATEGY_PREFIX = "strategy-param."
+# ... and of unlearning parameters: "unlearning-param.alpha".
+RUN_CONFIG_UNLEARNING_PREFIX = "unlearning-param."
+#: The table fields (a flag per entry, ``--strategy-param KEY=VALUE``) and their run config
+#: prefixes.
+PARAM_TABLES = {"strategy_params": RUN_CONFIG_STRATEGY_PREFIX,
+                "unlearning_params": RUN_CONFIG_UNLEARNING_PREFIX}
 
 StrategyParam = bool | int | float | str
 
@@ -189,15 +195,24 @@ class Config:
         default="",
         metadata=_doc(
             "Erasure requests, separated by ';' (flag: repeat --erase), e.g. "
-            "'client=7,after-task=2' or 'client=3,task=1,round=2' (tasks from 0, rounds within "
-            "a task from 1). The erased client leaves the federation."
+            "'client=7,after-task=2', 'class=3,after-task=2' or 'client=3,class=1,task=1,"
+            "round=2' (tasks from 0, rounds within a task from 1). An erased client leaves the "
+            "federation; an erased class is left out of the clients' data from then on."
         ),
     )
     unlearning: str = field(
         default="retrain",
         metadata=_doc(
-            "How the model forgets an erased client: retrain (the exact oracle: retrain from "
-            "the initial model without it, same seeds and sampling)."
+            "How the model forgets an erasure: retrain (the exact oracle: retrain from the "
+            "initial model without the data, same seeds and sampling), ssd, federaser, "
+            "projection or gs-lora (see `fedcl strategies`)."
+        ),
+    )
+    unlearning_params: dict[str, StrategyParam] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "The unlearning method's own parameters (TOML table [unlearning_params], flag "
+            "--unlearning-param KEY=VALUE); unknown keys are refused."
         ),
     )
     # --- tracking and output ---------------------------------------------------------------
@@ -275,7 +290,10 @@ class Config:
                 f"min_train_clients ({min_clients}) is larger than the {sampled} clients "
                 f"sampled per round (clients x fraction_train)")
 
-        _check_choice("unlearning", self.unlearning, UNLEARNING_METHODS)
+        from strategies import unlearning
+
+        _check_choice("unlearning", self.unlearning, tuple(unlearning.names()))
+        unlearning.parse_params(self.unlearning, self.unlearning_params)
         self.erasure_requests()  # parsed and checked against the run
         from strategies import registry
 
@@ -302,10 +320,16 @@ class Config:
         validate_requests(requests, clients=self.clients, tasks=self.tasks,
                           rounds_per_task=self.rounds_per_task,
                           classes=DATASETS[self.dataset].num_classes)
-        for req in requests:
-            if req.kind != "client":
-                raise ConfigError(f"erasure '{req.to_text()}': only client erasures "
-                                  "(client=N without class=) run in this version")
+        if self.scenario in ("class-il", "task-il"):
+            from fedcl.data.scenarios import split_classes
+
+            groups = split_classes(DATASETS[self.dataset].num_classes, self.tasks,
+                                   self.task_order_seed)
+            for req in requests:
+                first = next((t for t, g in enumerate(groups) if req.klass in g), None)
+                if req.klass is not None and first is not None and first > req.task:
+                    raise ConfigError(f"erasure '{req.to_text()}': class {req.klass} is first "
+                                      f"trained in task {first}, after the request")
         return sorted(requests, key=lambda r: r.point(self.rounds_per_task))
 
     # --- conversions ---------------------------------------------------------------------------
@@ -319,8 +343,10 @@ class Config:
         """TOML that :func:`load_toml` reads back to an equal config (unset fields left out)."""
         import tomli_w
 
-        flat = {k: v for k, v in self.to_dict().items() if v is not None and k != "strategy_params"}
-        flat["strategy_params"] = dict(self.strategy_params)
+        flat = {k: v for k, v in self.to_dict().items()
+                if v is not None and k not in PARAM_TABLES}
+        for table in PARAM_TABLES:
+            flat[table] = dict(getattr(self, table))
         return tomli_w.dumps(flat)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
@@ -328,9 +354,9 @@ class Config:
         overrides of keys its defaults lack); an unset field is the empty string."""
         out: dict[str, bool | int | float | str] = {}
         for key, value in self.to_dict().items():
-            if key == "strategy_params":
+            if key in PARAM_TABLES:
                 for pkey, pvalue in value.items():
-                    out[RUN_CONFIG_STRATEGY_PREFIX + pkey.replace("_", "-")] = pvalue
+                    out[PARAM_TABLES[key] + pkey.replace("_", "-")] = pvalue
             else:
                 out[key.replace("_", "-")] = "" if value is None else value
         return out
@@ -339,16 +365,18 @@ class Config:
     def from_run_config(cls, run_config: typing.Mapping[str, Any]) -> Config:
         """Inverse of :meth:`to_run_config` (the empty string unsets an optional field)."""
         values: dict[str, Any] = {}
-        params: dict[str, Any] = {}
+        tables: dict[str, dict[str, Any]] = {}
         for key, value in run_config.items():
-            if key.startswith(RUN_CONFIG_STRATEGY_PREFIX):
-                params[key[len(RUN_CONFIG_STRATEGY_PREFIX):].replace("-", "_")] = value
+            table = next((t for t, prefix in PARAM_TABLES.items() if key.startswith(prefix)),
+                         None)
+            if table is not None:
+                name = key[len(PARAM_TABLES[table]):].replace("-", "_")
+                tables.setdefault(table, {})[name] = value
             else:
                 name = key.replace("-", "_")
                 unset = value == "" and name in FIELDS and field_type(name)[1]
                 values[name] = None if unset else value
-        if params:
-            values["strategy_params"] = params
+        values.update(tables)
         return config_from_dict(values, source="the Flower run config")
 
     @classmethod
@@ -396,7 +424,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
         for key, item in value.items():
             if not isinstance(item, bool | int | float | str):
                 raise ConfigError(
-                    f"strategy parameter '{key}'{where} must be a number, string or boolean"
+                    f"{name.removesuffix('_params')} parameter '{key}'{where} must be a number, "
+                    "string or boolean"
                 )
         return dict(value)
     if typ is bool:
@@ -444,9 +473,6 @@ def load_toml(path: str | os.PathLike[str], base: Config | None = None) -> Confi
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
     return config_from_dict(values, source=str(file), base=base)
 
-
-#: Values of ``Config.unlearning``.
-UNLEARNING_METHODS = ("retrain",)
 
 
 def sample_size(available: int, fraction: float) -> int:

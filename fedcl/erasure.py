@@ -153,54 +153,198 @@ def due(schedule: list[ErasureRequest], task: int, round_: int, rounds_per_task:
 
 
 # --------------------------------------------------------------------------------------------
+# What is erased, and which samples that leaves
+# --------------------------------------------------------------------------------------------
+EVERY_CLIENT = -1  # the client of a class erased everywhere
+
+
+@dataclass(frozen=True)
+class ErasedData:
+    """Everything erased so far: clients that left, and classes erased on every client
+    (``(EVERY_CLIENT, k)``) or on one client (``(c, k)``)."""
+
+    clients: tuple[int, ...] = ()
+    classes: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, progress: Any) -> ErasedData:
+        return cls(tuple(progress.erased_clients),
+                   tuple((int(c), int(k)) for c, k in progress.erased_classes))
+
+    def add(self, req: ErasureRequest) -> ErasedData:
+        if req.kind == "client":
+            return ErasedData(tuple(sorted({*self.clients, req.client})),  # type: ignore[arg-type]
+                              self.classes)
+        owner = EVERY_CLIENT if req.client is None else req.client
+        return ErasedData(self.clients, (*self.classes, (owner, req.klass)))  # type: ignore[arg-type]
+
+    def classes_of(self, client: int) -> set[int]:
+        """The classes ``client`` must no longer train on."""
+        return {k for c, k in self.classes if c in (EVERY_CLIENT, client)}
+
+    def classes_everywhere(self) -> set[int]:
+        return {k for c, k in self.classes if c == EVERY_CLIENT}
+
+    def encode(self) -> str:
+        """The class erasures as the clients receive them (erased clients never train)."""
+        return ";".join(f"{c}:{k}" for c, k in self.classes)
+
+    @classmethod
+    def decode(cls, text: str) -> ErasedData:
+        pairs = [part.split(":") for part in text.split(";") if part]
+        return cls((), tuple((int(c), int(k)) for c, k in pairs))
+
+
+def original_labels(scenario: Any, task: int, positions: np.ndarray) -> np.ndarray:
+    """The dataset classes of task ``task``'s training samples at ``positions``."""
+    idx = scenario.tasks[task].train_idx[positions]
+    return scenario.dataset.train.y.numpy()[idx]
+
+
+def held_positions(config: Any, scenario: Any, client: int, task: int, data_dir: str,
+                   erased: ErasedData) -> np.ndarray:
+    """Positions of task ``task``'s training samples that ``client`` still trains on: its
+    partition less the classes erased for it (empty once the client is erased)."""
+    from fedcl.data.partition import client_positions
+
+    if client in erased.clients:
+        return np.zeros(0, dtype=np.int64)
+    positions = client_positions(config, client, task, data_dir)
+    classes = erased.classes_of(client)
+    if not classes:
+        return positions
+    return positions[~np.isin(original_labels(scenario, task, positions), sorted(classes))]
+
+
+def request_split(config: Any, scenario: Any, req: ErasureRequest, client: int, task: int,
+                  data_dir: str, before: ErasedData) -> tuple[np.ndarray, np.ndarray]:
+    """(forget, retain) positions of ``client`` in task ``task`` for request ``req``: the samples
+    the request erases, and those the client keeps after it (``before``: erased earlier)."""
+    held = held_positions(config, scenario, client, task, data_dir, before)
+    if req.kind == "client":
+        mine = client == req.client
+        return (held, held[:0]) if mine else (held[:0], held)
+    if req.client is not None and client != req.client:
+        return held[:0], held
+    hit = original_labels(scenario, task, held) == req.klass
+    return held[hit], held[~hit]
+
+
+def check_requests_hold_data(config: Any, scenario: Any, requests: list[ErasureRequest],
+                             data_dir: str) -> None:
+    """Refuse (one line) a request whose data no client holds by its point in the stream: a
+    class not trained before the request, or a client without samples of the class."""
+    for req in requests:
+        tasks = range(req.task + 1)
+        if req.kind == "client":
+            continue
+        clients = range(config.clients) if req.client is None else [req.client]
+        if not any(len(request_split(config, scenario, req, c, t, data_dir,
+                                     ErasedData())[0]) for t in tasks for c in clients):
+            who = "no client" if req.client is None else f"client {req.client}"
+            raise ConfigError(f"erasure '{req.to_text()}': {who} holds samples of class "
+                              f"{req.klass} in tasks 0..{req.task}; nothing to erase")
+
+
+# --------------------------------------------------------------------------------------------
 # Carrying out requests in a run
 # --------------------------------------------------------------------------------------------
+class UnlearningFailed(FedclError):
+    """An unlearning method failed; the global model before the request stays in force."""
+
+
 class Erasures:
-    """Carries out erasure requests in a running task loop and judges each against the retrain
-    oracle.
+    """Carries out erasure requests in a running task loop with the run's unlearning method,
+    and judges each against the retrain oracle.
 
     The oracle (Liu et al.'s federated retrain, research notes §9.2) replays every round run
     so far from the initial model with a fresh strategy, the same per-round sampling seeds and
-    client seeds, and the erased clients left out of the pool each round samples from. With
-    ``unlearning = "retrain"`` the run goes on from the oracle's model *and strategy*: under
-    FOT the basis is rebuilt without the erased client's representations, because the
-    oracle's strategy built it from the replayed rounds alone.
+    client seeds, erased clients left out of the pool each round samples from and erased
+    classes left out of every client's data. With ``unlearning = "retrain"`` the run goes on
+    from the oracle's model *and strategy*: under FOT the basis is rebuilt without the erased
+    data, because the oracle's strategy built it from the replayed rounds alone. Other methods
+    return their own model; the strategy state built from client payloads at task ends (FOT's
+    basis, PRD's old model) is then rebuilt from it without the erased data
+    (:meth:`rebuild_strategy`), unless the method rebuilt it itself (FedEraser's calibration
+    walks every stored round with a fresh strategy).
 
-    Metrics (summary.json ``erasures``): ``forget_acc`` on the erased client's training samples
-    of the tasks seen so far, ``retain_acc`` on a seeded subset of the other clients' training
-    samples of those tasks, ``test_acc`` on their test sets, ``mia`` (SSD's entropy attack:
-    retain-train samples are members, test samples non-members; the share of forget samples
-    judged members), for the run's model and for the oracle; ``distance_to_oracle`` holds the
-    relative L2 distance of the weights and linear CKA of the penultimate features on the forget
-    and retain samples.
+    Metrics (summary.json ``erasures``): ``forget_acc`` on the erased training samples of the
+    tasks seen so far, ``retain_acc`` on a seeded subset of the training samples every client
+    keeps, ``test_acc`` on the test sets of those tasks (less classes erased everywhere),
+    ``mia`` (SSD's entropy attack: retain-train samples are members, test samples non-members;
+    the share of forget samples judged members), for the run's model and for the oracle;
+    ``distance_to_oracle`` holds the relative L2 distance of the weights and linear CKA of the
+    penultimate features on the forget and retain samples.
     """
 
-    def __init__(self, grid: Any, config: Any, scenario: Any, evaluator: Any, tracker: Any
-                 ) -> None:
+    def __init__(self, grid: Any, config: Any, scenario: Any, evaluator: Any, tracker: Any,
+                 out_dir: Any = None) -> None:
+        from strategies import unlearning
+
         self.grid, self.config, self.scenario = grid, config, scenario
         self.evaluator, self.tracker = evaluator, tracker
         self.data_dir = config.data_dir
+        self.method = unlearning.build(config, out_dir)
+
+    def observe_round(self, p: Any, info: Any, arrays_before: Any, outcome: Any) -> None:
+        """Every training round of the run passes here (FedEraser stores its updates)."""
+        self.method.observe_round(info, arrays_before, outcome.ok, ErasedData.of(p))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.method.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state)
 
     def apply(self, req: ErasureRequest, p: Any, strategy: Any, roster: Any,
               cancel: threading.Event | None) -> Any:
-        """Carry out ``req`` on the progress ``p``; returns the strategy to go on with."""
+        """Carry out ``req`` on the progress ``p``; returns the strategy to go on with. A
+        failing method raises :class:`UnlearningFailed` and leaves ``p`` as it was."""
         from strategies import registry
+        from strategies.unlearning import UnlearningJob
 
-        log.warning("erasure: %s (%s)", req.describe(), self.config.unlearning)
-        p.erased_clients = sorted({*p.erased_clients, req.client})
+        name = self.config.unlearning
+        log.warning("erasure: %s (%s)", req.describe(), name)
+        before = ErasedData.of(p)
+        after = before.add(req)
+        seen = list(range(p.task + 1 if p.task_started else p.task))
+        job = UnlearningJob(request=req, config=self.config, scenario=self.scenario,
+                            grid=self.grid, roster=roster, cancel=cancel, arrays=p.arrays,
+                            before=before, after=after, tasks=seen, progress=p)
+        method_seconds = 0.0
+        if name != "retrain":
+            started = time.monotonic()
+            try:
+                arrays, method_strategy = self.method.unlearn(job)
+                check_finite(arrays, name)
+                if method_strategy is None:
+                    method_strategy, arrays = self.rebuild_strategy(job, arrays)
+            except (RunCancelled, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                reason = str(err) if isinstance(err, FedclError) else (
+                    f"{type(err).__name__}: {err}")
+                raise UnlearningFailed(f"unlearning '{name}' failed on erasure "
+                                       f"'{req.to_text()}': {reason}; the global model before "
+                                       "the request is kept in the checkpoint") from None
+            method_seconds = time.monotonic() - started
         started = time.monotonic()
         oracle_strategy = registry.build(self.config)
-        oracle_arrays = self.retrain(p, oracle_strategy, roster, cancel)
+        oracle_arrays = self.retrain(p, after, oracle_strategy, roster, cancel)
         oracle_seconds = time.monotonic() - started
-        # the only method so far is the oracle itself
-        arrays, method_strategy, seconds = oracle_arrays, oracle_strategy, oracle_seconds
-        entry = self.judge(req, p, arrays, oracle_arrays)
-        entry["seconds"] = seconds
+        if name == "retrain":
+            arrays, method_strategy, method_seconds = (oracle_arrays, oracle_strategy,
+                                                       oracle_seconds)
+        entry = self.judge(req, p, before, after, arrays, oracle_arrays)
+        entry["seconds"] = method_seconds
         entry["oracle"]["seconds"] = oracle_seconds
+        entry.update(self.method.report())
+        p.erased_clients = list(after.clients)
+        p.erased_classes = [list(pair) for pair in after.classes]
         p.erasures.append(entry)
         index = len(p.erasures) - 1
-        flat = {f"erasure_{index}_{k}": v for k, v in entry.items()
-                if isinstance(v, float)}
+        flat = {f"erasure_{index}_{k}": float(v) for k, v in entry.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"}
         flat.update({f"erasure_{index}_oracle_{k}": v for k, v in entry["oracle"].items()})
         flat.update({f"erasure_{index}_{k}": v
                      for k, v in entry["distance_to_oracle"].items()})
@@ -208,10 +352,37 @@ class Erasures:
         p.arrays = arrays
         return method_strategy
 
-    def retrain(self, p: Any, strategy: Any, roster: Any, cancel: threading.Event | None
-                ) -> Any:
+    def rebuild_strategy(self, job: Any, arrays: Any) -> tuple[Any, Any]:
+        """A fresh strategy whose task-end state (FOT's basis, PRD's old model) is built again
+        from ``arrays`` without the erased data: for every finished task, the clients of its
+        last round (erased ones left out) send their task-end payloads without training, and
+        the strategy's ``end_task`` takes them. Strategies without such state (FedAvg,
+        FedProx) are simply built fresh."""
+        from fedcl.server_app import RoundInfo, train_round
+        from strategies import registry
+
+        strategy = registry.build(self.config)
+        if not strategy.state_dict():
+            return strategy, arrays
+        p, rounds = job.progress, self.config.rounds_per_task
+        last_rounds = {r.task: r for r in p.records if r.task_round == rounds}
+        for task in job.tasks:
+            arrays = strategy.begin_task(task, arrays)
+            record = last_rounds.get(task)
+            if record is None:  # the current task, still running
+                continue
+            pids = [q for q in record.sampled if q not in job.after.clients]
+            info = RoundInfo(task, rounds, rounds, record.round)
+            train_round(self.grid, job.roster, strategy, self.config, self.config.to_json(),
+                        arrays, info, pids, job.cancel, replay=True,
+                        erased=job.after, train=False)
+            arrays = strategy.end_task(task, arrays)
+        return strategy, arrays
+
+    def retrain(self, p: Any, erased: ErasedData, strategy: Any, roster: Any,
+                cancel: threading.Event | None) -> Any:
         """The oracle: every round so far again, from the initial model, without the erased
-        clients."""
+        data."""
         from flwr.app import ArrayRecord
 
         from fedcl.server_app import RoundInfo, sample_clients, train_round
@@ -221,7 +392,7 @@ class Erasures:
         rng = torch.get_rng_state()
         arrays = ArrayRecord(registry.build_model(config, self.scenario).state_dict())
         torch.set_rng_state(rng)
-        pool = [q for q in range(config.clients) if q not in p.erased_clients]
+        pool = [q for q in range(config.clients) if q not in erased.clients]
         config_json = config.to_json()
         rounds = config.rounds_per_task
         for record in p.records:
@@ -232,7 +403,7 @@ class Erasures:
             pids = sample_clients(pool, config.fraction_train, config.seed, record.round)
             info = RoundInfo(record.task, record.task_round, rounds, record.round)
             arrays = train_round(self.grid, roster, strategy, config, config_json, arrays, info,
-                                 pids, cancel, replay=True).arrays
+                                 pids, cancel, replay=True, erased=erased).arrays
             if record.task_round == rounds:
                 arrays = strategy.end_task(record.task, arrays)
         if p.task_started and p.task_round == 1:  # the current task began, none of its rounds
@@ -240,42 +411,50 @@ class Erasures:
         return arrays
 
     # --- judging --------------------------------------------------------------------------
-    def _samples(self, task: int, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _samples(self, task: int, positions: np.ndarray, salt: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.config.eval_samples_per_task or 1000
         if len(positions) > cap:
-            rng = np.random.default_rng([self.config.seed, task, 11])
+            rng = np.random.default_rng([self.config.seed, task, salt])
             positions = np.sort(rng.choice(positions, size=cap, replace=False))
         return self.scenario.train_data(task, positions)
 
-    def judge(self, req: ErasureRequest, p: Any, arrays: Any, oracle_arrays: Any
-              ) -> dict[str, Any]:
-        from fedcl.data.partition import client_positions
-        from fedcl.unlearning import relative_distance
+    def judge(self, req: ErasureRequest, p: Any, before: ErasedData, after: ErasedData,
+              arrays: Any, oracle_arrays: Any) -> dict[str, Any]:
+        from fedcl.unlearning import linear_cka, relative_distance
 
-        config = self.config
-        # the tasks whose data the client has held: those trained so far, and the current one
-        # when the request comes at a round of it
+        config, scenario = self.config, self.scenario
+        # the tasks whose data the clients have held: those trained so far, and the current
+        # one when the request comes at a round of it
         seen = list(range(p.task + 1 if p.task_started else p.task))
+        gone = sorted(after.classes_everywhere())
         forget, retain, test = [], [], []
         for task in seen:
-            mine = client_positions(config, req.client, task, self.data_dir)
-            erased = np.concatenate([client_positions(config, c, task, self.data_dir)
-                                     for c in p.erased_clients])
-            others = np.setdiff1d(np.arange(len(self.scenario.tasks[task].train_idx)), erased)
-            forget.append((task, *self._samples(task, mine)))
-            retain.append((task, *self._samples(task, others)))
-            test.append((task, *self.evaluator.test[task]))
+            splits = [request_split(config, scenario, req, c, task, self.data_dir, before)
+                      for c in range(config.clients)]
+            f_pos = np.sort(np.concatenate([f for f, _ in splits]))
+            r_pos = np.sort(np.concatenate([r for _, r in splits]))
+            if len(f_pos):
+                forget.append((task, *self._samples(task, f_pos, 11)))
+            if len(r_pos):
+                retain.append((task, *self._samples(task, r_pos, 12)))
+            x, y = self.evaluator.test[task]
+            keep = ~torch.isin(original_test_labels(scenario, task, y).to(y.device),
+                               torch.tensor(gone, dtype=y.dtype, device=y.device))
+            test.append((task, x[keep], y[keep]))
+        if not forget:
+            raise UnlearningFailed(f"erasure '{req.to_text()}': no training sample to judge "
+                                   "forgetting on")
         model = self._scores(arrays, forget, retain, test)
         oracle = self._scores(oracle_arrays, forget, retain, test)
-        from fedcl.unlearning import linear_cka
-
         distance = {
             "weights": relative_distance(arrays.to_torch_state_dict(),
                                          oracle_arrays.to_torch_state_dict()),
             "cka_forget": linear_cka(model.pop("_f_forget"), oracle.pop("_f_forget")),
             "cka_retain": linear_cka(model.pop("_f_retain"), oracle.pop("_f_retain"))}
-        return {"request": req.to_text(), "method": config.unlearning, "round": p.global_round,
-                **model, "oracle": oracle, "distance_to_oracle": distance}
+        return {"request": req.to_text(), "kind": req.kind, "method": config.unlearning,
+                "round": p.global_round, **model, "oracle": oracle,
+                "distance_to_oracle": distance}
 
     def _scores(self, arrays: Any, forget: list, retain: list, test: list) -> dict[str, Any]:
         """Accuracies, the MIA and penultimate features of one model."""
@@ -285,25 +464,23 @@ class Erasures:
         model.load_state_dict(arrays.to_torch_state_dict())
         model.eval()
         out: dict[str, Any] = {}
-        parts: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+        ents: dict[str, list[torch.Tensor]] = {}
+        feats: dict[str, list[torch.Tensor]] = {}
         for name, sets in (("forget", forget), ("retain", retain), ("test", test)):
             correct, total = 0, 0
-            ents, feats = [], []
+            ents[name], feats[name] = [], []
             for task, x, y in sets:
                 logits, feat = self._forward(model, x, self.scenario.head_for(task))
                 correct += int((logits.argmax(1) == y.to(logits.device)).sum())
                 total += len(y)
-                ents.append(prediction_entropy(logits).cpu())
-                feats.append(feat.cpu())
+                ents[name].append(prediction_entropy(logits).cpu())
+                feats[name].append(feat.cpu())
             out[f"{name}_acc"] = correct / total if total else 0.0
-            parts[name] = (ents, feats, [])
-        if sum(len(e) for e in parts["forget"][0]) == 0:
-            raise FedclError("the erased client holds no training samples to judge forgetting on")
-        out["mia"] = entropy_mia(torch.cat(parts["retain"][0]).numpy(),
-                                 torch.cat(parts["test"][0]).numpy(),
-                                 torch.cat(parts["forget"][0]).numpy())
-        out["_f_forget"] = torch.cat(parts["forget"][1])
-        out["_f_retain"] = torch.cat(parts["retain"][1])
+        out["mia"] = entropy_mia(torch.cat(ents["retain"]).numpy(),
+                                 torch.cat(ents["test"]).numpy(),
+                                 torch.cat(ents["forget"]).numpy())
+        out["_f_forget"] = torch.cat(feats["forget"])
+        out["_f_retain"] = torch.cat(feats["retain"])
         return out
 
     @torch.no_grad()
@@ -324,5 +501,22 @@ class Erasures:
         return torch.cat(logits), torch.cat(feats)
 
 
-__all__ = ["ErasureRequest", "Erasures", "due", "parse_erasure", "parse_schedule",
+def original_test_labels(scenario: Any, task: int, y: torch.Tensor) -> torch.Tensor:
+    """Dataset classes of head targets ``y`` of task ``task`` (task-IL targets are positions
+    in the task's class list)."""
+    if scenario.kind != "task-il":
+        return y
+    classes = torch.tensor(scenario.tasks[task].classes, dtype=y.dtype, device=y.device)
+    return classes[y]
+
+
+def check_finite(arrays: Any, method: str) -> None:
+    for key, value in arrays.to_torch_state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise FedclError(f"the unlearned model's {key} is not finite (the method "
+                             f"diverged; a smaller step may help)")
+
+
+__all__ = ["ErasedData", "ErasureRequest", "Erasures", "UnlearningFailed", "due",
+           "held_positions", "parse_erasure", "parse_schedule", "request_split",
            "validate_requests"]

@@ -16,6 +16,14 @@ LAST_ROUND_OF_TASK = "fedcl.last-round-of-task"  # True in a task's last round
 SERVER_ROUND = "server-round"  # Flower's own key (set by FedAvg.configure_train)
 REPLAY = "fedcl.replay"  # True in the retrain oracle's rounds: clients leave Context.state alone
 COHORT = "fedcl.cohort"  # partition ids a cohort leader trains together (cohort_size > 1)
+ERASED_CLASSES = "fedcl.erased-classes"  # classes a client must not train on ("client:class;...")
+NO_TRAIN = "fedcl.no-train"  # True: reply with the global model untrained (task-end payloads only)
+
+# Keys of a client operation of an unlearning method (a QUERY message; see
+# strategies/unlearning/client_ops.py).
+OP = "fedcl.op"  # the operation's name
+OP_REQUEST = "fedcl.op.request"  # the erasure request, in its text form
+OP_TASKS = "fedcl.op.tasks"  # the tasks whose data the operation reads
 
 # Keys inside reply MetricRecords (averaged by FedAvg, weighted by num-examples).
 NUM_EXAMPLES = "num-examples"

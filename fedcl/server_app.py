@@ -30,7 +30,7 @@ from fedcl import checkpoint, protocol
 from fedcl.cohort import form_cohorts, split_cohort_replies
 from fedcl.config import Config, resolve_tracking_uri, sample_size
 from fedcl.data.scenarios import Scenario, build_scenario
-from fedcl.erasure import Erasures, due
+from fedcl.erasure import ErasedData, Erasures, UnlearningFailed, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.tracking import OUTBOX_FILE, Tracker
@@ -329,18 +329,23 @@ class RoundOutcome:
 def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, config_json: str,
                 arrays: ArrayRecord, info: RoundInfo, pids: list[int],
                 cancel: threading.Event | None, clock: PhaseClock | None = None,
-                replay: bool = False) -> RoundOutcome:
+                replay: bool = False, erased: ErasedData | None = None,
+                train: bool = True) -> RoundOutcome:
     """Send the round's training messages to clients ``pids``, screen the replies and let the
-    strategy aggregate them. ``replay``: a round of the retrain oracle (clients leave their
-    Context.state alone)."""
+    strategy aggregate them. ``replay``: a round run by an erasure (the retrain oracle, an
+    unlearning method): clients leave their Context.state alone. ``erased``: the classes
+    clients must leave out of their data. ``train=False``: clients send their task-end payloads
+    for the global model without training it."""
     train_config = ConfigRecord({
         protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: info.task,
         protocol.ROUND: info.round, protocol.TASK_ROUND: info.task_round,
-        protocol.LAST_ROUND_OF_TASK: info.last_of_task, protocol.REPLAY: replay})
+        protocol.LAST_ROUND_OF_TASK: info.last_of_task, protocol.REPLAY: replay,
+        protocol.ERASED_CLASSES: erased.encode() if erased else "",
+        protocol.NO_TRAIN: not train})
     messages = strategy.configure_round(
         info, arrays, train_config,
         SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
-    if config.cohort_size > 1:
+    if config.cohort_size > 1 and train:
         node_to_pid = roster.node_to_pid()
         cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
         replies = send_and_receive(grid, [leader for leader, _ in cohorts],
@@ -365,6 +370,11 @@ def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, confi
             f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
             f": {len(ok)} of {len(pids)} clients replied, fewer than "
             f"min_train_clients={config.min_train_clients}{detail}")
+    if ok and all(int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) == 0 for m in ok):
+        # every sampled client's data of the task is erased: nothing to learn this round
+        log.warning("round %d: the sampled clients hold no samples after erasures", info.round)
+        strategy.take_payloads(ok)
+        return RoundOutcome(arrays, ok, rejected, len(pids) - len(ok), None)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
     if new_arrays is not None:
         arrays = keep_dtypes(new_arrays, arrays)
@@ -414,8 +424,30 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         config_json = config.to_json()
         p = progress
         schedule = config.erasure_requests()
-        erasures = Erasures(grid, config, scenario, evaluator, tracker)
+        check_requests_hold_data(config, scenario, schedule, config.data_dir)
+        erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
+        if control.resume is not None:
+            erasures.load_state_dict(control.resume.get("unlearning", {}))
         ckpt = out_dir / checkpoint.FILE
+
+        def save_checkpoint() -> None:
+            checkpoint.save(ckpt, p, strategy, config, control.run_id,
+                            p.wall_time_before_s + time.monotonic() - started,
+                            extra={"unlearning": erasures.state_dict()})
+
+        def carry_out_erasures(point: tuple[int, int]) -> Any:
+            """Apply the schedule's requests due at or before ``point``; returns the strategy."""
+            current = strategy
+            while (p.erasures_done < len(schedule)
+                   and schedule[p.erasures_done].point(rounds) <= point):
+                try:
+                    current = erasures.apply(schedule[p.erasures_done], p, current, roster,
+                                             control.cancel)
+                except UnlearningFailed:
+                    save_checkpoint()  # the model before the request, for --resume
+                    raise
+                p.erasures_done += 1
+            return current
         t0 = time.monotonic()  # a round's seconds run from the previous round's end
         while p.task < num_tasks:
             clock = PhaseClock(t0)
@@ -424,8 +456,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                 p.arrays = strategy.begin_task(task, p.arrays)
                 p.task_started = True
             task_round = p.task_round
-            for req in due(schedule, task, task_round, rounds):
-                strategy = erasures.apply(req, p, strategy, roster, control.cancel)
+            strategy = carry_out_erasures((task, task_round))
             p.global_round += 1
             connected, lost, back = connected_clients(
                 roster, grid, config, f"round {p.global_round} (task {task})", control.cancel)
@@ -433,7 +464,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             pids = sample_clients(pool, config.fraction_train, config.seed, p.global_round)
             info = RoundInfo(task, task_round, rounds, p.global_round)
             outcome = train_round(grid, roster, strategy, config, config_json, p.arrays, info,
-                                  pids, control.cancel, clock)
+                                  pids, control.cancel, clock, erased=ErasedData.of(p))
+            erasures.observe_round(p, info, p.arrays, outcome)
             ok, rejected, failures = outcome.ok, outcome.rejected, outcome.failures
             for m in ok:
                 info_rec = m.content[protocol.CLIENT_INFO]
@@ -470,13 +502,11 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                     tracker.log_metrics(state, step=p.global_round)
                     p.strategy_state.append({"task": task, **state})
                 p.task, p.task_round, p.task_started = task + 1, 1, False
-                for req in due(schedule, task, rounds + 1, rounds):
-                    strategy = erasures.apply(req, p, strategy, roster, control.cancel)
+                strategy = carry_out_erasures((task, rounds + 1))
                 clock("end_task")
             else:
                 p.task_round += 1
-            checkpoint.save(ckpt, p, strategy, config, control.run_id,
-                            p.wall_time_before_s + time.monotonic() - started)
+            save_checkpoint()
             clock("checkpoint")
             t0 = clock.last
         summary = build_summary(

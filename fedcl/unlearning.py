@@ -32,18 +32,19 @@ from torch import nn
 Tensors = Mapping[str, torch.Tensor]
 
 
-def fisher_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+def fisher_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]
                       ) -> dict[str, torch.Tensor]:
     """Mean over ``batches`` of the squared gradient of the batch's mean cross-entropy, per
-    parameter, with the model in eval mode (restored afterwards)."""
+    parameter, with the model in eval mode (restored afterwards). A batch is ``(x, y)`` or
+    ``(x, y, head)`` (scored by ``model(x, head)``)."""
     was_training = model.training
     model.eval()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     count = 0
     try:
-        for x, y in batches:
-            loss = nn.functional.cross_entropy(model(x), y)
+        for x, y, *head in batches:
+            loss = nn.functional.cross_entropy(model(x, *head), y)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, _), grad in zip(params.items(), grads, strict=True):
                 if grad is not None:

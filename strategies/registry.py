@@ -81,29 +81,34 @@ def get(name: str) -> StrategyEntry:
     return _REGISTRY[name]
 
 
-def parse_params(name: str, values: Mapping[str, Any]) -> Any:
-    """The strategy's typed parameters from plain values; unknown keys and bad types refused."""
-    entry = get(name)
-    known = {f.name: f for f in dataclasses.fields(entry.params)}
+def typed_params(params_type: type, values: Mapping[str, Any], owner: str) -> Any:
+    """``params_type`` (a dataclass) from plain values; unknown keys and bad types refused
+    with one line naming ``owner``; the dataclass's ``check()`` runs when it has one."""
+    known = {f.name: f for f in dataclasses.fields(params_type)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
             listing = ", ".join(known) or "none"
-            raise ConfigError(f"unknown parameter '{key}' for strategy '{name}' "
-                              f"(its parameters: {listing})")
+            raise ConfigError(f"unknown parameter '{key}' for {owner} (its parameters: "
+                              f"{listing})")
         default = known[key].default
         typ = type(default) if default is not dataclasses.MISSING else str
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
-            raise ConfigError(f"strategy parameter '{key}' of '{name}' must be "
-                              f"{typ.__name__}, got {value!r}")
+            raise ConfigError(f"parameter '{key}' of {owner} must be {typ.__name__}, "
+                              f"got {value!r}")
         kwargs[key] = value
-    params = entry.params(**kwargs)
+    params = params_type(**kwargs)
     check = getattr(params, "check", None)
     if check is not None:
         check()
     return params
+
+
+def parse_params(name: str, values: Mapping[str, Any]) -> Any:
+    """The strategy's typed parameters from plain values; unknown keys and bad types refused."""
+    return typed_params(get(name).params, values, f"strategy '{name}'")
 
 
 def validate(name: str, values: Mapping[str, Any]) -> None:

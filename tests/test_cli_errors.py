@@ -142,12 +142,17 @@ def test_strategies_one_line_each(tmp_path: Path, fedcl_cmd) -> None:
     result = fedcl_cmd("strategies", cwd=tmp_path, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    lines = result.stdout.splitlines()
-    names = registry.names()
-    assert len(lines) == len(names)
-    for line, name in zip(lines, names, strict=True):
-        assert line.split()[0] == name
-        assert line[len(name):].strip(), f"no summary for {name}"
+    from strategies import unlearning
+
+    strategy_part, _, method_part = result.stdout.partition("\n\nunlearning methods")
+    for text, names in ((strategy_part, registry.names()),
+                        (method_part.split("\n", 1)[1], unlearning.names())):
+        lines = text.strip().splitlines()
+        assert len(lines) == len(names)
+        for line, name in zip(lines, names, strict=True):
+            assert line.split()[0] == name
+            assert line[len(name):].strip(), f"no summary for {name}"
+    assert unlearning.names() == ["federaser", "gs-lora", "projection", "retrain", "ssd"]
 
 
 def test_config_prints_toml_with_flag_applied(tmp_path: Path,

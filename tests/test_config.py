@@ -206,7 +206,7 @@ def test_unknown_fedprox_parameter_lists_known_ones() -> None:
 def test_proximal_mu_wrong_type(value: Any) -> None:
     config = Config(strategy="fedprox", strategy_params={"proximal_mu": value})
     with pytest.raises(ConfigError,
-                       match=r"strategy parameter 'proximal_mu' of 'fedprox' must be float"):
+                       match=r"parameter 'proximal_mu' of strategy 'fedprox' must be float"):
         config.validate()
 
 

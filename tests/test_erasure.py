@@ -83,9 +83,8 @@ def test_config_checks_the_schedule_and_the_method() -> None:
     requests = Config(clients=4, tasks=2, erasures="client=3,after-task=1; client=0,task=0,"
                       "round=2").validate().erasure_requests()
     assert [r.to_text() for r in requests] == ["client=0,task=0,round=2", "client=3,after-task=1"]
-    with pytest.raises(ConfigError, match="only client erasures"):
-        Config(erasures="class=1,after-task=0").validate()
-    with pytest.raises(ConfigError, match="unknown unlearning 'ssd'"):
-        Config(unlearning="ssd").validate()
+    Config(erasures="class=1,after-task=0").validate()  # every kind runs
+    with pytest.raises(ConfigError, match="unknown unlearning 'ssdd' \\(did you mean 'ssd'"):
+        Config(unlearning="ssdd").validate()
     with pytest.raises(ConfigError, match=r"task 2 is outside the run \(tasks are 0..1\)"):
         Config(tasks=2, erasures="client=0,after-task=2").validate()

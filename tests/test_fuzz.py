@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedcl.cli import main
-from fedcl.config import FIELDS, config_from_dict
+from fedcl.config import FIELDS, PARAM_TABLES, config_from_dict
 from fedcl.errors import FedclError
 
 values = st.one_of(
@@ -45,8 +45,9 @@ def test_unknown_keys_are_refused(key: str, value: object) -> None:
 
 
 flag_names = st.sampled_from(
-    ["--" + name.replace("_", "-") for name in FIELDS if name != "strategy_params"]
-    + ["--strategy-param", "--config", "--bogus", "--no-download", "--download"])
+    ["--" + name.replace("_", "-") for name in FIELDS if name not in PARAM_TABLES]
+    + ["--strategy-param", "--unlearning-param", "--config", "--bogus", "--no-download",
+       "--download"])
 flag_values = st.one_of(st.text(max_size=12), st.integers().map(str),
                         st.floats(allow_nan=True).map(str),
                         st.sampled_from(["0", "-1", "1e309", "nan", "none", "k=v", "=", ""]))

@@ -1,0 +1,22 @@
+"""retrain: the exact oracle (research notes §9.2).
+
+The run goes on from the model retrained from the initial weights without the erased data,
+through every round so far with the same seeds, sampling and schedule. The work itself is
+:meth:`fedcl.erasure.Erasures.retrain`, which also judges every other method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from strategies.unlearning import UnlearningMethod, register
+
+
+class Retrain(UnlearningMethod):
+    """Marker: the server's oracle is the method."""
+
+
+@register("retrain", "The exact oracle: retrain from the initial model without the erased "
+          "data, same seeds, sampling and schedule.")
+def build_retrain(params: Any, out_dir: Any) -> Retrain:
+    return Retrain(params, out_dir)
