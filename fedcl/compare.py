@@ -30,31 +30,60 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("run_id", "run", "run_id"),
 )
 PERCENT = {"acc", "forgetting", "bwt", "fwt"}
+# An erasure's MLflow metrics (``erasure_<i>_<name>``) shown when a run has them, as
+# ``e<i>_<name>``: the method's, the retrained oracle's, and their distance.
+ERASURE_METRICS = ("forget_acc", "retain_acc", "test_acc", "mia", "seconds",
+                   "oracle_forget_acc", "oracle_retain_acc", "oracle_test_acc", "oracle_mia",
+                   "oracle_seconds", "weights", "cka_forget", "cka_retain")
+ERASURE_PERCENT = {"forget_acc", "retain_acc", "test_acc", "mia", "oracle_forget_acc",
+                   "oracle_retain_acc", "oracle_test_acc", "oracle_mia"}
+
+
+def columns_for(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The columns: :data:`COLUMNS`, and where any run carried out erasures, its unlearning
+    method and every erasure's metrics (before ``run_id``)."""
+    count = 0
+    for run in runs:
+        while any(f"erasure_{count}_{m}" in run["metrics"] for m in ERASURE_METRICS):
+            count += 1
+    if not count:
+        return list(COLUMNS)
+    extra = [("unlearning", "params", "unlearning")]
+    extra += [(f"e{i}_{m}", "metrics", f"erasure_{i}_{m}")
+              for i in range(count) for m in ERASURE_METRICS]
+    return [*COLUMNS[:-1], *extra, COLUMNS[-1]]
 
 
 def rows_for(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         row: dict[str, Any] = {}
-        for col, src, key in COLUMNS:
+        for col, src, key in columns_for(runs):
             row[col] = run[key] if src == "run" else run[src].get(key)
         rows.append(row)
     return rows
 
 
+def _is_percent(col: str) -> bool:
+    return col in PERCENT or (col.startswith("e") and col.split("_", 1)[-1] in ERASURE_PERCENT
+                              and col.split("_", 1)[0][1:].isdigit())
+
+
 def _cell(col: str, value: Any) -> str:
     if value is None:
         return "-"
-    if col in PERCENT:
+    if _is_percent(col):
         return f"{float(value) * 100:.2f}"
-    if col == "wall_time_s":
+    if col == "wall_time_s" or col.endswith("seconds"):
         return f"{float(value):.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
     return str(value)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c, _, _ in COLUMNS]
-    header = [c + (" %" if c in PERCENT else "") for c in cols]
+    cols = list(rows[0]) if rows else [c for c, _, _ in COLUMNS]
+    header = [c + (" %" if _is_percent(c) else "") for c in cols]
     cells = [[_cell(c, r[c]) for c in cols] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h)
               for i, h in enumerate(header)]
@@ -65,7 +94,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def format_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[c for c, _, _ in COLUMNS], lineterminator="\n")
+    cols = list(rows[0]) if rows else [c for c, _, _ in COLUMNS]
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue().rstrip("\n")

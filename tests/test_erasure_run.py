@@ -66,3 +66,75 @@ def test_erasure_requests_are_checked_before_the_run(tmp_path: Path) -> None:
     assert lines == ["fedcl: error: erasure 'client=3,after-task=0': no client 3 "
                      "(clients are 0..2)"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
+                                                          ray_env: dict) -> None:  # noqa: F811
+    """FedEraser wrapping FOT, class-IL: class 1 erased after task 0, client 2 at round 2 of
+    task 1. Class 1 is left out of every client's data, client 2 leaves, each request is judged
+    against the oracle, the stored updates are reported, the FOT basis is rebuilt on the way,
+    and `fedcl compare` shows the erasure columns."""
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", *TINY[:4], "--rounds-per-task", "2", *TINY[6:], *FOT,
+                    "--clients", "4", "--unlearning", "federaser", "--erase",
+                    "class=1,after-task=0", "--erase", "client=2,task=1,round=2", "--output",
+                    str(out), "--experiment", "unlearn", cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["sampled"] for r in s["rounds"]] == [[0, 1, 2, 3]] * 3 + [[0, 1, 3]]
+    first, second = s["erasures"]
+    assert (first["request"], first["kind"], first["method"], first["round"]) == (
+        "class=1,after-task=0", "class", "federaser", 2)
+    assert (second["request"], second["kind"], second["round"]) == (
+        "client=2,task=1,round=2", "client", 3)
+    # the oracle never trained on class 1; FedEraser's calibration left it out too
+    assert first["oracle"]["forget_acc"] <= 0.05 and first["forget_acc"] <= 0.05
+    assert first["retain_acc"] > 0.8 and first["oracle"]["retain_acc"] > 0.8
+    # rounds 1 and 2 stored (round 1 is calibrated too: every client held class 1); the
+    # client erasure takes round 1 from storage and calibrates round 2 and 3
+    assert first["calibrated_rounds"] == 2 and second["calibrated_rounds"] == 2
+    assert 0 < first["storage_mb"] < second["storage_mb"]
+    assert len(list((out / "federaser").glob("round_*.pt"))) == 4
+    for entry in (first, second):
+        for key in ("forget_acc", "retain_acc", "test_acc", "mia"):
+            assert 0.0 <= entry[key] <= 1.0 and 0.0 <= entry["oracle"][key] <= 1.0
+        assert entry["seconds"] > 0 and entry["oracle"]["seconds"] > 0
+        assert 0 < entry["distance_to_oracle"]["weights"] < 1
+    assert [d["task"] for d in s["strategy_state"]] == [0, 1]
+    assert s["strategy_state"][0]["fot_basis_dim.body.2"] >= 1
+
+    from fedcl.compare import compare
+
+    rows = json.loads(compare("unlearn", f"sqlite:///{tmp_path / 'mlflow.db'}", fmt="json"))
+    assert rows[0]["unlearning"] == "federaser"
+    assert rows[0]["e1_forget_acc"] == pytest.approx(second["forget_acc"])
+    assert rows[0]["e0_oracle_seconds"] == pytest.approx(first["oracle"]["seconds"])
+
+
+def test_a_failing_unlearning_keeps_the_model_and_marks_the_run(tmp_path: Path,
+                                                                ray_env: dict) -> None:  # noqa: F811
+    """A projection step far too large makes the weights overflow: the run stops with one line,
+    its MLflow run is FAILED, no summary is written, and the checkpoint holds the model from
+    before the request (finite, the request not yet carried out)."""
+    import torch
+
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", *TINY, "--unlearning", "projection", "--unlearning-param",
+                    "lr=1e30", "--erase", "class=1,after-task=0", "--output", str(out),
+                    "--experiment", "unlearn-fail", cwd=tmp_path, env=ray_env)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith("fedcl: error: unlearning 'projection' failed on erasure "
+                               "'class=1,after-task=0': the unlearned model's ")
+    assert lines[0].endswith("is not finite (the method diverged; a smaller step may help); "
+                             "the global model before the request is kept in the checkpoint")
+    assert not (out / "summary.json").exists()
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "unlearn-fail")
+    assert [r["status"] for r in runs] == ["FAILED"]
+    payload = torch.load(out / "checkpoint.pt", weights_only=False)
+    progress = payload["progress"]
+    assert (progress["task"], progress["erasures_done"], progress["erasures"]) == (1, 0, [])
+    assert progress["erased_classes"] == [] and len(progress["matrix"]) == 1
+    assert all(bool(torch.isfinite(v).all()) for v in progress["arrays"].values()
+               if v.is_floating_point())

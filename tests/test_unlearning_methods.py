@@ -174,3 +174,28 @@ def test_gs_lora_group_lasso_and_merge() -> None:
     torch.testing.assert_close(merged["body.weight"], before["body.weight"] + b @ a)
     torch.testing.assert_close(merged["head.weight"], before["head.weight"])
     assert sorted(merged) == sorted(before)
+
+
+def test_compare_shows_erasure_columns_only_when_present() -> None:
+    from fedcl.compare import COLUMNS, format_csv, format_table, rows_for
+
+    plain = {"run_name": "a", "status": "FINISHED", "run_id": "1",
+             "params": {"strategy": "fedavg", "unlearning": "retrain"},
+             "metrics": {"acc": 0.5}}
+    assert list(rows_for([plain])[0]) == [c for c, _, _ in COLUMNS]
+    erased = {"run_name": "b", "status": "FINISHED", "run_id": "2",
+              "params": {"strategy": "fot", "unlearning": "ssd"},
+              "metrics": {"acc": 0.25, "erasure_0_forget_acc": 0.125, "erasure_0_seconds": 3.0,
+                          "erasure_0_oracle_forget_acc": 0.0, "erasure_0_weights": 0.0625}}
+    rows = rows_for([plain, erased])
+    cols = list(rows[0])
+    assert cols[-1] == "run_id" and "unlearning" in cols
+    assert cols.index("e0_forget_acc") < cols.index("e0_oracle_forget_acc")
+    assert "e1_forget_acc" not in cols
+    assert rows[1]["e0_forget_acc"] == 0.125 and rows[0]["e0_forget_acc"] is None
+    table = format_table(rows).splitlines()
+    header = table[0].split()
+    assert "e0_forget_acc" in header and header[header.index("e0_forget_acc") + 1] == "%"
+    cells = table[2].split()
+    assert "12.50" in cells and "3.0" in cells and "0.0625" in cells
+    assert format_csv(rows).splitlines()[0].split(",") == cols
