@@ -48,10 +48,11 @@ Choices and deviations, each tested in ``tests/test_prd_math.py``:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms import v2
 
 __all__ = [
     "aggregate_prototypes",
@@ -234,7 +235,10 @@ def aggregate_prototypes(
     return torch.where(touched.view(-1, 1), mean, old)
 
 
-def _transform(channels: int, height: int, width: int) -> v2.Transform:
+def _transform(channels: int, height: int, width: int) -> Any:
+    # torchvision's transforms take 2 s to import: only PRD's clients pay for them
+    from torchvision.transforms import v2
+
     if channels == 1:
         return v2.Compose(
             [
