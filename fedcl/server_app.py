@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -386,6 +387,13 @@ def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, confi
 # --------------------------------------------------------------------------------------------
 # The task loop
 # --------------------------------------------------------------------------------------------
+def _in_background(fn: Any, *args: Any) -> Future[Any]:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedcl")
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
 def default_run_name(config: Config) -> str:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
@@ -407,17 +415,21 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     evaluator = Evaluator(scenario, config, device)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
+    starting: Future[str] | None = None
     if control.resume is not None:
         progress = checkpoint.restore(control.resume, strategy)
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
     else:
         arrays = ArrayRecord(registry.build_model(config, scenario).state_dict())
         progress = checkpoint.Progress(arrays=arrays, baseline=evaluator(arrays))
-        control.run_id = tracker.start(config.to_dict())
+        # the MLflow run is created while the clients start up (each takes seconds)
+        starting = _in_background(tracker.start, config.to_dict())
     try:
         roster = Roster(discover_clients(grid, config.clients,
                                          max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
                                          control.cancel), config.clients)
+        if starting is not None:
+            control.run_id = starting.result()
         num_tasks, rounds = len(scenario.tasks), config.rounds_per_task
         if control.observer:
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
@@ -525,6 +537,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
         return summary
     except BaseException as err:
+        if starting is not None and starting.exception() is None:
+            control.run_id = starting.result()  # the run to mark
         reason = str(err) if isinstance(err, FedclError) else f"{type(err).__name__}: {err}"
         tracker.fail(reason, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
