@@ -465,6 +465,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             clock = PhaseClock(t0)
             task = p.task
             if not p.task_started:
+                # requests of the previous task's end still pending (a resume after a failed
+                # unlearning) come before this task begins
+                strategy = carry_out_erasures((task, 0))
                 p.arrays = strategy.begin_task(task, p.arrays)
                 p.task_started = True
             task_round = p.task_round

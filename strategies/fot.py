@@ -156,13 +156,14 @@ class FOT(ContinualStrategy, FedAvg):
         return {BASIS: ArrayRecord({k: v.float() for k, v in self.basis.items()})}
 
     def end_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
-        if not self.payloads:
+        # a client left without samples by erasures sends no sketch
+        sketches = [p for p in self.payloads.values() if SKETCH in p]
+        if not sketches:
             raise RuntimeError("FOT: no client sent a sketch in the task's last round")
-        counts = [int(p[STATS]["n"]) for p in self.payloads.values()]
+        counts = [int(p[STATS]["n"]) for p in sketches]
         for layer in self.layers:
-            y_sum = sum(p[SKETCH][layer].numpy().astype(np.float64)
-                        for p in self.payloads.values())
-            ratios = [float(p[STATS][f"{layer}.r"]) for p in self.payloads.values()]
+            y_sum = sum(p[SKETCH][layer].numpy().astype(np.float64) for p in sketches)
+            ratios = [float(p[STATS][f"{layer}.r"]) for p in sketches]
             threshold = subspace.adjusted_threshold(self.eps, ratios, counts)
             self.basis[layer] = subspace.expand_basis(self.basis.get(layer),
                                                       torch.from_numpy(y_sum), threshold)

@@ -199,3 +199,30 @@ def test_compare_shows_erasure_columns_only_when_present() -> None:
     cells = table[2].split()
     assert "12.50" in cells and "3.0" in cells and "0.0625" in cells
     assert format_csv(rows).splitlines()[0].split(",") == cols
+
+
+def test_gs_lora_client_step_ascends_the_forget_loss_up_to_the_bound() -> None:
+    from flwr.app import ArrayRecord
+
+    from strategies.unlearning.gs_lora import ADAPTERS, STATS, client_train
+
+    model = Tiny()
+    data = _client_data(model, forget=16, retain=0, batch=8)
+    torch.manual_seed(1)
+    start = adapter_state(lora_model(Tiny(), rank=2))
+    data.records = RecordDict({ADAPTERS: ArrayRecord(start)})
+    data.settings = ConfigRecord({"gs-lora.rank": 2, "gs-lora.lr": 0.05, "gs-lora.epochs": 3,
+                                  "gs-lora.beta": 1.0, "gs-lora.bound": 10.0,
+                                  "gs-lora.alpha": 0.0, "gs-lora.batch-size": 8,
+                                  "gs-lora.seed": 0})
+    x, y, head = next(data.batches("forget", 16))
+    before = float(nn.functional.cross_entropy(Tiny()(x, head), y))
+    out = client_train(data)
+    assert int(out[STATS]["n"]) == 16
+    trained = lora_model(Tiny(), rank=2)
+    load_adapters(trained, out[ADAPTERS].to_torch_state_dict())
+    after = float(nn.functional.cross_entropy(trained.merge_and_unload()(x, head), y))
+    assert before < after
+    # B starts at zero: only training moves it
+    b = out[ADAPTERS].to_torch_state_dict()["base_model.model.body.lora_B.weight"]
+    assert float(b.abs().max()) > 0
