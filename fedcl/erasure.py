@@ -241,8 +241,8 @@ def check_requests_hold_data(config: Any, scenario: Any, requests: list[ErasureR
         clients = range(config.clients) if req.client is None else [req.client]
         if not any(len(request_split(config, scenario, req, c, t, data_dir,
                                      ErasedData())[0]) for t in tasks for c in clients):
-            who = "no client" if req.client is None else f"client {req.client}"
-            raise ConfigError(f"erasure '{req.to_text()}': {who} holds samples of class "
+            who = "no client holds" if req.client is None else f"client {req.client} holds no"
+            raise ConfigError(f"erasure '{req.to_text()}': {who} samples of class "
                               f"{req.klass} in tasks 0..{req.task}; nothing to erase")
 
 

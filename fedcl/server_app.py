@@ -413,6 +413,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     device = resolve_device(config.device)
     strategy = registry.build(config)
     evaluator = Evaluator(scenario, config, device)
+    schedule = config.erasure_requests()
+    check_requests_hold_data(config, scenario, schedule, config.data_dir)  # before any run
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     starting: Future[str] | None = None
@@ -435,8 +437,6 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             control.observer.on_start(config, num_tasks * rounds, control.run_id, tracking_uri)
         config_json = config.to_json()
         p = progress
-        schedule = config.erasure_requests()
-        check_requests_hold_data(config, scenario, schedule, config.data_dir)
         erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
         if control.resume is not None:
             erasures.load_state_dict(control.resume.get("unlearning", {}))

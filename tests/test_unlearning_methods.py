@@ -226,3 +226,24 @@ def test_gs_lora_client_step_ascends_the_forget_loss_up_to_the_bound() -> None:
     # B starts at zero: only training moves it
     b = out[ADAPTERS].to_torch_state_dict()["base_model.model.body.lora_B.weight"]
     assert float(b.abs().max()) > 0
+
+
+def test_a_request_for_data_the_client_does_not_hold_is_refused() -> None:
+    from fedcl.erasure import check_requests_hold_data
+
+    config = Config(clients=10, tasks=5, scenario="class-il", partition="shards",
+                    shards_per_client=1, seed=3)
+    sc = build_scenario(config)
+    held = [set(original_labels(sc, 1, client_positions(config, c, 1, config.data_dir)))
+            for c in range(10)]
+    lacking = next(c for c in range(10) if 3 not in held[c])
+    owner = next(c for c in range(10) if 3 in held[c])
+    req = parse_erasure(f"client={lacking},class=3,after-task=1")
+    with pytest.raises(ConfigError) as err:
+        check_requests_hold_data(config, sc, [req], config.data_dir)
+    assert str(err.value) == (f"erasure 'client={lacking},class=3,after-task=1': client "
+                              f"{lacking} holds no samples of class 3 in tasks 0..1; nothing "
+                              "to erase")
+    check_requests_hold_data(config, sc, [parse_erasure(f"client={owner},class=3,after-task=1"),
+                                          parse_erasure("class=3,after-task=1")],
+                             config.data_dir)
