@@ -13,7 +13,7 @@ from tests.test_e2e import TINY, ray_env  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.e2e
 
-FOT = ("--strategy", "fot", "--partition", "iid")
+FOT = ("--strategy", "fot", "--partition", "iid", "--strategy-param", "repr_samples=200")
 
 
 def test_retrain_after_a_task_equals_erasing_before_any_training(tmp_path: Path,
@@ -76,8 +76,7 @@ def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
     and `fedcl compare` shows the erasure columns."""
     out = tmp_path / "out"
     res = run_fedcl("simulate", *TINY[:4], "--rounds-per-task", "2", *TINY[6:], *FOT,
-                    "--clients", "4", "--strategy-param", "repr_samples=200", "--unlearning",
-                    "federaser", "--erase",
+                    "--clients", "4", "--unlearning", "federaser", "--erase",
                     "class=1,after-task=0", "--erase", "client=2,task=1,round=2", "--output",
                     str(out), "--experiment", "unlearn", cwd=tmp_path, env=ray_env)
     assert res.returncode == 0, res.stderr[-3000:]

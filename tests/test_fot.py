@@ -218,8 +218,8 @@ def test_fot_with_conv_models(tmp_path: Path, model: str, scenario: str) -> None
 
     res = run_fedcl("simulate", "--strategy", "fot", "--strategy-param", "repr_samples=32",
                     "--model", model, "--scenario", scenario, "--domain-shift", "rotate",
-                    "--partition", "iid", "--tasks", "2", "--clients", "40",
-                    "--fraction-train", "0.075", "--rounds-per-task", "1",
+                    "--partition", "iid", "--tasks", "2", "--clients", "80",
+                    "--fraction-train", "0.0375", "--rounds-per-task", "1",
                     "--eval-samples-per-task", "200", "--lr", "0.05", "--output",
                     str(tmp_path / "out"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
