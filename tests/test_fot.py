@@ -172,7 +172,7 @@ def test_fot_forgets_less_than_fedavg_on_permuted_mnist(tmp_path: Path) -> None:
 
     args = ("--scenario", "domain-il", "--tasks", "2", "--clients", "6", "--rounds-per-task",
             "2", "--partition", "iid", "--batch-size", "64", "--eval-samples-per-task", "500",
-            "--experiment", "fot-e2e")
+            "--fraction-train", "0.5", "--experiment", "fot-e2e")
     out = {}
     for strategy in ("fot", "fedavg"):
         res = run_fedcl("simulate", *args, "--strategy", strategy, "--output",
