@@ -145,13 +145,6 @@ def validate_requests(requests: list[ErasureRequest], *, clients: int, tasks: in
             raise ConfigError(f"{where}: it would erase every class")
 
 
-def due(schedule: list[ErasureRequest], task: int, round_: int, rounds_per_task: int
-        ) -> list[ErasureRequest]:
-    """The requests that apply before round ``round_`` of ``task`` (``rounds_per_task + 1``:
-    after the task's last round)."""
-    return [r for r in schedule if r.point(rounds_per_task) == (task, round_)]
-
-
 # --------------------------------------------------------------------------------------------
 # What is erased, and which samples that leaves
 # --------------------------------------------------------------------------------------------
@@ -316,7 +309,7 @@ class Erasures:
             started = time.monotonic()
             try:
                 arrays, method_strategy = self.method.unlearn(job)
-                check_finite(arrays, name)
+                check_finite(arrays)
                 if method_strategy is None:
                     method_strategy, arrays = self.rebuild_strategy(job, arrays)
             except (RunCancelled, KeyboardInterrupt):
@@ -510,13 +503,13 @@ def original_test_labels(scenario: Any, task: int, y: torch.Tensor) -> torch.Ten
     return classes[y]
 
 
-def check_finite(arrays: Any, method: str) -> None:
+def check_finite(arrays: Any) -> None:
     for key, value in arrays.to_torch_state_dict().items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise FedclError(f"the unlearned model's {key} is not finite (the method "
                              f"diverged; a smaller step may help)")
 
 
-__all__ = ["ErasedData", "ErasureRequest", "Erasures", "UnlearningFailed", "due",
+__all__ = ["ErasedData", "ErasureRequest", "Erasures", "UnlearningFailed",
            "held_positions", "parse_erasure", "parse_schedule", "request_split",
            "validate_requests"]

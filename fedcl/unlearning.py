@@ -131,6 +131,16 @@ def entropy_mia(member: np.ndarray, nonmember: np.ndarray, forget: np.ndarray) -
     return float(attack.predict(np.asarray(forget).reshape(-1, 1)).mean())
 
 
+def weighted_mean(parts: list[tuple[float, Tensors]]) -> dict[str, torch.Tensor]:
+    """``sum(w * tensors) / sum(w)`` per name, in float64: how the server pools what clients
+    send (importances weighted by mini-batches, gradients and adapters by samples)."""
+    total = sum(w for w, _ in parts)
+    if not parts or total <= 0:
+        raise ValueError("nothing to average: no part with a positive weight")
+    return {k: sum(w * t[k].double() for w, t in parts) / total  # type: ignore[misc]
+            for k in parts[0][1]}
+
+
 def relative_distance(a: Tensors, b: Tensors) -> float:
     """``||a - b|| / ||b||`` over all floating-point tensors together."""
     num = sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in b
@@ -140,4 +150,5 @@ def relative_distance(a: Tensors, b: Tensors) -> float:
 
 
 __all__ = ["entropy_mia", "federaser_calibrate", "fisher_importance", "linear_cka",
-           "prediction_entropy", "project_forget_gradient", "relative_distance", "ssd_dampen"]
+           "prediction_entropy", "project_forget_gradient", "relative_distance", "ssd_dampen",
+           "weighted_mean"]

@@ -65,16 +65,15 @@ def test_bad_schedules_are_refused_with_one_line(texts: list[str], phrase: str) 
         validate_requests([parse_erasure(t) for t in texts], **RUN)
 
 
-def test_schedule_text_and_due_points() -> None:
-    """';' separates requests; an after-task request is due after the task's last round
+def test_schedule_text_and_points() -> None:
+    """';' separates requests; an after-task request comes after the task's last round
     (round rounds_per_task + 1), an at-round one before that round."""
-    from fedcl.erasure import due, parse_schedule
+    from fedcl.erasure import parse_schedule
 
     schedule = parse_schedule("client=1,after-task=0; ;client=2,task=1,round=2")
     assert [r.to_text() for r in schedule] == ["client=1,after-task=0", "client=2,task=1,round=2"]
-    assert due(schedule, 0, 5, rounds_per_task=4) == [schedule[0]]
-    assert due(schedule, 0, 4, rounds_per_task=4) == []
-    assert due(schedule, 1, 2, rounds_per_task=4) == [schedule[1]]
+    assert [r.point(4) for r in schedule] == [(0, 5), (1, 2)]
+    assert (0, 4) < schedule[0].point(4) < (1, 0) < (1, 1) < schedule[1].point(4)
 
 
 def test_config_checks_the_schedule_and_the_method() -> None:

@@ -21,12 +21,12 @@ from fedcl.erasure import (
     request_split,
 )
 from fedcl.errors import ConfigError
-from fedcl.unlearning import fisher_importance
+from fedcl.unlearning import fisher_importance, weighted_mean
 from strategies import unlearning
 from strategies.unlearning.client_ops import ClientData, TaskData
 from strategies.unlearning.gs_lora import adapter_state, group_lasso, load_adapters, lora_model
 from strategies.unlearning.projection import mean_gradient
-from strategies.unlearning.ssd import client_importances, weighted_mean
+from strategies.unlearning.ssd import client_importances
 
 CONFIG = Config(clients=4, tasks=5, scenario="class-il", partition="iid", seed=3)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -129,7 +129,6 @@ class UnlearningJob:
     after: Any  # ... and with it
     tasks: list[int]  # the tasks whose data clients hold
     progress: Any  # fedcl.checkpoint.Progress (records, rounds so far)
-    asked: dict[str, int] = field(default_factory=dict)  # operations sent, by name
 
     def connected(self) -> list[int]:
         live = set(self.grid.get_node_ids())
@@ -145,6 +144,18 @@ class UnlearningJob:
     def retain_clients(self) -> list[int]:
         """Clients that keep data after the request."""
         return [q for q in self.connected() if q not in self.after.clients]
+
+    def sample(self, pool: list[int], step: int, salt: int) -> list[int]:
+        """``max(1, int(fraction_train * len(pool)))`` clients of ``pool`` for step ``step`` of
+        a method (``salt`` tells methods apart), seeded by the run seed and the request's
+        round."""
+        import numpy as np
+
+        from fedcl.config import sample_size
+
+        k = sample_size(len(pool), self.config.fraction_train)
+        rng = np.random.default_rng([self.config.seed, self.progress.global_round, step, salt])
+        return sorted(int(q) for q in rng.choice(pool, size=k, replace=False))
 
     def ask(self, pids: list[int], op: str, arrays: ArrayRecord | None = None,
             required: list[int] | None = None, records: dict[str, Any] | None = None,
@@ -165,7 +176,6 @@ class UnlearningJob:
                                                 **(records or {})}),
                             message_type=MessageType.QUERY, dst_node_id=self.roster.nodes[q])
                     for q in pids]
-        self.asked[op] = self.asked.get(op, 0) + len(messages)
         replies = send_and_receive(self.grid, messages, self.config.round_timeout_s,
                                    self.cancel)
         by_node = {node: pid for pid, node in self.roster.nodes.items()}

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedcl import protocol
 from fedcl.errors import ConfigError
-from fedcl.unlearning import federaser_calibrate
+from fedcl.unlearning import federaser_calibrate, weighted_mean
 from strategies.unlearning import UnlearningJob, UnlearningMethod, register
 
 STORE_DIR = "federaser"
@@ -51,13 +51,6 @@ class FedEraserParams:
             raise ConfigError(f"federaser interval must be >= 1, got {self.interval}")
         if not 0 < self.epoch_ratio <= 1:
             raise ConfigError(f"federaser epoch_ratio must be in (0, 1], got {self.epoch_ratio}")
-
-
-def weighted_mean(states: list[tuple[float, dict[str, torch.Tensor]]]
-                  ) -> dict[str, torch.Tensor]:
-    total = sum(w for w, _ in states)
-    keys = states[0][1].keys()
-    return {k: sum(w * s[k].double() for w, s in states) / total for k in keys}  # type: ignore[misc]
 
 
 class FedEraser(UnlearningMethod):

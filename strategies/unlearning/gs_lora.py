@@ -148,7 +148,7 @@ def client_train(data: ClientData) -> dict[str, Any]:
 
 class GSLoRA(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
-        from fedcl.config import sample_size
+        from fedcl.unlearning import weighted_mean
         from strategies import registry
 
         prm, config = self.params, job.config
@@ -159,9 +159,7 @@ class GSLoRA(UnlearningMethod):
         adapters = adapter_state(peft_model)
         forget, retain = job.forget_clients(), job.retain_clients()
         for round_ in range(prm.rounds):
-            k = sample_size(len(retain), config.fraction_train)
-            rng = np.random.default_rng([config.seed, job.progress.global_round, round_, 29])
-            sampled = sorted(int(q) for q in rng.choice(retain, size=k, replace=False))
+            sampled = job.sample(retain, round_, salt=29)
             replies = job.ask(sorted({*forget, *sampled}), "gs-lora.train",
                               required=forget, records={ADAPTERS: ArrayRecord(adapters)},
                               **{"gs-lora.rank": prm.rank, "gs-lora.lr": prm.lr,
@@ -171,8 +169,7 @@ class GSLoRA(UnlearningMethod):
                                  "gs-lora.seed": config.seed * 1000 + round_})
             parts = [(int(r[STATS]["n"]), r[ADAPTERS].to_torch_state_dict())
                      for r in replies.values() if int(r[STATS]["n"])]
-            total = sum(n for n, _ in parts)
-            adapters = {key: sum(n * a[key] for n, a in parts) / total for key in adapters}
+            adapters = {k: v.float() for k, v in weighted_mean(parts).items()}
             self.last_loss = float(np.mean([float(r[STATS]["loss"])
                                             for r in replies.values()]))
         load_adapters(peft_model, adapters)

@@ -30,7 +30,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl.errors import ConfigError
-from fedcl.unlearning import project_forget_gradient
+from fedcl.unlearning import project_forget_gradient, weighted_mean
 from strategies.unlearning import UnlearningJob, UnlearningMethod, register
 from strategies.unlearning.client_ops import ClientData, operation
 
@@ -136,17 +136,9 @@ def forget_classes(job: UnlearningJob) -> set[int]:
     return found
 
 
-def combine(replies: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    total = sum(n for n, _ in replies)
-    keys = replies[0][1].keys()
-    return {k: sum(n * g[k] for n, g in replies) / total for k in keys}  # type: ignore[misc]
-
-
 class Projection(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
-        from fedcl.config import sample_size
-
-        prm, config = self.params, job.config
+        prm = self.params
         bound = prm.bound
         if bound == 0:
             bound = (math.inf if job.request.kind == "class"
@@ -156,9 +148,7 @@ class Projection(UnlearningMethod):
         arrays = job.arrays
         self.steps_taken, self.forget_loss = 0, math.nan
         for step in range(prm.steps):
-            k = sample_size(len(retain), config.fraction_train)
-            rng = np.random.default_rng([config.seed, job.progress.global_round, step, 23])
-            sampled = sorted(int(q) for q in rng.choice(retain, size=k, replace=False))
+            sampled = job.sample(retain, step, salt=23)
             asked = sorted({*forget, *sampled})
             replies = job.ask(asked, "projection.gradients", arrays=arrays, required=forget,
                               **{"projection.forget": True, "projection.retain": True})
@@ -177,8 +167,8 @@ class Projection(UnlearningMethod):
             self.forget_loss = f_loss / sum(n for n, _ in f_parts)
             if self.forget_loss >= bound:
                 break
-            ascent = {k: -g for k, g in combine(f_parts).items()}
-            g_r = combine(r_parts) if r_parts else {k: torch.zeros_like(g)
+            ascent = {k: -g for k, g in weighted_mean(f_parts).items()}
+            g_r = weighted_mean(r_parts) if r_parts else {k: torch.zeros_like(g)
                                                      for k, g in ascent.items()}
             ortho = project_forget_gradient(ascent, g_r)
             state = arrays.to_torch_state_dict()

@@ -24,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl.errors import ConfigError
-from fedcl.unlearning import fisher_importance, ssd_dampen
+from fedcl.unlearning import fisher_importance, ssd_dampen, weighted_mean
 from strategies.unlearning import UnlearningJob, UnlearningMethod, register
 from strategies.unlearning.client_ops import ClientData, operation
 
@@ -56,32 +55,24 @@ class SSDParams:
 
 @operation("ssd.importances")
 def client_importances(data: ClientData) -> dict[str, Any]:
-    """Importances on all the client's data (forget and retain) and on its forget data."""
+    """Importances on all the client's data (forget and retain) and on its forget data. Each
+    mini-batch's squared gradient is computed once: the importance on all data is the
+    batch-weighted mean of those on the forget and on the retain batches."""
     batch = int(data.settings["ssd.batch-size"])
-    out: dict[str, Any] = {}
-    counts = ConfigRecord({"all": 0, "forget": 0})
-
-    def everything():
-        yield from data.batches("forget", batch)
-        yield from data.batches("retain", batch)
-
-    for key, which, batches in ((IMPORTANCE_ALL, "all", everything()),
-                                (IMPORTANCE_FORGET, "forget", data.batches("forget", batch))):
-        items = list(batches)
-        n = len(items)
-        counts[which] = n
-        if n:
-            imp = fisher_importance(data.model, items)
-            out[key] = ArrayRecord({k: v.cpu() for k, v in imp.items()})
-    out[COUNTS] = counts
+    parts = {}
+    for which in ("forget", "retain"):
+        items = list(data.batches(which, batch))
+        if items:
+            parts[which] = (len(items), fisher_importance(data.model, items))
+    out: dict[str, Any] = {COUNTS: ConfigRecord(
+        {"all": sum(n for n, _ in parts.values()),
+         "forget": parts["forget"][0] if "forget" in parts else 0})}
+    if "forget" in parts:
+        out[IMPORTANCE_FORGET] = ArrayRecord({k: v.cpu() for k, v in parts["forget"][1].items()})
+    if parts:
+        out[IMPORTANCE_ALL] = ArrayRecord({k: v.float().cpu() for k, v in
+                                           weighted_mean(list(parts.values())).items()})
     return out
-
-
-def weighted_mean(parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """Sum of ``w * tensors`` over ``sum(w)``."""
-    total = sum(w for w, _ in parts)
-    keys = parts[0][1].keys()
-    return {k: sum(w * t[k].double() for w, t in parts) / total for k in keys}  # type: ignore[misc]
 
 
 class SSD(UnlearningMethod):
