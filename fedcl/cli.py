@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -294,6 +295,29 @@ def one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+EXIT_GRACE_S = 15.0  # the longest a stopped run's process may take to end once fedcl is done
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """Make sure the process ends with ``code`` at most ``seconds`` from now. After a run
+    stops early (Ctrl-C, an error), threads that Flower, Ray or MLflow left running can keep
+    the interpreter from exiting (it joins them, and runs their ``atexit`` hooks); everything
+    fedcl writes is on disk by then, so a daemon timer ends the process instead of letting it
+    hang."""
+
+    def force() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -307,5 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``fedcl`` program: :func:`main` on ``sys.argv``; a run that ends early leaves the
+    process at most :data:`EXIT_GRACE_S` to exit (:func:`exit_within`)."""
+    code = main()
+    if code != 0:
+        exit_within(EXIT_GRACE_S, code)
+    return code
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

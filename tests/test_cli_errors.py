@@ -174,3 +174,23 @@ def test_superexec_bad_input(extra: list[str], phrase: str, tmp_path: Path,
     result = _in_process(["superexec", "--runtime-api-address", "127.0.0.1:9", *extra],
                          tmp_path, capsys, monkeypatch)
     _assert_one_line_error(result, phrase, tmp_path, exit_code=None)
+
+
+def test_stopped_run_exits_even_with_a_thread_left_running(tmp_path: Path) -> None:
+    """A run that ends early (Ctrl-C, an error) must not hang in interpreter shutdown on a
+    thread a library left running: the program ends with its code within the grace."""
+    import sys
+    import time
+
+    script = ("import sys, threading, time\n"
+              "from fedcl import cli\n"
+              "cli.EXIT_GRACE_S = 1.0\n"
+              "threading.Thread(target=time.sleep, args=(300,)).start()  # never joined in time\n"
+              "cli.main = lambda argv=None: 130\n"
+              "sys.exit(cli.entry())\n")
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=TIMEOUT_S)
+    assert res.returncode == 130, res.stderr
+    assert time.monotonic() - started < 60  # the lingering thread would hold it for 300 s
+    assert res.stderr == ""
