@@ -31,6 +31,7 @@ Choices (spec: METHODS.md section 1):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class FOT(ContinualStrategy, FedAvg):
         self.eps = params.eps
         self.basis: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, int]] = []  # basis dimension per layer after each task
+        self.step_seconds: dict[str, float] = {}  # the last task end's server step, per layer
         self._previous: ArrayRecord | None = None
 
     # --- every round: FedAvg, then the projection -------------------------------------------
@@ -162,18 +164,31 @@ class FOT(ContinualStrategy, FedAvg):
             raise RuntimeError("FOT: no client sent a sketch in the task's last round")
         counts = [int(p[STATS]["n"]) for p in sketches]
         for layer in self.layers:
-            y_sum = sum(p[SKETCH][layer].numpy().astype(np.float64) for p in sketches)
+            started = time.perf_counter()
+            y_sum = np.zeros(sketches[0][SKETCH][layer].shape, dtype=np.float64)
+            for p in sketches:  # in place, in float64: no temporary per client
+                np.add(y_sum, p[SKETCH][layer].numpy(), out=y_sum)
             ratios = [float(p[STATS][f"{layer}.r"]) for p in sketches]
             threshold = subspace.adjusted_threshold(self.eps, ratios, counts)
             self.basis[layer] = subspace.expand_basis(self.basis.get(layer),
                                                       torch.from_numpy(y_sum), threshold)
+            self.step_seconds[layer] = time.perf_counter() - started
         self.history.append({layer: int(U.shape[1]) for layer, U in self.basis.items()})
         self.eps = min(self.eps + self.params.eps_inc, 1 - 1e-6)
         return arrays
 
     def state_metrics(self) -> dict[str, float]:
+        """Per projected layer after the last task end: the basis dimension, the basis memory
+        in MiB (``fot_basis_mb``) and the seconds of its server step (``fot_step_s``: summing
+        the sketches, the threshold, the SVD and the basis growth)."""
         dims = self.history[-1] if self.history else {}
-        return {f"fot_basis_dim.{layer}": float(k) for layer, k in dims.items()}
+        metrics = {f"fot_basis_dim.{layer}": float(k) for layer, k in dims.items()}
+        for layer in dims:
+            U = self.basis[layer]
+            metrics[f"fot_basis_mb.{layer}"] = U.numel() * U.element_size() / 2**20
+            if layer in self.step_seconds:
+                metrics[f"fot_step_s.{layer}"] = self.step_seconds[layer]
+        return metrics
 
     def state_dict(self) -> dict[str, object]:
         return {"basis": dict(self.basis), "eps": self.eps, "history": list(self.history)}

@@ -91,7 +91,11 @@ def test_end_task_grows_basis_from_summed_sketches(tmp_path: Path) -> None:
     U = fot.basis["fc"]
     assert U.shape == (4, 1)
     assert torch.allclose(U.abs().flatten(), torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=U.dtype))
-    assert fot.state_metrics() == {"fot_basis_dim.fc": 1.0}
+    metrics = fot.state_metrics()
+    assert set(metrics) == {"fot_basis_dim.fc", "fot_basis_mb.fc", "fot_step_s.fc"}
+    assert metrics["fot_basis_dim.fc"] == 1.0
+    assert metrics["fot_basis_mb.fc"] == 4 * 1 * U.element_size() / 2**20  # d x k entries
+    assert 0 < metrics["fot_step_s.fc"] < 60
     saved = fot.save_state(tmp_path)
     state = torch.load(saved[0])
     assert state["dims_per_task"] == [{"fc": 1}]
