@@ -131,7 +131,7 @@ class FOT(ContinualStrategy, FedAvg):
         self.eps = params.eps
         self.basis: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, int]] = []  # basis dimension per layer after each task
-        self.step_seconds: dict[str, float] = {}  # the last task end's server step, per layer
+        self.step_seconds: dict[str, float] = {}  # the last task end's seconds, per layer
         self._previous: ArrayRecord | None = None
 
     # --- every round: FedAvg, then the projection -------------------------------------------
@@ -178,16 +178,14 @@ class FOT(ContinualStrategy, FedAvg):
         return arrays
 
     def state_metrics(self) -> dict[str, float]:
-        """Per projected layer after the last task end: the basis dimension, the basis memory
-        in MiB (``fot_basis_mb``) and the seconds of its server step (``fot_step_s``: summing
-        the sketches, the threshold, the SVD and the basis growth)."""
+        """Per projected layer after the last task end: the basis dimension and its memory in
+        MiB (``fot_basis_mb``). The step's seconds per layer stay in :attr:`step_seconds` (the
+        run times the whole step as its ``end_task`` phase): state is what a seed fixes."""
         dims = self.history[-1] if self.history else {}
         metrics = {f"fot_basis_dim.{layer}": float(k) for layer, k in dims.items()}
         for layer in dims:
             U = self.basis[layer]
             metrics[f"fot_basis_mb.{layer}"] = U.numel() * U.element_size() / 2**20
-            if layer in self.step_seconds:
-                metrics[f"fot_step_s.{layer}"] = self.step_seconds[layer]
         return metrics
 
     def state_dict(self) -> dict[str, object]:
