@@ -11,6 +11,8 @@ would); the missing-dataset and ``strategies`` cases start the real ``fedcl`` ex
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -179,9 +181,6 @@ def test_superexec_bad_input(extra: list[str], phrase: str, tmp_path: Path,
 def test_stopped_run_exits_even_with_a_thread_left_running(tmp_path: Path) -> None:
     """A run that ends early (Ctrl-C, an error) must not hang in interpreter shutdown on a
     thread a library left running: the program ends with its code within the grace."""
-    import sys
-    import time
-
     script = ("import sys, threading, time\n"
               "from fedcl import cli\n"
               "cli.EXIT_GRACE_S = 1.0\n"
