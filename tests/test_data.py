@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedcl.config import Config
-from fedcl.data.datasets import Dataset, load_dataset, read_idx
+from fedcl.data.datasets import Dataset, _normalisation, load_dataset, read_idx, to_float
 from fedcl.data.partition import client_positions, partition_positions
 from fedcl.data.scenarios import make_scenario
 from fedcl.errors import ConfigError, DataError
@@ -561,3 +561,15 @@ def test_client_positions(mnist: Dataset) -> None:
     assert str(err.value) == "partition-id 3 outside 0..2"
     with pytest.raises(DataError, match=r"partition-id -1 outside 0\.\.2"):
         client_positions(config, -1, 0)
+
+
+def test_to_float_normalises_per_channel_with_constants_made_once() -> None:
+    """(x / 255 - mean) / std per channel, by hand; the per-channel constants are built once
+    per (mean, std, device), not per call (a per-call copy to a GPU waits for the GPU)."""
+    x = torch.tensor([[[[0, 255]], [[51, 102]]]], dtype=torch.uint8)  # 1 image, 2 channels, 1x2
+    out = to_float(x, (0.5, 0.2), (0.25, 0.1))
+    expected = torch.tensor([[[[-2.0, 2.0]], [[0.0, 2.0]]]])
+    torch.testing.assert_close(out, expected)
+    misses = _normalisation.cache_info().misses
+    to_float(x, [0.5, 0.2], [0.25, 0.1])  # lists name the same constants
+    assert _normalisation.cache_info().misses == misses

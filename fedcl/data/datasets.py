@@ -216,9 +216,17 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
     return Dataset(name, train, test, info.num_classes, info.mean, info.std)
 
 
+@functools.lru_cache(maxsize=32)
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    c = len(mean)
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, c, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1))
+
+
 def to_float(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 images to normalised float32 (per channel)."""
-    c = x.shape[1]
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+    """uint8 images to normalised float32 (per channel). The per-channel constants are made
+    once per device: copying them to a GPU on every call would make the host wait for the
+    GPU at every training step."""
+    m, s = _normalisation(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     return (x.float().div_(255.0) - m) / s
