@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1,10,25,50")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kernels", type=int, default=0,
+                   help="also list the GPU's top kernels of one eager cohort of this size")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = Config(batch_size=32, lr=0.01, device=device.type)
@@ -46,9 +48,18 @@ def main() -> None:
         members = [(i, torch.randint(0, 256, (args.samples, 3, 32, 32), generator=gen,
                                      dtype=torch.uint8),
                     torch.randint(0, 10, (args.samples,), generator=gen)) for i in range(k)]
-        times: dict[str, list[float]] = {"train": [], "serialise": [], "loop": []}
+        times: dict[str, list[float]] = {"eager": [], "train": [], "serialise": [], "loop": []}
+        graph_diff = 0.0
         for _ in range(args.repeats):
             sync()
+            t0 = time.perf_counter()
+            eager = cohort.train_cohort(model, members, config=config, task=0, round_=1,
+                                        head=None, device=device, mean=mean, std=std,
+                                        cuda_graph=False)
+            sync()
+            times["eager"].append(time.perf_counter() - t0)
+            eager = [{n: v.clone() for n, v in r.state.items()} for r in eager]  # let the
+            # page-locked buffers go back to the cache, as a ClientApp's replies do
             t0 = time.perf_counter()
             res = cohort.train_cohort(model, members, config=config, task=0, round_=1,
                                       head=None, device=device, mean=mean, std=std)
@@ -58,7 +69,11 @@ def main() -> None:
             t2 = time.perf_counter()
             times["train"].append(t1 - t0)
             times["serialise"].append(t2 - t1)
+            graph_diff = max(graph_diff, *((a[n] - b.state[n]).abs().max().item()
+                                           for a, b in zip(eager, res, strict=True)
+                                           for n in a))
             assert len(records) == k
+            del res, records
             sync()
             t3 = time.perf_counter()
             for pid, x, y in members:  # the same clients one after another, per-client loop
@@ -68,8 +83,17 @@ def main() -> None:
             sync()
             times["loop"].append(time.perf_counter() - t3)
         med = {key: statistics.median(v[1:] or v) for key, v in times.items()}
-        print(f"cohort {k:3d}: train {med['train']:.3f} s, serialise {med['serialise']:.3f} s,"
-              f" one-by-one {med['loop']:.3f} s ({med['loop'] / med['train']:.1f}x)")
+        print(f"cohort {k:3d}: train {med['train']:.3f} s (eager {med['eager']:.3f} s, "
+              f"max |graph - eager| {graph_diff:.1e}), serialise {med['serialise']:.3f} s, "
+              f"one-by-one {med['loop']:.3f} s ({med['loop'] / med['train']:.1f}x)", flush=True)
+        if k == args.kernels and device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                cohort.train_cohort(model, members, config=config, task=0, round_=1, head=None,
+                                    device=device, mean=mean, std=std, cuda_graph=False)
+                sync()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                            max_name_column_width=60), flush=True)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,47 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         assert moved > 1e-2  # the members really trained
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["sgd-momentum", "adam", "fedprox"])
+def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str) -> None:
+    """On a GPU the cohort's steps after the warm-up are one captured CUDA graph replayed:
+    the members' weights, losses and step counts are the eager ones, and five rounds in a row
+    reserve no more GPU memory than the second (one stream and one graph pool per process)."""
+    config = Config(batch_size=16, local_epochs=2, lr=0.002 if variant == "adam" else 0.05,
+                    seed=7, device="cuda", momentum=0.9 if variant != "adam" else 0.0,
+                    weight_decay=1e-3, optimizer="adam" if variant == "adam" else "sgd")
+    trainer = FedProxTrainer(FedProxParams(proximal_mu=0.5)) if variant == "fedprox" \
+        else LocalTrainer()
+    torch.manual_seed(0)
+    model = build_model("cnn", (3, 8, 8), 4, 2)
+    members = _members([37, 50, 21])
+    device = torch.device("cuda")
+    first = LocalRound(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
+                       task=1, round=3, partition_id=4, device=device, mean=MEAN, std=STD)
+
+    def train(graph: bool) -> list[cohort.MemberResult]:
+        return cohort.train_cohort(
+            copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
+            device=device, mean=MEAN, std=STD, cuda_graph=graph,
+            regularizer=lambda p, r: trainer.regularizer(first, p, r))
+
+    eager, graphed = train(False), train(True)
+    for e, g in zip(eager, graphed, strict=True):
+        assert (g.partition_id, g.steps, g.num_examples) == (e.partition_id, e.steps,
+                                                              e.num_examples)
+        assert g.steps == 2 * -(-g.num_examples // 16) > cohort.GRAPH_WARMUP_STEPS
+        assert g.loss == pytest.approx(e.loss, rel=1e-5)
+        for name in e.state:
+            torch.testing.assert_close(g.state[name], e.state[name], rtol=1e-4, atol=1e-5)
+        assert g.state["body.0.weight"].is_pinned()  # copied off the GPU into page-locked memory
+    reserved = []
+    for _ in range(5):
+        train(True)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved(device))
+    assert max(reserved[1:]) == reserved[1], reserved
+
+
 def test_sgd_step_is_torch_sgd_and_inactive_members_stay_put() -> None:
     """By hand: p=[1,2], g=[0.5,-1], lr 0.1, momentum 0.5, weight decay 0.1.
     Step 1: d = g + 0.1 p = [0.6, -0.8]; buf = d; p = [0.94, 2.08].
