@@ -111,6 +111,35 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
     assert max(reserved[1:]) == reserved[1], reserved
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_with_dropout_draws_the_eager_masks() -> None:
+    """The MLP draws dropout masks inside the captured step: PyTorch's graph-safe generator
+    gives each replay the draws the eager step would make, so a graph-trained cohort (the
+    default within GRAPH_MAX_MEMBERS) equals eager training bit for bit, and its members
+    train."""
+    config = Config(batch_size=16, local_epochs=2, lr=0.05, seed=7, device="cuda")
+    torch.manual_seed(0)
+    model = build_model("mlp", (3, 8, 8), 4, 1)
+    members = _members([37, 50, 21])
+    assert len(members) <= cohort.GRAPH_MAX_MEMBERS
+
+    def train(graph: bool | None) -> list[cohort.MemberResult]:
+        return cohort.train_cohort(copy.deepcopy(model), members, config=config, task=0,
+                                   round_=1, head=None, device=torch.device("cuda"),
+                                   mean=MEAN, std=STD, cuda_graph=graph)
+
+    by_default, again, eager = train(None), train(True), train(False)
+    for a, b, e in zip(by_default, again, eager, strict=True):
+        assert a.steps == b.steps == e.steps == 2 * -(-a.num_examples // 16)
+        for name in a.state:
+            assert torch.equal(a.state[name], b.state[name]), name
+        assert a.loss == b.loss and math.isfinite(a.loss)
+        moved = sum(float((a.state[n] - model.state_dict()[n]).abs().sum()) for n in a.state)
+        assert moved > 1e-2
+        for name in a.state:  # replays draw the masks eager steps draw: the same weights
+            assert torch.equal(a.state[name], e.state[name]), name
+
+
 def test_sgd_step_is_torch_sgd_and_inactive_members_stay_put() -> None:
     """By hand: p=[1,2], g=[0.5,-1], lr 0.1, momentum 0.5, weight decay 0.1.
     Step 1: d = g + 0.1 p = [0.6, -0.8]; buf = d; p = [0.94, 2.08].
