@@ -32,7 +32,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernels", type=int, default=0,
                    help="also list the GPU's top kernels of one eager cohort of this size")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its algorithms (torch.backends.cudnn.benchmark)")
     args = p.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = Config(batch_size=32, lr=0.01, device=device.type)
     model = build_model("cnn", (3, 32, 32), 10, 1)
