@@ -240,6 +240,7 @@ def run_steps(step: Callable[[torch.Tensor, torch.Tensor], None], indices: torch
         mask.copy_(masks[t])
         graph.replay()
 
+
 def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]], *,
                  config: Config, task: int, round_: int, head: int | None,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
