@@ -246,6 +246,10 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("seed", "task_order_seed"):  # numpy and torch take seeds in [0, 2^63)
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 2**63:
+                raise ConfigError(f"{name} must be an integer from 0 to 2^63 - 1, got {value}")
         if self.eval_samples_per_task < 0:
             raise ConfigError(
                 f"eval_samples_per_task must be 0 or more, got {self.eval_samples_per_task}"

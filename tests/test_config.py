@@ -157,6 +157,17 @@ def test_non_positive_counts(name: str, value: int) -> None:
         config.validate()
 
 
+@pytest.mark.parametrize("name", ["seed", "task_order_seed"])
+@pytest.mark.parametrize("value", [-1, 2**63])
+def test_seeds_outside_what_numpy_and_torch_take(name: str, value: int) -> None:
+    """A negative seed once reached numpy's SeedSequence and came out as a traceback."""
+    config = dataclasses.replace(Config(), **{name: value})
+    with pytest.raises(ConfigError, match=rf"^{name} must be an integer from 0 to 2\^63 - 1, "
+                                          rf"got {value}$"):
+        config.validate()
+    dataclasses.replace(Config(), **{name: 2**63 - 1}).validate()
+
+
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.1])
 def test_fraction_train_out_of_range(value: float) -> None:
     with pytest.raises(ConfigError, match=r"fraction_train must be in \(0, 1\]"):
