@@ -35,6 +35,16 @@ Deviations, by design:
 The server side (:func:`form_cohorts`, :func:`split_cohort_replies`) sends one message per
 cohort and splits each cohort reply back into one reply per member, so screening, aggregation
 and strategy payloads see exactly what per-client training gives them.
+
+Where a round's aggregate is only the weighted mean of the replies' arrays (FedAvg, FedProx,
+FOT outside a task's last round: ``ContinualStrategy.cohort_mean_key``) and no unlearning
+method keeps per-client updates, the server asks cohorts to average their members
+themselves: the leader screens each member by the server's own rules
+(:func:`fedcl.validation.stacked_problems`), takes the weighted mean of those that pass on the
+device (:func:`weighted_mean`) and sends one reply standing for them (its members and any
+refused ones named in it: :func:`reply_members`, :func:`members_rejected`). The server's
+weighted average over such replies is the average over the members' own replies (one float
+rounding more), and one model's weights travel instead of K.
 """
 
 from __future__ import annotations
@@ -66,6 +76,36 @@ class MemberResult:
     steps: int
 
 
+@dataclass
+class TrainedCohort:
+    """A cohort's trained weights, still stacked on the training device, and its figures."""
+
+    partition_ids: list[int]
+    stacked: dict[str, torch.Tensor]  # trained parameters, [K, ...] (member i in row i)
+    fixed: dict[str, torch.Tensor]  # what training leaves alone (buffers, other heads)
+    keys: list[str]  # the model's state_dict order
+    num_examples: list[int]
+    losses: list[float]  # each member's mean loss over its steps
+    steps: list[int]
+
+    def members(self) -> list[MemberResult]:
+        """Each member's weights copied to the CPU (one wait for all of them)."""
+        host = to_host(self.stacked)
+        fixed = to_host(self.fixed)
+        return [MemberResult(pid, {key: host[key][i] if key in host else fixed[key]
+                                   for key in self.keys},
+                             self.num_examples[i], self.losses[i], self.steps[i])
+                for i, pid in enumerate(self.partition_ids)]
+
+    def mean_state(self, weights: Sequence[float]) -> dict[str, torch.Tensor]:
+        """The members' weighted mean weights (:func:`weighted_mean`), on the CPU."""
+        first = next(iter(self.stacked.values()))
+        w = torch.tensor(list(weights), dtype=torch.float64)
+        mean = weighted_mean(self.stacked, w.to(first.device))
+        host = to_host({**mean, **self.fixed})
+        return {key: host[key] for key in self.keys}
+
+
 # --------------------------------------------------------------------------------------------
 # Pure pieces
 # --------------------------------------------------------------------------------------------
@@ -94,6 +134,16 @@ def stack_step(batches: Sequence[Sequence[torch.Tensor]], step: int, batch_size:
             index[i, :len(b)] = b
             mask[i, :len(b)] = True
     return index, mask
+
+
+def weighted_mean(stacked: dict[str, torch.Tensor], weights: torch.Tensor
+                  ) -> dict[str, torch.Tensor]:
+    """``sum_i w_i x_i / sum_i w_i`` of every stacked floating-point array (member i in row i),
+    one matrix-vector product per array: the average FedAvg takes of the members' replies
+    (:func:`fedcl.aggregation.weighted_average`, also in the arrays' precision), taken before
+    they leave the cohort."""
+    share = weights.to(torch.float64) / weights.to(torch.float64).sum()
+    return {name: torch.tensordot(share.to(x.dtype), x, dims=1) for name, x in stacked.items()}
 
 
 def _per_member(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -247,9 +297,22 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
                  regularizer: Regularizer | None = None,
                  cuda_graph: bool | None = None) -> list[MemberResult]:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
-    computation; ``x`` are uint8 images and ``y`` head targets, as for one client. With
-    ``cuda_graph`` (by default: on CUDA, for up to :data:`GRAPH_MAX_MEMBERS` members) the step
-    is captured once in a CUDA graph and replayed (:func:`run_steps`)."""
+    computation (:func:`train_stacked`); each member's result on the CPU."""
+    return train_stacked(model, members, config=config, task=task, round_=round_, head=head,
+                         device=device, mean=mean, std=std, regularizer=regularizer,
+                         cuda_graph=cuda_graph).members()
+
+
+def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
+                  *, config: Config, task: int, round_: int, head: int | None,
+                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
+                  regularizer: Regularizer | None = None,
+                  cuda_graph: bool | None = None) -> TrainedCohort:
+    """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
+    computation; ``x`` are uint8 images and ``y`` head targets, as for one client (on
+    ``device`` already, or copied there). With ``cuda_graph`` (by default: on CUDA, for up to
+    :data:`GRAPH_MAX_MEMBERS` members) the step is captured once in a CUDA graph and replayed
+    (:func:`run_steps`). The trained weights stay stacked on ``device``."""
     model = model.to(device).train()
     check_batchable(model)
     k = len(members)
@@ -327,16 +390,14 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and k <= GRAPH_MAX_MEMBERS
     run_steps(step, indices, masks, cuda_graph=cuda_graph)
-    keys = list(model.state_dict().keys())
-    host = to_host(params)
-    fixed = {name: b.detach().cpu() for name, b in model.state_dict().items() if name not in host}
+    state = model.state_dict()
+    fixed = {name: b.detach() for name, b in state.items() if name not in params}
     losses_host, steps_host = total.cpu().tolist(), steps.cpu().tolist()
-    results = []
-    for i, (pid, _, _) in enumerate(members):
-        state = {key: host[key][i] if key in host else fixed[key] for key in keys}
-        results.append(MemberResult(pid, state, sizes[i], losses_host[i] / max(steps_host[i], 1),
-                                    int(steps_host[i])))
-    return results
+    return TrainedCohort(
+        partition_ids=[pid for pid, _, _ in members], stacked=params, fixed=fixed,
+        keys=list(state), num_examples=sizes,
+        losses=[loss / max(n, 1) for loss, n in zip(losses_host, steps_host, strict=True)],
+        steps=[int(n) for n in steps_host])
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,11 +408,13 @@ def member_key(key: str, partition_id: int) -> str:
     return f"{key}.{partition_id}"
 
 
-def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohort_size: int
-                 ) -> list[tuple[Message, list[Message]]]:
+def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohort_size: int,
+                 mean_key: str | None = None) -> list[tuple[Message, list[Message]]]:
     """Group a round's training messages into cohorts of ``cohort_size`` (in partition order):
     for each, the message sent to the cohort's first node, with the members' partition ids in
-    its config, and the members' own messages (what each member's reply answers)."""
+    its config, and the members' own messages (what each member's reply answers). With
+    ``mean_key`` (the strategy's weighting metric) a cohort may reply with its members'
+    weighted mean (:func:`fedcl.client_app.reduced_reply`)."""
     ordered = sorted(messages, key=lambda m: node_to_pid[m.metadata.dst_node_id])
     cohorts = []
     for start in range(0, len(ordered), cohort_size):
@@ -362,6 +425,8 @@ def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohor
             if key == protocol.CONFIG:
                 record = ConfigRecord(dict(record))
                 record[protocol.COHORT] = [node_to_pid[m.metadata.dst_node_id] for m in group]
+                if mean_key:
+                    record[protocol.COHORT_MEAN_KEY] = mean_key
             content[key] = record
         leader = Message(content, dst_node_id=first.metadata.dst_node_id,
                          message_type=first.metadata.message_type,
@@ -374,12 +439,13 @@ def split_cohort_replies(replies: Sequence[Message],
                          cohorts: Sequence[tuple[Message, list[Message]]],
                          node_to_pid: dict[int, int]) -> list[Message]:
     """One reply per member from the cohort replies. A cohort's error reply stays one error
-    reply (all its members count as failed); a member missing from a cohort reply is failed."""
+    reply (all its members count as failed); a member missing from a cohort reply is failed;
+    a reduced reply (the members' mean, :func:`reply_members`) stays one reply."""
     members_of = {leader.metadata.message_id: group for leader, group in cohorts}
     out: list[Message] = []
     for reply in replies:
         group = members_of.get(reply.metadata.reply_to_message_id)
-        if group is None or reply.has_error():
+        if group is None or reply.has_error() or protocol.COHORT_MEMBERS in reply.content:
             out.append(reply)
             continue
         for member in group:
@@ -391,3 +457,20 @@ def split_cohort_replies(replies: Sequence[Message],
             if len(content):
                 out.append(Message(content, reply_to=member))
     return out
+
+
+def reply_members(reply: Message) -> list[int]:
+    """The partition ids a (non-error) train reply stands for: the members averaged into a
+    cohort's reduced reply, else the one client that sent it."""
+    members = reply.content.get(protocol.COHORT_MEMBERS)
+    if members is not None:
+        return [int(q) for q in members[protocol.MEMBER_IDS]]  # type: ignore[union-attr]
+    return [int(reply.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])]  # type: ignore[index]
+
+
+def members_rejected(reply: Message) -> list[str]:
+    """Why a cohort's reduced reply left members out of its mean (screening's reasons)."""
+    members = reply.content.get(protocol.COHORT_MEMBERS)
+    if members is None or protocol.MEMBERS_REJECTED not in members:
+        return []
+    return [str(r) for r in members[protocol.MEMBERS_REJECTED]]  # type: ignore[union-attr]

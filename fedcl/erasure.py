@@ -279,6 +279,14 @@ class Erasures:
         self.data_dir = config.data_dir
         self.method = unlearning.build(config, out_dir)
 
+    @property
+    def observes_rounds(self) -> bool:
+        """Whether the unlearning method keeps each client's reply of the run's rounds
+        (FedEraser's stored updates), so that cohorts must not average theirs."""
+        from strategies.unlearning import UnlearningMethod
+
+        return type(self.method).observe_round is not UnlearningMethod.observe_round
+
     def observe_round(self, p: Any, info: Any, arrays_before: Any, outcome: Any) -> None:
         """Every training round of the run passes here (FedEraser stores its updates)."""
         self.method.observe_round(info, arrays_before, outcome.ok, ErasedData.of(p))

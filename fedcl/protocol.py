@@ -18,6 +18,8 @@ REPLAY = "fedcl.replay"  # True in the retrain oracle's rounds: clients leave Co
 COHORT = "fedcl.cohort"  # partition ids a cohort leader trains together (cohort_size > 1)
 ERASED_CLASSES = "fedcl.erased-classes"  # classes a client must not train on ("client:class;...")
 NO_TRAIN = "fedcl.no-train"  # True: reply with the global model untrained (task-end payloads only)
+COHORT_MEAN_KEY = "fedcl.cohort-mean-key"  # a cohort may reply with its members' mean, weighted
+# by this metric (one reply instead of one per member; see fedcl/cohort.py)
 
 # Keys of a client operation of an unlearning method (a QUERY message; see
 # strategies/unlearning/client_ops.py).
@@ -39,6 +41,11 @@ STATE_BYTES = "state-bytes"  # and the bytes their values take
 GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
 GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
 HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ran
+
+# A ConfigRecord in a cohort's reduced reply (one reply standing for several members).
+COHORT_MEMBERS = "fedcl.cohort-members"
+MEMBER_IDS = "partition-ids"  # the members averaged into the reply's arrays
+MEMBERS_REJECTED = "rejected"  # "client N: reason" for members left out by screening
 
 # Node config keys (Flower's simulation engine sets the first two; deployments set all three).
 NODE_PARTITION_ID = "partition-id"

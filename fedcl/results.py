@@ -95,6 +95,7 @@ class RoundRecord:
     lost: list[int] = field(default_factory=list)  # partition ids gone since the last round
     back: list[int] = field(default_factory=list)  # partition ids reconnected since then
     sampled: list[int] = field(default_factory=list)  # partition ids sampled for the round
+    replies: int | None = None  # train replies aggregated (a cohort's mean counts once)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

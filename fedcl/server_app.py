@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl import checkpoint, protocol
-from fedcl.cohort import form_cohorts, split_cohort_replies
+from fedcl.cohort import form_cohorts, members_rejected, reply_members, split_cohort_replies
 from fedcl.config import Config, resolve_tracking_uri, sample_size
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.erasure import ErasedData, Erasures, UnlearningFailed, check_requests_hold_data
@@ -322,21 +322,25 @@ class Evaluator:
 class RoundOutcome:
     arrays: ArrayRecord  # the new global arrays
     ok: list[Message]  # the replies aggregated, by partition id
-    rejected: list[str]  # why replies were refused
+    rejected: list[str]  # why replies (or cohort members) were refused
     failures: int  # sampled clients that failed, did not answer or were rejected
     train_metrics: Any
+    clients: list[int]  # the partition ids aggregated (a cohort's reduced reply stands for all
+    # its members)
 
 
 def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, config_json: str,
                 arrays: ArrayRecord, info: RoundInfo, pids: list[int],
                 cancel: threading.Event | None, clock: PhaseClock | None = None,
                 replay: bool = False, erased: ErasedData | None = None,
-                train: bool = True) -> RoundOutcome:
+                train: bool = True, reduce: bool = True) -> RoundOutcome:
     """Send the round's training messages to clients ``pids``, screen the replies and let the
     strategy aggregate them. ``replay``: a round run by an erasure (the retrain oracle, an
     unlearning method): clients leave their Context.state alone. ``erased``: the classes
     clients must leave out of their data. ``train=False``: clients send their task-end payloads
-    for the global model without training it."""
+    for the global model without training it. ``reduce``: cohorts may reply with their members'
+    weighted mean where the strategy allows it this round (its ``cohort_mean_key``); False
+    where every client's own reply is needed."""
     train_config = ConfigRecord({
         protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: info.task,
         protocol.ROUND: info.round, protocol.TASK_ROUND: info.task_round,
@@ -348,7 +352,8 @@ def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, confi
         SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
     if config.cohort_size > 1 and train:
         node_to_pid = roster.node_to_pid()
-        cohorts = form_cohorts(messages, node_to_pid, config.cohort_size)
+        mean_key = strategy.cohort_mean_key(info) if reduce else None
+        cohorts = form_cohorts(messages, node_to_pid, config.cohort_size, mean_key)
         replies = send_and_receive(grid, [leader for leader, _ in cohorts],
                                    config.round_timeout_s, cancel)
         replies = split_cohort_replies(replies, cohorts, node_to_pid)
@@ -360,28 +365,30 @@ def train_round(grid: Grid, roster: Roster, strategy: Any, config: Config, confi
                                   config.max_update_norm_ratio)
     if clock:
         clock("screen")
+    rejected += [reason for m in ok for reason in members_rejected(m)]
     ok = sorted((m for m in ok if _pid(m) in pids), key=_pid)
+    clients = sorted(q for m in ok for q in reply_members(m))
     if rejected:
         log.warning("round %d: rejected %d replies: %s", info.round, len(rejected),
                     "; ".join(rejected[:5]))
-    if len(ok) < config.min_train_clients:
+    if len(clients) < config.min_train_clients:
         reasons = [m.error.reason for m in replies if m.has_error()]
         detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
         raise RunAborted(
             f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
-            f": {len(ok)} of {len(pids)} clients replied, fewer than "
+            f": {len(clients)} of {len(pids)} clients replied, fewer than "
             f"min_train_clients={config.min_train_clients}{detail}")
     if ok and all(int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) == 0 for m in ok):
         # every sampled client's data of the task is erased: nothing to learn this round
         log.warning("round %d: the sampled clients hold no samples after erasures", info.round)
         strategy.take_payloads(ok)
-        return RoundOutcome(arrays, ok, rejected, len(pids) - len(ok), None)
+        return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), None, clients)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
     if new_arrays is not None:
         arrays = keep_dtypes(new_arrays, arrays)
     if clock:
         clock("aggregate")
-    return RoundOutcome(arrays, ok, rejected, len(pids) - len(ok), train_metrics)
+    return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), train_metrics, clients)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,15 +486,17 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             pids = sample_clients(pool, config.fraction_train, config.seed, p.global_round)
             info = RoundInfo(task, task_round, rounds, p.global_round)
             outcome = train_round(grid, roster, strategy, config, config_json, p.arrays, info,
-                                  pids, control.cancel, clock, erased=ErasedData.of(p))
+                                  pids, control.cancel, clock, erased=ErasedData.of(p),
+                                  reduce=not erasures.observes_rounds)
             erasures.observe_round(p, info, p.arrays, outcome)
             ok, rejected, failures = outcome.ok, outcome.rejected, outcome.failures
             for m in ok:
                 info_rec = m.content[protocol.CLIENT_INFO]
-                p.client_state[int(info_rec[protocol.PARTITION_ID])] = {
-                    "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
-                             if k],
-                    "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
+                for q in reply_members(m):  # a cohort's members report its leader's state
+                    p.client_state[q] = {
+                        "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
+                                 if k],
+                        "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
             p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
             acc = evaluator(p.arrays)
             clock("evaluate")
@@ -498,7 +507,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             record = RoundRecord(
                 task=task, round=p.global_round, task_round=task_round, acc_per_task=acc,
                 avg_acc=float(np.mean(acc[:task + 1])), min_acc=min_acc, wc_acc=wc_acc,
-                train_loss=None if loss is None else float(loss), clients=len(ok),
+                train_loss=None if loss is None else float(loss),
+                clients=len(outcome.clients), replies=len(ok),
                 failures=failures, rejected=len(rejected), connected=len(connected),
                 lost=lost, back=back, sampled=pids, seconds=time.monotonic() - t0,
                 ended_at=time.time(), phases=clock.phases, **client_reports(ok))

@@ -16,9 +16,10 @@ threshold it is compared with; a NaN or infinity anywhere makes ``g.g`` non-fini
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from fedcl import protocol
@@ -75,10 +76,53 @@ def reply_problem(msg: Message, reference: ArrayRecord | Reference,
                 return f"array {key} has non-finite values"
             diff2 += gg - 2.0 * float(np.dot(g, ref.flat[key])) + ref.sq[key]
     update = math.sqrt(max(diff2, 0.0))
-    limit = max_update_norm_ratio * max(ref.norm, 1.0)
+    limit = update_limit(ref.norm, max_update_norm_ratio)
     if update > limit:
         return f"update norm {update:.3g} exceeds {limit:.3g}"
     return None
+
+
+def update_limit(reference_norm: float, max_update_norm_ratio: float) -> float:
+    """The largest distance from the global model a reply may have."""
+    return max_update_norm_ratio * max(reference_norm, 1.0)
+
+
+def stacked_problems(stacked: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                     num_examples: Sequence[int], metrics: dict[str, Sequence[float]],
+                     max_update_norm_ratio: float) -> list[str | None]:
+    """:func:`reply_problem` for the members of a cohort before it averages them: row ``i`` of
+    every ``stacked`` array is member ``i``'s trained value of that ``reference`` (global)
+    array; the arrays the cohort did not train equal the reference. Why each member must not
+    be averaged (non-finite values or metrics, no samples, an update too large), or None.
+    Names, shapes and dtypes need no check: the cohort built them from the reference."""
+    ref_sq = sum(float(v.double().pow(2).sum()) for v in reference.values()
+                 if v.is_floating_point())
+    limit = update_limit(math.sqrt(ref_sq), max_update_norm_ratio)
+    k = len(num_examples)
+    diff2 = torch.zeros(k, dtype=torch.float64)
+    finite: dict[str, list[bool]] = {}
+    for name, x in stacked.items():
+        rows = x.flatten(1)
+        finite[name] = torch.isfinite(rows).all(dim=1).tolist()
+        diff = rows - reference[name].reshape(1, -1).to(rows.dtype)
+        diff2 += diff.pow_(2).sum(dim=1, dtype=torch.float64).cpu()
+    problems: list[str | None] = []
+    for i in range(k):
+        problem = None
+        n = num_examples[i]
+        bad_metric = next((key for key, values in metrics.items()
+                           if not math.isfinite(float(values[i]))), None)
+        bad_array = next((name for name, ok in finite.items() if not ok[i]), None)
+        if n <= 0:
+            problem = f"num-examples {n!r} is not a positive number"
+        elif bad_metric is not None:
+            problem = f"metric {bad_metric} is {metrics[bad_metric][i]}"
+        elif bad_array is not None:
+            problem = f"array {bad_array} has non-finite values"
+        elif math.sqrt(float(diff2[i])) > limit:
+            problem = f"update norm {math.sqrt(float(diff2[i])):.3g} exceeds {limit:.3g}"
+        problems.append(problem)
+    return problems
 
 
 def array_view(array: Array) -> np.ndarray:

@@ -128,6 +128,21 @@ class ContinualStrategy:
         """Adjust Flower's aggregate (the replies still hold each client's arrays)."""
         return arrays
 
+    def cohort_mean_key(self, info: RoundInfo) -> str | None:
+        """The metric a cohort may weight its members' mean by, to send that one reply instead
+        of one per member (``cohort_size`` > 1), or None for a reply per member. Averaging
+        inside a cohort changes nothing where the round's aggregate is FedAvg's weighted
+        average and nothing else is read per client: Flower's aggregation (the fedcl path of
+        :meth:`aggregate_train`), no client payloads, :meth:`after_aggregate` not overridden.
+        A strategy that knows better overrides this (FOT: payloads only in a task's last
+        round)."""
+        flower = super().aggregate_train  # type: ignore[misc]
+        if (getattr(flower, "__func__", None) is FedAvg.aggregate_train
+                and not self.payload_keys
+                and type(self).after_aggregate is ContinualStrategy.after_aggregate):
+            return str(self.weighted_by_key)  # type: ignore[attr-defined]
+        return None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, Any]:
         replies = self.take_payloads(replies)

@@ -151,6 +151,10 @@ class FOT(ContinualStrategy, FedAvg):
             new[key] = old[key] - subspace.project_out(delta, U)
         return ArrayRecord(new)
 
+    def cohort_mean_key(self, info: RoundInfo) -> str | None:
+        """The projection needs only the aggregate; sketches come in a task's last round."""
+        return None if info.last_of_task else str(self.weighted_by_key)
+
     # --- task end: grow the basis from the clients' sketches --------------------------------
     def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:
         if not info.last_of_task or not self.basis:

@@ -295,6 +295,162 @@ def test_fot_cohort_reply_holds_each_members_own_sketches(flower_identity: None,
     assert int(together[f"{STATS}.0"]["n"]) == 16
 
 
+def test_weighted_mean_by_hand() -> None:
+    """Rows [1, 2], [3, 4], [5, 6] weighted 1, 0, 3: (1*[1, 2] + 3*[5, 6]) / 4 = [4, 5]."""
+    stacked = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+               "b": torch.tensor([2.0, 10.0, 6.0])}
+    got = cohort.weighted_mean(stacked, torch.tensor([1.0, 0.0, 3.0]))
+    assert got["w"].tolist() == [4.0, 5.0]
+    assert got["b"].tolist() == 5.0
+
+
+def test_stacked_problems_by_hand_match_the_servers_screening(flower_identity: None) -> None:
+    """Global weights [3, 4] (norm 5), max_update_norm_ratio 2: a member may move at most 10.
+    [9, 12] moves exactly 10 and passes, [10, 12] moves 10.63 and is refused, as are a NaN, a
+    member without samples and an infinite loss; every reason is the server's own for that
+    member sent alone (:func:`fedcl.validation.reply_problem`)."""
+    from fedcl.validation import reply_problem, stacked_problems
+
+    nan = float("nan")
+    reference = {"w": torch.tensor([3.0, 4.0])}
+    stacked = {"w": torch.tensor([[3.0, 4.0], [9.0, 12.0], [10.0, 12.0], [nan, 0.0],
+                                  [1.0, 1.0], [1.0, 1.0]])}
+    num_examples = [5, 5, 5, 5, 0, 5]
+    losses = [0.5, 0.5, 0.5, 0.5, 0.5, float("inf")]
+    got = stacked_problems(stacked, reference, num_examples,
+                           {protocol.TRAIN_LOSS: losses}, max_update_norm_ratio=2.0)
+    assert got == [None, None, "update norm 10.6 exceeds 10", "array w has non-finite values",
+                   "num-examples 0 is not a positive number", "metric train-loss is inf"]
+    for i, problem in enumerate(got):
+        alone = Message(RecordDict({
+            protocol.ARRAYS: ArrayRecord({"w": stacked["w"][i]}),
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: num_examples[i],
+                                            protocol.TRAIN_LOSS: losses[i]}),
+            protocol.CLIENT_INFO: ConfigRecord({protocol.PARTITION_ID: i})}),
+            dst_node_id=1, message_type=MessageType.TRAIN)
+        assert reply_problem(alone, ArrayRecord(reference), 2.0) == problem
+
+
+def test_a_cohort_replies_with_its_members_weighted_mean(flower_identity: None,
+                                                          tmp_path: Path) -> None:
+    """The real ClientApp handler, FedAvg on the CNN: asked for a mean by num-examples, a
+    cohort of clients 0, 1 and 2 replies once, with the weighted average of the three replies
+    it sends when not asked, num-examples summed and the loss averaged with those weights.
+    With a screening limit between the members' update norms, the members beyond it are left
+    out of the mean, named in the reply; with none left, the cohort replies per member."""
+    from flwr.app import Context
+
+    from fedcl import client_app
+    from fedcl.aggregation import weighted_average
+    from fedcl.data.scenarios import build_scenario
+    from strategies import registry
+
+    base = Config(strategy="fedavg", model="cnn", scenario="domain-il", clients=200, tasks=2,
+                  partition="dirichlet", dirichlet_alpha=0.5, device="cpu",
+                  output=str(tmp_path))
+    model = registry.build_model(base, build_scenario(base))
+    arrays = ArrayRecord(model.state_dict())
+
+    def reply(config: Config, mean_key: str | None) -> RecordDict:
+        cfg = ConfigRecord({protocol.RUN_CONFIG_JSON: config.to_json(), protocol.TASK: 0,
+                            protocol.ROUND: 1, protocol.TASK_ROUND: 1,
+                            protocol.LAST_ROUND_OF_TASK: False, protocol.COHORT: [0, 1, 2]})
+        if mean_key:
+            cfg[protocol.COHORT_MEAN_KEY] = mean_key
+        msg = Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: cfg}),
+                      dst_node_id=10, message_type=MessageType.TRAIN)
+        ctx = Context(run_id=1, node_id=10, state=RecordDict(), run_config={},
+                      node_config={"partition-id": 0, "num-partitions": 200})
+        return client_app.train(msg, ctx).content
+
+    each = reply(base, None)
+    members = [RecordDict({protocol.ARRAYS: each[f"{protocol.ARRAYS}.{q}"],
+                           protocol.METRICS: each[f"{protocol.METRICS}.{q}"]}) for q in range(3)]
+    sizes = [int(m[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in members]
+    assert len(set(sizes)) == 3  # non-IID: the weights matter
+    losses = [float(m[protocol.METRICS][protocol.TRAIN_LOSS]) for m in members]
+
+    def assert_mean_of(got: RecordDict, kept: list[int]) -> None:
+        assert list(got[protocol.COHORT_MEMBERS][protocol.MEMBER_IDS]) == kept
+        metrics = got[protocol.METRICS]
+        assert metrics[protocol.NUM_EXAMPLES] == sum(sizes[q] for q in kept)
+        assert metrics[protocol.UNIT_WEIGHT] == len(kept)
+        assert float(metrics[protocol.TRAIN_LOSS]) == pytest.approx(
+            sum(sizes[q] * losses[q] for q in kept) / sum(sizes[q] for q in kept), rel=1e-6)
+        want = weighted_average([members[q] for q in kept], protocol.NUM_EXAMPLES)
+        got_state = got[protocol.ARRAYS].to_torch_state_dict()
+        assert list(got_state) == list(model.state_dict())
+        for name, value in want.to_torch_state_dict().items():
+            torch.testing.assert_close(got_state[name], value, rtol=0, atol=1e-6)
+
+    together = reply(base, protocol.NUM_EXAMPLES)
+    assert not any(key.startswith(f"{protocol.ARRAYS}.") for key in together)
+    assert together[protocol.CLIENT_INFO][protocol.PARTITION_ID] == 0
+    assert protocol.MEMBERS_REJECTED not in together[protocol.COHORT_MEMBERS]
+    assert_mean_of(together, [0, 1, 2])
+
+    start = model.state_dict()
+    ref_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in start.values()))
+    norms = [math.sqrt(sum(float(((m[protocol.ARRAYS][n].numpy().astype("float64")
+                                   - start[n].numpy()) ** 2).sum()) for n in start))
+             for m in members]
+    ratio = (sorted(norms)[0] + sorted(norms)[1]) / 2 / ref_norm  # only the smallest passes
+    partial = reply(Config(**{**base.__dict__, "max_update_norm_ratio": ratio}),
+                    protocol.NUM_EXAMPLES)
+    smallest = norms.index(min(norms))
+    assert_mean_of(partial, [smallest])
+    rejected = list(partial[protocol.COHORT_MEMBERS][protocol.MEMBERS_REJECTED])
+    assert [r.split(":")[0] for r in rejected] == [f"client {q}" for q in range(3)
+                                                    if q != smallest]
+    assert all("update norm" in r for r in rejected)
+
+    none_left = reply(Config(**{**base.__dict__, "max_update_norm_ratio": 1e-9}),
+                      protocol.NUM_EXAMPLES)
+    assert protocol.COHORT_MEMBERS not in none_left
+    assert sorted(k for k in none_left if k.startswith(f"{protocol.ARRAYS}.")) == [
+        f"{protocol.ARRAYS}.{q}" for q in range(3)]
+
+
+def test_which_rounds_a_cohort_may_average() -> None:
+    """FedAvg and FedProx rounds may be averaged in the cohort (by their weighting metric),
+    FOT's (by unit weight, as it averages) but a task's last (the sketches), PRD's never (its
+    payloads); FedEraser keeps each
+    client's reply, so a run with it sends none to average."""
+    from fedcl.erasure import Erasures
+    from strategies import registry
+    from strategies.base import RoundInfo
+
+    mid, last = RoundInfo(0, 1, 2, 1), RoundInfo(0, 2, 2, 2)
+    keys = {name: [registry.build(Config(strategy=name, model="cnn")).cohort_mean_key(info)
+                   for info in (mid, last)] for name in ("fedavg", "fedprox", "fot", "prd")}
+    assert keys == {"fedavg": [protocol.NUM_EXAMPLES] * 2, "fedprox": [protocol.NUM_EXAMPLES] * 2,
+                    "fot": [protocol.UNIT_WEIGHT, None], "prd": [None, None]}
+    observes = {name: Erasures(None, Config(unlearning=name), None, None, None).observes_rounds
+                for name in ("retrain", "federaser", "ssd")}
+    assert observes == {"retrain": False, "federaser": True, "ssd": False}
+
+
+def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) -> None:
+    node_to_pid = {100 + pid: pid for pid in range(3)}
+    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.TASK: 0}),
+                                    protocol.ARRAYS: ArrayRecord()}),
+                        dst_node_id=100 + pid, message_type=MessageType.TRAIN)
+                for pid in range(3)]
+    cohorts = cohort.form_cohorts(messages, node_to_pid, 3, mean_key=protocol.NUM_EXAMPLES)
+    assert cohorts[0][0].content[protocol.CONFIG][protocol.COHORT_MEAN_KEY] == "num-examples"
+    cohorts[0][0].metadata.__dict__["_message_id"] = "m0"
+    reduced = Message(RecordDict({
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 30}),
+        protocol.CLIENT_INFO: ConfigRecord({protocol.PARTITION_ID: 0}),
+        protocol.COHORT_MEMBERS: ConfigRecord({protocol.MEMBER_IDS: [0, 2],
+                                               protocol.MEMBERS_REJECTED: ["client 1: x"]})}),
+        reply_to=cohorts[0][0])
+    split = cohort.split_cohort_replies([reduced], cohorts, node_to_pid)
+    assert split == [reduced]
+    assert cohort.reply_members(reduced) == [0, 2]
+    assert cohort.members_rejected(reduced) == ["client 1: x"]
+
+
 @pytest.mark.e2e
 def test_cohort_run_equals_per_client_run(tmp_path: Path) -> None:
     """FedProx on the CNN, 60 clients (4 sampled per round, 7 local steps each) in cohorts of
@@ -319,6 +475,9 @@ def test_cohort_run_equals_per_client_run(tmp_path: Path) -> None:
     (alone, alone_ckpt), (together, together_ckpt) = runs[1], runs[3]
     assert together["config"]["cohort_size"] == 3
     assert [r["clients"] for r in together["rounds"]] == [4, 4]
+    # FedProx rounds are averaged inside the cohorts: one reply from each of the two
+    assert [r["replies"] for r in together["rounds"]] == [2, 2]
+    assert [r["replies"] for r in alone["rounds"]] == [4, 4]
     for got, want in zip(together["accuracy_matrix"], alone["accuracy_matrix"], strict=True):
         assert got == pytest.approx(want, abs=0.011)
     a, b = alone_ckpt["progress"]["arrays"], together_ckpt["progress"]["arrays"]
