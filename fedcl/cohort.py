@@ -152,10 +152,12 @@ def _per_member(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
              momentum_buffers: dict[str, torch.Tensor | None], active: torch.Tensor, *,
-             lr: float, momentum: float, weight_decay: float) -> None:
+             lr: float, momentum: float, weight_decay: float, all_active: bool = False) -> None:
     """``torch.optim.SGD`` (no dampening, no Nesterov) on stacked parameters, in place; a
     member with ``active`` False keeps its weights and momentum. After the first step every
-    tensor is updated in place, so a CUDA graph of a step can be replayed."""
+    tensor is updated in place, so a CUDA graph of a step can be replayed. ``all_active``
+    (every ``active`` True, known to the caller) updates without selecting: the same values
+    with two fewer passes over the weights."""
     for name, p in params.items():
         d = grads[name]
         if weight_decay:
@@ -164,18 +166,25 @@ def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
             buf = momentum_buffers.get(name)
             if buf is None:  # PyTorch starts the buffer at the first gradient
                 buf = momentum_buffers[name] = d.clone()
+            elif all_active:
+                buf.mul_(momentum).add_(d)
             else:
                 buf.copy_(torch.where(_per_member(active, p), momentum * buf + d, buf))
             d = buf
-        p.copy_(torch.where(_per_member(active, p), p - lr * d, p))
+        if all_active:
+            p.sub_(lr * d)
+        else:
+            p.copy_(torch.where(_per_member(active, p), p - lr * d, p))
 
 
 def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
               moments: dict[str, tuple[torch.Tensor, torch.Tensor]], steps: torch.Tensor,
               active: torch.Tensor, *, lr: float, weight_decay: float,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              all_active: bool = False) -> None:
     """``torch.optim.Adam`` (L2 weight decay, no AMSGrad) on stacked parameters, in place.
-    ``steps`` counts each member's own updates (already including this one)."""
+    ``steps`` counts each member's own updates (already including this one). ``all_active``:
+    as for :func:`sgd_step`."""
     b1, b2 = betas
     for name, p in params.items():
         on = _per_member(active, p)
@@ -185,14 +194,21 @@ def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
         if name not in moments:
             moments[name] = (torch.zeros_like(p), torch.zeros_like(p))
         m, v = moments[name]
-        m.copy_(torch.where(on, m.lerp(d, 1 - b1), m))
-        v.copy_(torch.where(on, v * b2 + (1 - b2) * d * d, v))
+        if all_active:
+            m.lerp_(d, 1 - b1)
+            v.mul_(b2).add_((1 - b2) * d * d)
+        else:
+            m.copy_(torch.where(on, m.lerp(d, 1 - b1), m))
+            v.copy_(torch.where(on, v * b2 + (1 - b2) * d * d, v))
         # bias corrections in double precision, as PyTorch computes them (Python floats)
         t = steps.clamp(min=1).to(torch.float64)
         step_size = _per_member((lr / (1 - b1 ** t)).to(p.dtype), p)
         bc2_sqrt = _per_member(((1 - b2 ** t) ** 0.5).to(p.dtype), p)
         denom = v.sqrt() / bc2_sqrt + eps
-        p.copy_(torch.where(on, p - step_size * m / denom, p))
+        if all_active:
+            p.sub_(step_size * m / denom)
+        else:
+            p.copy_(torch.where(on, p - step_size * m / denom, p))
 
 
 def trained_parameters(model: nn.Module, x: torch.Tensor, head: int | None,
@@ -261,9 +277,12 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_steps(step: Callable[[torch.Tensor, torch.Tensor], None], indices: torch.Tensor,
-              masks: torch.Tensor, *, cuda_graph: bool) -> None:
-    """Run ``step(indices[t], masks[t])`` for every ``t``, in order. With ``cuda_graph`` the
+def run_steps(step: Callable[[torch.Tensor, torch.Tensor, bool], None], indices: torch.Tensor,
+              masks: torch.Tensor, *, cuda_graph: bool, full: Sequence[bool] | None = None
+              ) -> None:
+    """Run ``step(indices[t], masks[t], full[t])`` for every ``t``, in order (``full[t]``: every
+    member takes step ``t``, so the step may skip selecting; False by default, and always
+    in a graph, which must fit every step). With ``cuda_graph`` the
     first :data:`GRAPH_WARMUP_STEPS` run eagerly (on a side stream, as capture requires), one
     step is captured in a CUDA graph, and the graph is replayed for every remaining step with
     that step's indices and mask copied into the captured inputs: one launch per step instead of
@@ -271,20 +290,21 @@ def run_steps(step: Callable[[torch.Tensor, torch.Tensor], None], indices: torch
     results are the eager ones. ``step`` must update its state in place and never wait for the
     GPU."""
     n = int(indices.shape[0])
+    full = list(full) if full is not None else [False] * n
     if not cuda_graph or n <= GRAPH_WARMUP_STEPS:
         for t in range(n):
-            step(indices[t], masks[t])
+            step(indices[t], masks[t], full[t])
         return
     side, pool = _graph_resources(indices.device)
     side.wait_stream(torch.cuda.current_stream(indices.device))
     with torch.cuda.stream(side):
         for t in range(GRAPH_WARMUP_STEPS):
-            step(indices[t], masks[t])
+            step(indices[t], masks[t], False)
     torch.cuda.current_stream(indices.device).wait_stream(side)
     index, mask = indices[0].clone(), masks[0].clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, stream=side):
-        step(index, mask)  # recorded, not run
+        step(index, mask, False)  # recorded, not run
     for t in range(GRAPH_WARMUP_STEPS, n):
         index.copy_(indices[t])
         mask.copy_(masks[t])
@@ -362,7 +382,7 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     bs = config.batch_size
 
-    def step(index: torch.Tensor, mask: torch.Tensor) -> None:
+    def step(index: torch.Tensor, mask: torch.Tensor, full: bool) -> None:
         """One step of every member; all state is updated in place (a CUDA graph replays it)."""
         xb = to_float(x_all[rows, index].flatten(0, 1), mean, std).view(k, bs, *x_all.shape[2:])
         yb = y_all[rows, index]
@@ -373,10 +393,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         with torch.no_grad():
             if config.optimizer == "adam":
                 adam_step(params, grads, moments, steps, active, lr=config.lr,
-                          weight_decay=config.weight_decay)
+                          weight_decay=config.weight_decay, all_active=full)
             else:
                 sgd_step(params, grads, momentum, active, lr=config.lr,
-                         momentum=config.momentum, weight_decay=config.weight_decay)
+                         momentum=config.momentum, weight_decay=config.weight_decay,
+                         all_active=full)
 
     # every step's indices and masks go to the device at once: a small copy per step would
     # make the host wait for the GPU every step
@@ -386,10 +407,12 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         stacked += [stack_step(epoch_batches, s, bs)
                     for s in range(max(len(b) for b in epoch_batches))]
     indices = torch.stack([i for i, _ in stacked]).to(device)
-    masks = torch.stack([m for _, m in stacked]).to(device)
+    masks_host = torch.stack([m for _, m in stacked])
+    full = masks_host.any(dim=2).all(dim=1).tolist()  # steps every member takes
+    masks = masks_host.to(device)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and k <= GRAPH_MAX_MEMBERS
-    run_steps(step, indices, masks, cuda_graph=cuda_graph)
+    run_steps(step, indices, masks, cuda_graph=cuda_graph, full=full)
     state = model.state_dict()
     fixed = {name: b.detach() for name, b in state.items() if name not in params}
     losses_host, steps_host = total.cpu().tolist(), steps.cpu().tolist()

@@ -163,6 +163,32 @@ def test_sgd_step_is_torch_sgd_and_inactive_members_stay_put() -> None:
     torch.testing.assert_close(w.detach(), params["w"][0])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_step_every_member_takes_skips_selecting_and_gives_the_same_bits(
+        optimizer: str) -> None:
+    """``all_active`` updates in place without torch.where: bit for bit the masked update."""
+    gen = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(3, 4, 5, generator=gen), "b": torch.randn(3, 5, generator=gen)}
+    grads = [{n: torch.randn(t.shape, generator=gen) for n, t in start.items()}
+             for _ in range(3)]
+    results = []
+    for fast in (False, True):
+        params = {n: t.clone() for n, t in start.items()}
+        state: dict = {}
+        for t, g in enumerate(grads):
+            on = torch.ones(3, dtype=torch.bool)
+            if optimizer == "sgd":
+                cohort.sgd_step(params, g, state, on, lr=0.1, momentum=0.9,
+                                weight_decay=0.01, all_active=fast)
+            else:
+                cohort.adam_step(params, g, state, torch.full((3,), t + 1), on, lr=0.01,
+                                 weight_decay=0.01, all_active=fast)
+        results.append(params)
+    for name in start:
+        assert torch.equal(results[0][name], results[1][name]), name
+        assert not torch.equal(results[0][name], start[name])
+
+
 def test_adam_step_is_torch_adam_per_member_step_count() -> None:
     """Member 1 takes three steps, member 2 only the first: each equals torch.optim.Adam after
     that many steps (its bias correction counts its own steps)."""
