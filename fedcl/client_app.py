@@ -178,8 +178,10 @@ def member_data(config: Config, scenario: object, pid: int, task: int, data_dir:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Client ``pid``'s training images and targets of ``task`` on ``device``, cached for the
     task (:data:`_MEMBER_DATA`)."""
-    generation = (id(scenario), data_dir, task, str(cfg_record.get(protocol.ERASED_CLASSES, "")),
-                  str(device))
+    # the run's config fixes the scenario and the partition (a long-lived process may serve
+    # several runs)
+    generation = (config.to_json(), data_dir, task,
+                  str(cfg_record.get(protocol.ERASED_CLASSES, "")), str(device))
     if any(key[:-1] != generation for key in _MEMBER_DATA):
         _MEMBER_DATA.clear()
     key = (*generation, pid)

@@ -156,8 +156,8 @@ def sgd_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
     """``torch.optim.SGD`` (no dampening, no Nesterov) on stacked parameters, in place; a
     member with ``active`` False keeps its weights and momentum. After the first step every
     tensor is updated in place, so a CUDA graph of a step can be replayed. ``all_active``
-    (every ``active`` True, known to the caller) updates without selecting: the same values
-    with two fewer passes over the weights."""
+    (every ``active`` True, known to the caller) updates without selecting: the same
+    arithmetic (bit for bit on a CPU) with two fewer passes over the weights."""
     for name, p in params.items():
         d = grads[name]
         if weight_decay:

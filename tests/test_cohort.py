@@ -62,8 +62,9 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         assert list(got.state) == list(alone.state_dict())
         for name, value in alone.state_dict().items():
             # Adam divides by sqrt(v) + eps: where a gradient is ~0, rounding moves a weight by
-            # a visible part of a step (lr); SGD agrees to float rounding
-            atol = 0.02 * config.lr if variant == "adam" else 1e-5
+            # a visible part of a step (lr: up to 4 % of it with torch 2.11's CPU kernels); SGD
+            # agrees to float rounding
+            atol = 0.05 * config.lr if variant == "adam" else 1e-5
             torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=atol)
         moved = sum(float((got.state[n] - model.state_dict()[n]).abs().sum())
                     for n in got.state)
@@ -435,6 +436,32 @@ def test_a_cohort_replies_with_its_members_weighted_mean(flower_identity: None,
     assert protocol.COHORT_MEMBERS not in none_left
     assert sorted(k for k in none_left if k.startswith(f"{protocol.ARRAYS}.")) == [
         f"{protocol.ARRAYS}.{q}" for q in range(3)]
+
+
+def test_member_data_is_kept_for_the_task_and_run_it_belongs_to(tmp_path: Path) -> None:
+    """A leader keeps its members' data for the task: the same tensors next round; another
+    task, or another run's config (another partition of the same dataset), gets its own."""
+    from fedcl.client_app import _MEMBER_DATA, member_data
+    from fedcl.client_app import training_positions as positions
+    from fedcl.data.scenarios import build_scenario
+
+    cpu = torch.device("cpu")
+    runs = [Config(scenario="domain-il", clients=n, tasks=2, partition="iid", device="cpu",
+                   output=str(tmp_path)) for n in (40, 200)]
+    empty = ConfigRecord({})
+    got = {}
+    for config in runs:
+        scenario = build_scenario(config)
+        for task in (0, 1):
+            x, y = member_data(config, scenario, 3, task, config.data_dir, empty, cpu)
+            again = member_data(config, scenario, 3, task, config.data_dir, empty, cpu)
+            assert again[0] is x and again[1] is y
+            want = scenario.train_data(task, positions(config, scenario, 3, task,
+                                                       config.data_dir, empty))
+            assert torch.equal(x, want[0]) and torch.equal(y, want[1])
+            got[(config.clients, task)] = len(y)
+            assert len(_MEMBER_DATA) == 1  # only the current task's members are kept
+    assert got[(40, 0)] == 1500 and got[(200, 0)] == 300
 
 
 def test_which_rounds_a_cohort_may_average() -> None:
