@@ -197,7 +197,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     build_scenario(config)  # fail on missing data before any process starts
     from fedcl.data.partition import client_positions
 
-    client_positions(config, 0, 0)  # and on a partition that cannot be made
+    for task in range(config.tasks):  # and on a partition that cannot be made (the clients
+        client_positions(config, 0, task)  # then read every task's from fedcl's cache)
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)

@@ -1,5 +1,5 @@
-"""Test hygiene: Flower, Ray, MLflow, matplotlib and Hugging Face homes live under a temp dir,
-telemetry is off, and every test that runs fedcl does so in its own working folder."""
+"""Test hygiene: Flower, Ray, MLflow, matplotlib, Hugging Face and fedcl's cache live under a
+temp dir, telemetry is off, and every test that runs fedcl does so in its own working folder."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ HYGIENE_ENV = {
     "FLWR_HOME": str(_HOME / "flwr"),
     "RAY_TMPDIR": str(_HOME / "ray"),
     "HF_HOME": str(_HOME / "hf"),
+    "FEDCL_CACHE_DIR": str(_HOME / "fedcl-cache"),
     "HF_DATASETS_CACHE": str(_HOME / "hf" / "datasets"),
     "MPLCONFIGDIR": str(_HOME / "mpl"),
     "FLWR_TELEMETRY_ENABLED": "0",

@@ -563,6 +563,42 @@ def test_client_positions(mnist: Dataset) -> None:
         client_positions(config, -1, 0)
 
 
+def test_partitions_are_kept_on_disk(mnist: Dataset, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's partitions are written once under FEDCL_CACHE_DIR and read back by the next
+    process (here: after the in-process cache is cleared) without partitioning again; another
+    seed has its own file; a damaged file is replaced by partitioning again."""
+    from fedcl.data import partition
+
+    monkeypatch.setenv("FEDCL_CACHE_DIR", str(tmp_path / "cache"))
+    config = Config(clients=3, tasks=2)
+    partition._task_partitions.cache_clear()
+    first = [client_positions(config, pid, 0) for pid in range(3)]
+    files = sorted((tmp_path / "cache").glob("partitions-*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as stored:
+        assert sorted(stored.files) == ["p0", "p1", "p2"]
+        for pid in range(3):
+            np.testing.assert_array_equal(stored[f"p{pid}"], first[pid])
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("partitioned again")
+
+    partition._task_partitions.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(partition, "partition_positions", refuse)
+        for pid in range(3):
+            np.testing.assert_array_equal(client_positions(config, pid, 0), first[pid])
+    client_positions(Config(clients=3, tasks=2, seed=1), 0, 0)
+    assert len(list((tmp_path / "cache").glob("partitions-*.npz"))) == 2
+    files[0].write_bytes(b"not an npz file")
+    partition._task_partitions.cache_clear()
+    np.testing.assert_array_equal(client_positions(config, 2, 0), first[2])
+    with np.load(files[0]) as stored:
+        np.testing.assert_array_equal(stored["p2"], first[2])
+    partition._task_partitions.cache_clear()
+
+
 def test_to_float_normalises_per_channel_with_constants_made_once() -> None:
     """(x / 255 - mean) / std per channel, by hand; the per-channel constants are built once
     per (mean, std, device), not per call (a per-call copy to a GPU waits for the GPU)."""

@@ -10,12 +10,21 @@ partitioners are seeded from ``(seed, task)``.
   (every client keeps at least one sample of the task).
 * ``shards``: ``ShardPartitioner``: sort by label, cut ``clients * shards_per_client`` shards and
   give each client ``shards_per_client`` of them (the FOT paper's non-IID split).
+
+A task's partitions are also kept on disk (:func:`cache_dir`), keyed by the config fields that
+decide them, the task's labels and the flwr-datasets version: a simulated client process reads
+them there instead of importing flwr-datasets (~4 s of imports on a 2-core CPU: its
+visualisation and metrics modules bring matplotlib, seaborn and scipy) and partitioning again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import warnings
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -60,14 +69,57 @@ def partition_positions(labels: np.ndarray, num_partitions: int, method: str, *,
                         f"({len(labels)} samples): {str(err).rstrip('.')}{hint}") from None
 
 
+def cache_dir() -> Path:
+    """Where fedcl keeps partitions: ``$FEDCL_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedcl``
+    (``~/.cache/fedcl``)."""
+    if os.environ.get("FEDCL_CACHE_DIR"):
+        return Path(os.environ["FEDCL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedcl"
+
+
+def _cache_file(config_key: str, task: int, labels: np.ndarray) -> Path:
+    digest = hashlib.sha256()
+    for part in (config_key, str(task), metadata.version("flwr-datasets")):
+        digest.update(part.encode() + b"\0")
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return cache_dir() / f"partitions-{digest.hexdigest()[:32]}.npz"
+
+
+def _read_cached(path: Path, num_partitions: int) -> list[np.ndarray] | None:
+    try:
+        with np.load(path) as stored:
+            parts = [stored[f"p{i}"].astype(np.int64) for i in range(num_partitions)]
+    except (OSError, KeyError, ValueError):
+        return None  # absent, or written by something else: partition again
+    return parts
+
+
+def _write_cached(path: Path, parts: list[np.ndarray]) -> None:
+    """Write atomically (processes may race to write the same file); a cache that cannot be
+    written is no error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{f"p{i}": part for i, part in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=64)
 def _task_partitions(config_key: str, task: int, data_dir: str) -> list[np.ndarray]:
     config = Config.from_json(config_key)
     scenario = build_scenario(config, data_dir)
     labels = scenario.dataset.train.y.numpy()[scenario.tasks[task].train_idx]
-    return partition_positions(labels, config.clients, config.partition,
-                               seed=config.seed * 1000 + task, alpha=config.dirichlet_alpha,
-                               shards_per_partition=config.shards_per_client)
+    path = _cache_file(config_key, task, labels)
+    parts = _read_cached(path, config.clients)
+    if parts is None:
+        parts = partition_positions(labels, config.clients, config.partition,
+                                    seed=config.seed * 1000 + task,
+                                    alpha=config.dirichlet_alpha,
+                                    shards_per_partition=config.shards_per_client)
+        _write_cached(path, parts)
+    return parts
 
 
 def _partition_key(config: Config) -> str:
