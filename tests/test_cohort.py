@@ -63,7 +63,7 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         for name, value in alone.state_dict().items():
             # Adam divides by sqrt(v) + eps: where a gradient is ~0, rounding moves a weight by
             # a visible part of a step (lr: 7.4 % of it on one weight against torch 2.11's
-            # Adam, 2 % against torch 2.14's); SGD agrees to float rounding
+            # Adam, within 2 % against torch 2.14's); SGD agrees to float rounding
             atol = 0.1 * config.lr if variant == "adam" else 1e-5
             torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=atol)
         moved = sum(float((got.state[n] - model.state_dict()[n]).abs().sum())
