@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -463,13 +463,20 @@ def split_cohort_replies(replies: Sequence[Message],
                          node_to_pid: dict[int, int]) -> list[Message]:
     """One reply per member from the cohort replies. A cohort's error reply stays one error
     reply (all its members count as failed); a member missing from a cohort reply is failed;
-    a reduced reply (the members' mean, :func:`reply_members`) stays one reply."""
+    a reduced reply (the members' mean, :func:`reply_members`) stays one reply, or becomes an
+    error reply when the members it names are not members of its cohort."""
     members_of = {leader.metadata.message_id: group for leader, group in cohorts}
     out: list[Message] = []
     for reply in replies:
         group = members_of.get(reply.metadata.reply_to_message_id)
-        if group is None or reply.has_error() or protocol.COHORT_MEMBERS in reply.content:
+        if group is None or reply.has_error():
             out.append(reply)
+            continue
+        if protocol.COHORT_MEMBERS in reply.content:
+            problem = reduced_reply_problem(reply, [node_to_pid[m.metadata.dst_node_id]
+                                                    for m in group])
+            out.append(reply if problem is None
+                       else Message(Error(code=0, reason=problem), reply_to=group[0]))
             continue
         for member in group:
             suffix = f".{node_to_pid[member.metadata.dst_node_id]}"
@@ -497,3 +504,16 @@ def members_rejected(reply: Message) -> list[str]:
     if members is None or protocol.MEMBERS_REJECTED not in members:
         return []
     return [str(r) for r in members[protocol.MEMBERS_REJECTED]]  # type: ignore[union-attr]
+
+
+def reduced_reply_problem(reply: Message, cohort_members: Sequence[int]) -> str | None:
+    """Why a cohort's reduced reply cannot stand for the members it names, or None."""
+    try:
+        named = reply_members(reply)
+        members_rejected(reply)
+    except (KeyError, TypeError, ValueError):
+        return f"malformed {protocol.COHORT_MEMBERS} record in a cohort reply"
+    if not named or len(set(named)) != len(named) or not set(named) <= set(cohort_members):
+        return (f"a cohort reply names members {named[:10]}, not distinct members of its cohort "
+                f"{list(cohort_members)[:10]}")
+    return None

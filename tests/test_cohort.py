@@ -502,6 +502,17 @@ def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) 
     assert split == [reduced]
     assert cohort.reply_members(reduced) == [0, 2]
     assert cohort.members_rejected(reduced) == ["client 1: x"]
+    # a reply may stand only for distinct members of its own cohort
+    for ids, reason in (([0, 7], "a cohort reply names members [0, 7], not distinct members of "
+                                 "its cohort [0, 1, 2]"),
+                        ([0, 0], "a cohort reply names members [0, 0], not distinct members of "
+                                 "its cohort [0, 1, 2]"),
+                        (["x"], "malformed fedcl.cohort-members record in a cohort reply")):
+        reduced.content[protocol.COHORT_MEMBERS] = ConfigRecord({protocol.MEMBER_IDS: ids})
+        split = cohort.split_cohort_replies([reduced], cohorts, node_to_pid)
+        assert len(split) == 1 and split[0].has_error()
+        assert split[0].error.reason == reason
+        assert split[0].metadata.src_node_id == 100
 
 
 @pytest.mark.e2e
