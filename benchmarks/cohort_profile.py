@@ -1,7 +1,8 @@
-"""Where a cohort's time goes inside one ClientApp call: batched training, copying the members'
-weights off the GPU, and serialising them into Flower ArrayRecords (CNN, 3x32x32, 500 samples
-per member, batch 32, one epoch), for several cohort sizes. On a GPU the batched training is
-timed both ways: dispatched step by step ("eager") and replayed as a CUDA graph ("graph");
+"""Where a cohort's time goes inside one ClientApp call: batched training (stacked layers, and
+for comparison vmap of functional_call), copying the members' weights off the GPU, and
+serialising them into Flower ArrayRecords (CNN, 3x32x32, 500 samples per member, batch 32, one
+epoch), for several cohort sizes. On a GPU the batched training is timed both ways:
+dispatched step by step ("eager") and replayed as a CUDA graph ("graph");
 a ClientApp uses the graph for cohorts of up to ``cohort.GRAPH_MAX_MEMBERS``.
 
     python benchmarks/cohort_profile.py --sizes 1,10,50
@@ -53,7 +54,8 @@ def main() -> None:
         members = [(i, torch.randint(0, 256, (args.samples, 3, 32, 32), generator=gen,
                                      dtype=torch.uint8),
                     torch.randint(0, 10, (args.samples,), generator=gen)) for i in range(k)]
-        times: dict[str, list[float]] = {"eager": [], "graph": [], "serialise": [], "loop": []}
+        times: dict[str, list[float]] = {"eager": [], "vmap": [], "graph": [], "serialise": [],
+                                         "loop": []}
         graph_diff = 0.0
         for _ in range(args.repeats):
             sync()
@@ -63,6 +65,12 @@ def main() -> None:
                                         cuda_graph=False)
             sync()
             times["eager"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the same cohort through vmap of functional_call
+            cohort.train_cohort(model, members, config=config, task=0, round_=1, head=None,
+                                device=device, mean=mean, std=std, cuda_graph=False,
+                                generic=True)
+            sync()
+            times["vmap"].append(time.perf_counter() - t0)
             # copies, so the page-locked buffers go back to the cache as a ClientApp's do
             eager = [{n: v.clone() for n, v in r.state.items()} for r in eager]
             t0 = time.perf_counter()
@@ -93,7 +101,7 @@ def main() -> None:
         used = med["graph"] if on_gpu and k <= cohort.GRAPH_MAX_MEMBERS else med["eager"]
         graph = (f"graph {med['graph']:.3f} s (max |graph - eager| {graph_diff:.1e})"
                  if on_gpu else "no graph on a CPU")
-        print(f"cohort {k:3d}: eager {med['eager']:.3f} s, {graph}, "
+        print(f"cohort {k:3d}: eager {med['eager']:.3f} s (vmap {med['vmap']:.3f} s), {graph}, "
               f"serialise {med['serialise']:.3f} s, "
               f"one-by-one {med['loop']:.3f} s ({med['loop'] / used:.1f}x the way a ClientApp "
               "trains this cohort)", flush=True)

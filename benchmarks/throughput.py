@@ -17,7 +17,7 @@ The five ways, each in its own process tree:
 ``fedcl-fedavg``  ``fedcl simulate`` (MLflow logging and a checkpoint every round included)
 ``fedcl-fot``     ``fedcl simulate --strategy fot``
 ``fedcl-cohort``  ``fedcl simulate --cohort-size K``: FedAvg with K clients trained per
-                  ClientApp call as one vmap-batched computation (``--cohort-size``, default 10;
+                  ClientApp call as one batched computation (``--cohort-size``, default 10;
                   ``--gpus-per-cohort``, default 1 / number of cohorts)
 
 Columns: steady-state seconds per round (median of round-to-round times, leaving out each

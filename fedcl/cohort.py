@@ -3,9 +3,12 @@ computation (``cohort_size`` > 1).
 
 On a small model a GPU spends a client's round launching kernels, not doing arithmetic, and a
 simulation pays one Flower message and one Ray task per client. A cohort trains K sampled
-clients together: their parameters are stacked along a new leading dimension and one step of
-all K is one :func:`torch.func.vmap` of :func:`torch.func.grad_and_value` over
-:func:`torch.func.functional_call`, followed by one batched optimizer update.
+clients together: their parameters are stacked along a new leading dimension, and one step of
+all K is one forward and backward pass of the members' summed losses through
+:func:`stacked_forward` (every convolution one grouped convolution, every ``Linear`` one
+batched matmul), followed by one batched optimizer update. A model whose layers
+:func:`stacked_forward` does not know takes :func:`torch.func.vmap` of
+:func:`torch.func.grad_and_value` over :func:`torch.func.functional_call` instead.
 
 Each member trains exactly as :meth:`fedcl.training.LocalTrainer.train` would train it alone:
 its own data, its batches drawn from the same seeded generator (:func:`member_batches`), the
@@ -23,8 +26,8 @@ own result by up to 5% of the update; cohort training lands within that spread.
 
 Deviations, by design:
 
-* dropout masks are drawn by ``vmap(randomness="different")`` from one generator, so a model
-  with dropout (the MLP) trains with different masks than it would alone (from the same
+* dropout masks are drawn for all members at once from one generator, so a model with
+  dropout (the MLP) trains with different masks than it would alone (from the same
   distribution); models without dropout (the CNN) agree to rounding;
 * batch norm is refused: its running statistics are module state that vmap cannot batch;
 * fault injection (``client_fault_rate``) draws once per cohort, for its leader: a faulty
@@ -56,10 +59,12 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.nn import functional as F
 
 from fedcl import protocol
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
+from fedcl.models import MLP, ContinualModel, SmallCNN
 from fedcl.training import round_seed
 
 Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor | None]
@@ -238,15 +243,89 @@ def check_batchable(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Stacked layers: the members' forward as grouped convolutions and batched matmuls
+# --------------------------------------------------------------------------------------------
+STACKED_LAYERS = (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Dropout)
+_BODY_ONLY_FEATURES = (MLP.features, SmallCNN.features)  # features(x) is self.body(x)
+
+
+def stacked_body(model: nn.Module) -> nn.Sequential | None:
+    """The model's ``body`` when :func:`stacked_forward` can run all members through it: a
+    :class:`ContinualModel` whose features are exactly its Sequential ``body`` (the MLP, the
+    CNN) built only of :data:`STACKED_LAYERS` (zero-padded convolutions, whole-sample
+    flattening); else None, and the cohort falls back to ``vmap`` of ``functional_call``."""
+    body = getattr(model, "body", None)
+    if not isinstance(model, ContinualModel) or not isinstance(body, nn.Sequential) \
+            or type(model).features not in _BODY_ONLY_FEATURES:
+        return None
+    for layer in body:
+        if type(layer) not in STACKED_LAYERS \
+                or (isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros") \
+                or (isinstance(layer, nn.Flatten) and (layer.start_dim, layer.end_dim) != (1, -1)):
+            return None
+    return body
+
+
+def _ungroup(h: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, K*C, H, W]`` (members side by side in the channels) to ``[K, B, C, H, W]``."""
+    return h.view(h.shape[0], k, -1, *h.shape[2:]).transpose(0, 1)
+
+
+def _stacked_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """Member i's ``Linear`` on ``h[i]``: ``h`` ``[K, ..., in]``, ``weight`` ``[K, out, in]``."""
+    flat = h.reshape(h.shape[0], -1, h.shape[-1])
+    out = torch.bmm(flat, weight.transpose(1, 2)) if bias is None \
+        else torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return out.view(*h.shape[:-1], weight.shape[1])
+
+
+def stacked_forward(body: nn.Sequential, head_prefix: str, weights: dict[str, torch.Tensor],
+                    x: torch.Tensor) -> torch.Tensor:
+    """Every member's logits, ``[K, B, classes]``, for inputs ``x`` ``[K, B, ...]`` (member i's
+    batch in row i), with member i's weights in row i of ``weights`` (the body's and the head's
+    parameters by state_dict name; ``head_prefix`` is the head's, ``"heads.1."``). The same
+    arithmetic as ``head(body(x[i]))`` member by member, as few kernels: image activations
+    are kept as ``[B, K*C, H, W]``, members side by side in the channels, so a convolution of
+    all members is one convolution with ``K`` times the groups (what ``vmap`` makes of it,
+    without moving the activations back and forth), pooling is per channel anyway, and a
+    ``Linear`` of all members is one batched matmul. ReLU and dropout are element-wise
+    (dropout draws every member's mask from the one generator)."""
+    k, batch = int(x.shape[0]), int(x.shape[1])
+    h, grouped = x, False
+    for i, layer in enumerate(body):
+        w = weights.get(f"body.{i}.weight")
+        b = weights.get(f"body.{i}.bias")
+        if isinstance(layer, nn.Conv2d):
+            if not grouped:
+                h, grouped = h.transpose(0, 1).reshape(batch, -1, *h.shape[3:]), True
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                         layer.stride, layer.padding, layer.dilation, layer.groups * k)
+        elif isinstance(layer, nn.MaxPool2d):
+            h = layer(h) if grouped else layer(h.flatten(0, 1)).unflatten(0, (k, batch))
+        elif isinstance(layer, nn.Flatten):
+            h = h.reshape(batch, k, -1).transpose(0, 1) if grouped else h.flatten(2)
+            grouped = False
+        elif isinstance(layer, nn.Linear):
+            h = _stacked_linear(_ungroup(h, k) if grouped else h, w, b)
+            grouped = False
+        else:  # ReLU, Dropout
+            h = layer(h)
+    if grouped:
+        h = _ungroup(h, k)
+    return _stacked_linear(h, weights[head_prefix + "weight"], weights.get(head_prefix + "bias"))
+
+
+# --------------------------------------------------------------------------------------------
 # Training a cohort
 # --------------------------------------------------------------------------------------------
 GRAPH_WARMUP_STEPS = 3  # eager steps before capture (cuDNN/cuBLAS set-up, optimizer state)
 # Cohorts up to this size replay a CUDA graph by default. Measured on an H200 (small CNN,
-# 500 samples per member, batch 32, `benchmarks/cohort_profile.py`): a graph trains 1 member
-# in 0.033 s against 0.078 s eager and 5 in 0.060 against 0.094, but 10 in 0.108 against
-# 0.102 and 50 in 0.275 against 0.159: past a few members the step is GPU-bound, dispatch
-# hides behind it, and capturing costs more than it saves.
-GRAPH_MAX_MEMBERS = 5
+# 500 samples per member, batch 32, `benchmarks/cohort_profile.py`, stacked layers): a graph
+# trains 1 member in 0.025 s against 0.041 s eager, but 5 in 0.066 against 0.050 and 50 in
+# 0.315 against 0.127: past a member or two the step is GPU-bound, dispatch hides behind it,
+# and capturing costs more than it saves.
+GRAPH_MAX_MEMBERS = 1
 
 
 _GRAPH_RESOURCES: dict[torch.device, tuple[torch.cuda.Stream, object]] = {}
@@ -315,24 +394,30 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
                  config: Config, task: int, round_: int, head: int | None,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
                  regularizer: Regularizer | None = None,
-                 cuda_graph: bool | None = None) -> list[MemberResult]:
+                 cuda_graph: bool | None = None, generic: bool = False) -> list[MemberResult]:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation (:func:`train_stacked`); each member's result on the CPU."""
     return train_stacked(model, members, config=config, task=task, round_=round_, head=head,
                          device=device, mean=mean, std=std, regularizer=regularizer,
-                         cuda_graph=cuda_graph).members()
+                         cuda_graph=cuda_graph, generic=generic).members()
 
 
 def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                   *, config: Config, task: int, round_: int, head: int | None,
                   device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
                   regularizer: Regularizer | None = None,
-                  cuda_graph: bool | None = None) -> TrainedCohort:
+                  cuda_graph: bool | None = None, generic: bool = False) -> TrainedCohort:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation; ``x`` are uint8 images and ``y`` head targets, as for one client (on
     ``device`` already, or copied there). With ``cuda_graph`` (by default: on CUDA, for up to
     :data:`GRAPH_MAX_MEMBERS` members) the step is captured once in a CUDA graph and replayed
-    (:func:`run_steps`). The trained weights stay stacked on ``device``."""
+    (:func:`run_steps`). The trained weights stay stacked on ``device``.
+
+    A model :func:`stacked_body` accepts runs through :func:`stacked_forward`, and one backward
+    pass of the members' summed losses gives every member its own gradient (members share no
+    weights); any other model, or ``generic``, takes ``vmap`` of ``grad_and_value`` over
+    ``functional_call``. The two agree to float rounding; the first is faster (H200, 50 CNN
+    members: 92 against 105 ms an epoch; 10 members: 42 against 76 ms)."""
     model = model.to(device).train()
     check_batchable(model)
     k = len(members)
@@ -374,7 +459,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
                 loss = loss + extra
         return loss
 
-    step_fn = vmap(grad_and_value(member_loss), randomness="different")
+    body = None if generic else stacked_body(model)
+    if body is None:
+        step_fn = vmap(grad_and_value(member_loss), randomness="different")
+    else:
+        step_fn = _stacked_step(model, body, head, k, names, buffers, regularizer)
     rows = torch.arange(k, device=device).unsqueeze(1)
     total = torch.zeros(k, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
@@ -421,6 +510,41 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         keys=list(state), num_examples=sizes,
         losses=[loss / max(n, 1) for loss, n in zip(losses_host, steps_host, strict=True)],
         steps=[int(n) for n in steps_host])
+
+
+def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: int,
+                  names: list[str], fixed: dict[str, torch.Tensor],
+                  regularizer: Regularizer | None) -> Callable[..., tuple[dict, torch.Tensor]]:
+    """A step function with ``vmap(grad_and_value(member_loss))``'s signature and results
+    (each member's gradients and loss) that runs the members through :func:`stacked_forward`
+    and takes one backward pass of their summed losses."""
+    head_module = model.head_for(head)  # type: ignore[operator]
+    index = next(i for i, h in enumerate(model.heads) if h is head_module)  # type: ignore[arg-type]
+    prefix = f"heads.{index}."
+    # what training leaves alone but the forward reads (a frozen layer): the same for everyone
+    frozen = {name: t.unsqueeze(0).expand(k, *t.shape) for name, t in fixed.items()
+              if name.startswith(("body.", prefix))}
+    start = [model.get_parameter(n).detach() for n in names]
+    member_regularizer = None
+    if regularizer is not None and regularizer(start, start) is not None:
+        member_regularizer = vmap(regularizer, randomness="different")
+
+    def step_fn(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+                mb: torch.Tensor, ref: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        leaves = {name: params[name].detach().requires_grad_(True) for name in names}
+        out = stacked_forward(body, prefix, {**frozen, **leaves}, xb)
+        ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view_as(mb)
+        losses = (ce * mb).sum(dim=1) / mb.sum(dim=1).clamp(min=1.0)
+        if member_regularizer is not None:
+            losses = losses + member_regularizer([leaves[n] for n in names],
+                                                 [ref[n] for n in names])
+        grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names],
+                                    allow_unused=True)
+        return ({name: torch.zeros_like(leaves[name]) if g is None else g
+                 for name, g in zip(names, grads, strict=True)}, losses.detach())
+
+    return step_fn
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,14 +61,73 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
         assert list(got.state) == list(alone.state_dict())
         for name, value in alone.state_dict().items():
-            # Adam divides by sqrt(v) + eps: where a gradient is ~0, rounding moves a weight by
-            # a visible part of a step (lr: 7.4 % of it on one weight against torch 2.11's
-            # Adam, within 2 % against torch 2.14's); SGD agrees to float rounding
-            atol = 0.1 * config.lr if variant == "adam" else 1e-5
-            torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=atol)
+            if variant != "adam":  # SGD agrees to float rounding
+                torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=1e-5)
+                continue
+            # Adam divides by sqrt(v) + eps: where a weight's gradient is ~0 its sign is
+            # rounding noise, and the weight may move by up to lr a step either way (seen: 43
+            # of 18,432 weights, by up to 16 % of lr, on one machine's CPU); the rest agree to
+            # float rounding
+            diff = (got.state[name] - value).abs()
+            apart = diff > 1e-5 + 1e-4 * value.abs()
+            assert float(apart.float().mean()) < 0.01, (name, int(apart.sum()))
+            assert float(diff.max()) <= got.steps * config.lr, name
         moved = sum(float((got.state[n] - model.state_dict()[n]).abs().sum())
                     for n in got.state)
         assert moved > 1e-2  # the members really trained
+
+
+@pytest.mark.parametrize("kind", ["cnn", "cnn-grouped-conv", "mlp"])
+def test_stacked_forward_is_each_members_own_forward(kind: str) -> None:
+    """Three members with their own weights: stacked_forward's logits are, row by row, the
+    model's forward with that member's weights (a grouped, strided convolution too)."""
+    torch.manual_seed(1)
+    model = build_model("mlp" if kind == "mlp" else "cnn", (3, 8, 8), 4, 2).eval()
+    if kind == "cnn-grouped-conv":
+        model.body[3] = torch.nn.Conv2d(32, 64, kernel_size=3, padding=1, stride=2, groups=4)
+        model.body[7] = torch.nn.Linear(64, 256)  # 8x8 -> 4 (pool) -> 2 (stride) -> 1 (pool)
+    body = cohort.stacked_body(model)
+    assert body is model.body
+    members = [{n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
+               for _ in range(3)]
+    stacked = {n: torch.stack([m[n] for m in members]) for n in members[0]}
+    x = torch.randn(3, 5, 3, 8, 8)
+    got = cohort.stacked_forward(body, "heads.1.", stacked, x)
+    assert got.shape == (3, 5, 4)
+    for i, weights in enumerate(members):
+        expected = torch.func.functional_call(model, weights, (x[i],), {"task": 1})
+        torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_models_stacked_layers_cannot_run_take_vmap() -> None:
+    """stacked_body refuses what stacked_forward cannot batch (a layer it does not know, a
+    reflect-padded convolution, the ResNet's blocks); train_cohort then takes vmap, and both
+    roads train a cohort alike (to float rounding)."""
+    cnn = build_model("cnn", (3, 8, 8), 4, 1)
+    assert cohort.stacked_body(cnn) is cnn.body
+    assert cohort.stacked_body(build_model("resnet18", (3, 8, 8), 4, 1)) is None
+    tanh = copy.deepcopy(cnn)
+    tanh.body[1] = torch.nn.Tanh()
+    assert cohort.stacked_body(tanh) is None
+    reflect = copy.deepcopy(cnn)
+    reflect.body[0].padding_mode = "reflect"
+    assert cohort.stacked_body(reflect) is None
+    config = Config(batch_size=16, local_epochs=1, lr=0.05, momentum=0.9, seed=7, device="cpu")
+    members = _members([37, 50, 21])
+
+    def train(model: torch.nn.Module, generic: bool) -> list[cohort.MemberResult]:
+        return cohort.train_cohort(copy.deepcopy(model), members, config=config, task=0,
+                                   round_=1, head=None, device=torch.device("cpu"), mean=MEAN,
+                                   std=STD, generic=generic)
+
+    for model in (cnn, tanh):
+        stacked, generic = train(model, False), train(model, True)
+        for a, b in zip(stacked, generic, strict=True):
+            assert a.steps == b.steps == -(-a.num_examples // 16)
+            assert a.loss == pytest.approx(b.loss, rel=1e-5)
+            for name in a.state:
+                torch.testing.assert_close(a.state[name], b.state[name], rtol=1e-4, atol=1e-6)
+            assert float((a.state["body.0.weight"] - model.body[0].weight).abs().sum()) > 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -115,22 +174,20 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_with_dropout_draws_the_eager_masks() -> None:
     """The MLP draws dropout masks inside the captured step: PyTorch's graph-safe generator
-    gives each replay the draws the eager step would make, so a graph-trained cohort (the
-    default within GRAPH_MAX_MEMBERS) equals eager training bit for bit, and its members
-    train."""
+    gives each replay the draws the eager step would make, so a graph-trained cohort equals
+    eager training bit for bit, and its members train."""
     config = Config(batch_size=16, local_epochs=2, lr=0.05, seed=7, device="cuda")
     torch.manual_seed(0)
     model = build_model("mlp", (3, 8, 8), 4, 1)
     members = _members([37, 50, 21])
-    assert len(members) <= cohort.GRAPH_MAX_MEMBERS
 
-    def train(graph: bool | None) -> list[cohort.MemberResult]:
+    def train(graph: bool) -> list[cohort.MemberResult]:
         return cohort.train_cohort(copy.deepcopy(model), members, config=config, task=0,
                                    round_=1, head=None, device=torch.device("cuda"),
                                    mean=MEAN, std=STD, cuda_graph=graph)
 
-    by_default, again, eager = train(None), train(True), train(False)
-    for a, b, e in zip(by_default, again, eager, strict=True):
+    graphed, again, eager = train(True), train(True), train(False)
+    for a, b, e in zip(graphed, again, eager, strict=True):
         assert a.steps == b.steps == e.steps == 2 * -(-a.num_examples // 16)
         for name in a.state:
             assert torch.equal(a.state[name], b.state[name]), name
