@@ -64,14 +64,14 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
             if variant != "adam":  # SGD agrees to float rounding
                 torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=1e-5)
                 continue
-            # Adam divides by sqrt(v) + eps: where a weight's gradient is ~0 its sign is
-            # rounding noise, and the weight may move by up to lr a step either way (seen: 43
-            # of 18,432 weights, by up to 16 % of lr, on one machine's CPU); the rest agree to
-            # float rounding
+            # Adam scales every step to ~lr whatever the gradient's size, so where rounding
+            # flips a near-tie (a ReLU, a max-pool) early on, the member's later steps go a
+            # little another way: seen on one machine's CPU, one member's weights differed by
+            # up to 6.4 % of how far they moved (vmap of functional_call gives the same); SGD
+            # and this machine agree to float rounding
             diff = (got.state[name] - value).abs()
-            apart = diff > 1e-5 + 1e-4 * value.abs()
-            assert float(apart.float().mean()) < 0.01, (name, int(apart.sum()))
-            assert float(diff.max()) <= got.steps * config.lr, name
+            moved = (value - model.state_dict()[name]).abs()
+            assert float(diff.max()) <= 0.1 * float(moved.max()), name
         moved = sum(float((got.state[n] - model.state_dict()[n]).abs().sum())
                     for n in got.state)
         assert moved > 1e-2  # the members really trained
