@@ -38,7 +38,7 @@ def main() -> None:
                                acc_per_task=[0.5] * 5, avg_acc=0.5, min_acc=0.4, wc_acc=0.45,
                                train_loss=0.3, clients=50, failures=0, seconds=1.0)
                    for r in range(100)]
-        progress = checkpoint.Progress(arrays=arrays, baseline=[0.1] * 5, records=records,
+        progress = checkpoint.RunState(arrays=arrays, baseline=[0.1] * 5, records=records,
                                        curves=[[0.5] * 5] * 100, round_task=[0] * 100)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / checkpoint.FILE

@@ -27,14 +27,14 @@ from fedcl.errors import FedclError
 from fedcl.results import RoundRecord
 
 if TYPE_CHECKING:
-    from strategies.base import ContinualStrategy
+    from fedcl.strategy import ContinualStrategy
 
 FILE = "checkpoint.pt"
 VERSION = 1
 
 
 @dataclass
-class Progress:
+class RunState:
     """Everything a run has done so far: what a checkpoint holds, and where it resumes."""
 
     arrays: ArrayRecord
@@ -57,7 +57,7 @@ class Progress:
     wall_time_before_s: float = 0.0  # wall time of the sessions before this one
 
 
-def save(path: Path, progress: Progress, strategy: ContinualStrategy, config: Config,
+def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Config,
          run_id: str | None, wall_time_s: float, extra: dict[str, Any] | None = None) -> None:
     """Write the checkpoint atomically (temporary file, then rename); ``extra``: more state by
     name (the unlearning method's)."""
@@ -94,7 +94,7 @@ def config_of(payload: dict[str, Any]) -> Config:
     return config_from_dict(payload["config"], source="the checkpoint").validate()
 
 
-def restore(payload: dict[str, Any], strategy: ContinualStrategy) -> Progress:
+def restore(payload: dict[str, Any], strategy: ContinualStrategy) -> RunState:
     """The run's progress, with the strategy's state and the RNGs put back."""
     fields = dict(payload["progress"])
     fields["arrays"] = ArrayRecord(fields["arrays"])
@@ -103,7 +103,7 @@ def restore(payload: dict[str, Any], strategy: ContinualStrategy) -> Progress:
     strategy.load_state_dict(payload["strategy"])
     torch.set_rng_state(payload["torch_rng"])
     np.random.set_state(payload["numpy_rng"])
-    return Progress(**fields)
+    return RunState(**fields)
 
 
 def _ray_session_dir() -> str | None:

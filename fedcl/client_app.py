@@ -22,13 +22,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedcl import cohort, protocol
+from fedcl.client_ops import ClientData, TaskData, find_operation
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
-from fedcl.erasure import ErasedData, held_positions
+from fedcl.erasure import ErasedData, held_positions, parse_erasure, request_split
 from fedcl.training import LocalRound, LocalTrainer, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
 from strategies import registry
+from strategies import registry as plugins  # TODO(merge): fedcl.plugins
+from strategies import unlearning as unlearning_methods  # TODO(merge)
 
 app = ClientApp()
 
@@ -98,13 +101,43 @@ def reply_metrics(result: TrainResult) -> MetricRecord:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say who this client is (the server's roster call at start-up), or run an unlearning
-    method's operation on this client's data (:mod:`strategies.unlearning.client_ops`)."""
+    method's operation on this client's data (:mod:`fedcl.client_ops`)."""
     cfg_record = msg.content.get(protocol.CONFIG)
     if cfg_record is not None and protocol.OP in cfg_record:
-        from strategies.unlearning.client_ops import run_operation
-
-        return run_operation(msg, context, _info)
+        return run_operation(msg, context)
     return Message(RecordDict({protocol.CLIENT_INFO: _info(context)}), reply_to=msg)
+
+
+def run_operation(msg: Message, context: Context) -> Message:
+    """Run the unlearning operation the message names (``protocol.OP``) on this client's
+    forget and retain samples of the request, and reply with the records it computes (never
+    the samples). The run's unlearning method is looked up first, which registers its
+    operations."""
+    started = time.perf_counter()
+    cfg = msg.content[protocol.CONFIG]
+    config = Config.from_json(str(cfg[protocol.RUN_CONFIG_JSON]))
+    # imports the method: its operations register  TODO(merge) plugins.get_unlearning
+    unlearning_methods.get(config.unlearning)
+    operation = find_operation(str(cfg[protocol.OP]))
+    pid, _ = client_identity(context)
+    data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
+    scenario = build_scenario(config, data_dir)
+    request = parse_erasure(str(cfg[protocol.OP_REQUEST]))
+    before = ErasedData.decode(str(cfg.get(protocol.ERASED_CLASSES, "")))
+    tasks = []
+    for task in (int(t) for t in cfg[protocol.OP_TASKS] if int(t) >= 0):
+        forget, retain = request_split(config, scenario, request, pid, task, data_dir, before)
+        tasks.append(TaskData(task, scenario.head_for(task), scenario.train_data(task, forget),
+                              scenario.train_data(task, retain)))
+    device = resolve_device(config.device)
+    model = plugins.build_model(config, scenario)
+    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    data = ClientData(config, model.to(device), tasks, device, scenario.dataset.mean,
+                      scenario.dataset.std, cfg, pid, msg.content)
+    records = operation(data)
+    content = RecordDict({**records, protocol.CLIENT_INFO: _info(context, device,
+                                                                started=started)})
+    return Message(content, reply_to=msg)
 
 
 @app.train()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flwr.app import Message
+
 # Records in a message's RecordDict (Flower's FedAvg defaults for the first two).
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -57,3 +62,10 @@ QUERY_IDENTITY = "fedcl.identity"
 
 # The client's own slice of Context.state.
 CLIENT_STATE = "fedcl.client"
+
+
+def reply_partition_id(reply: Message) -> int:
+    """The partition id of the client that sent ``reply`` (its :data:`CLIENT_INFO` record):
+    the one place the server reads a reply's identity. Raises KeyError when it is missing
+    (the reply screening refuses such replies first)."""
+    return int(reply.content[CLIENT_INFO][PARTITION_ID])  # type: ignore[index]

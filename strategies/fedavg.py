@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedcl.config import Config
-from strategies.base import ContinualStrategy
+from fedcl.strategy import Capabilities, ContinualStrategy
 from strategies.registry import NoParams, register
 
 
@@ -22,6 +22,8 @@ def flower_kwargs(config: Config) -> dict[str, object]:
 
 class FedAvgCL(ContinualStrategy, FedAvg):
     """Flower's FedAvg, unchanged, with fedcl's continual hooks."""
+
+    capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=False)
 
 
 @register("fedavg", "Federated averaging of client weights, weighted by sample count "

@@ -9,8 +9,8 @@ from flwr.serverapp.strategy import FedProx
 
 from fedcl.config import Config
 from fedcl.errors import ConfigError
+from fedcl.strategy import Capabilities, ContinualStrategy
 from fedcl.training import LocalRound, LocalTrainer
-from strategies.base import ContinualStrategy
 from strategies.fedavg import flower_kwargs
 from strategies.registry import register
 
@@ -27,6 +27,8 @@ class FedProxParams:
 
 class FedProxCL(ContinualStrategy, FedProx):
     """Flower's FedProx (sends ``proximal-mu`` to clients), with fedcl's continual hooks."""
+
+    capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=False)
 
 
 class FedProxTrainer(LocalTrainer):

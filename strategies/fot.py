@@ -43,8 +43,8 @@ from flwr.serverapp.strategy import FedAvg
 from fedcl import protocol, subspace
 from fedcl.config import Config
 from fedcl.errors import ConfigError
+from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
 from fedcl.training import LocalRound, LocalTrainer, TrainResult
-from strategies.base import ContinualStrategy, RoundInfo
 from strategies.fedavg import flower_kwargs
 from strategies.registry import register
 
@@ -123,6 +123,9 @@ class FOT(ContinualStrategy, FedAvg):
     """FedAvg with the aggregated update projected off the old tasks' input subspace."""
 
     payload_keys = (SKETCH, STATS)
+    # FedAvg's mean, then the projection; cohorts may average outside a task's last round
+    # (cohort_mean_key); the basis is task-end state, rebuilt after unlearning
+    capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=True)
 
     def __init__(self, params: FOTParams, layers: list[str], **kwargs: object) -> None:
         super().__init__(**kwargs)

@@ -39,8 +39,8 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
+from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
 from fedcl.training import LocalRound, LocalTrainer, TrainResult, make_optimizer, round_seed
-from strategies.base import ContinualStrategy, RoundInfo
 from strategies.fedavg import flower_kwargs
 from strategies.registry import register
 
@@ -132,6 +132,9 @@ class PRD(ContinualStrategy, FedAvg):
     """FedAvg of encoder and projection head; prototypes averaged per class by sample count."""
 
     payload_keys = (COUNTS,)
+    # FedAvg's mean of encoder and head, then prototypes class by class from each reply's
+    # counts (so one reply per client); the previous task's model is task-end state
+    capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=False, task_end_state=True)
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)

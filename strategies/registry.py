@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
     from fedcl.config import Config
     from fedcl.data.scenarios import Scenario
+    from fedcl.strategy import ContinualStrategy
     from fedcl.training import LocalTrainer
-    from strategies.base import ContinualStrategy
 
 
 @dataclass(frozen=True)

@@ -526,18 +526,19 @@ def test_which_rounds_a_cohort_may_average() -> None:
     FOT's (by unit weight, as it averages) but a task's last (the sketches), PRD's never (its
     payloads); FedEraser keeps each
     client's reply, so a run with it sends none to average."""
-    from fedcl.erasure import Erasures
-    from strategies import registry
-    from strategies.base import RoundInfo
+    from fedcl.strategy import RoundInfo
+    from strategies import registry, unlearning
 
     mid, last = RoundInfo(0, 1, 2, 1), RoundInfo(0, 2, 2, 2)
     keys = {name: [registry.build(Config(strategy=name, model="cnn")).cohort_mean_key(info)
                    for info in (mid, last)] for name in ("fedavg", "fedprox", "fot", "prd")}
     assert keys == {"fedavg": [protocol.NUM_EXAMPLES] * 2, "fedprox": [protocol.NUM_EXAMPLES] * 2,
                     "fot": [protocol.UNIT_WEIGHT, None], "prd": [None, None]}
-    observes = {name: Erasures(None, Config(unlearning=name), None, None, None).observes_rounds
-                for name in ("retrain", "federaser", "ssd")}
-    assert observes == {"retrain": False, "federaser": True, "ssd": False}
+    wrapped = {name: unlearning.build(Config(unlearning=name)).wrap(
+        registry.build(Config(strategy="fedavg"))).cohort_mean_key(mid)
+        for name in ("retrain", "federaser", "ssd")}
+    assert wrapped == {"retrain": protocol.NUM_EXAMPLES, "federaser": None,
+                       "ssd": protocol.NUM_EXAMPLES}
 
 
 def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) -> None:

@@ -15,9 +15,9 @@ from fedcl import protocol, subspace
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
+from fedcl.strategy import RoundInfo
 from fedcl.training import LocalRound, TrainResult
 from strategies import registry
-from strategies.base import RoundInfo
 from strategies.fedavg import flower_kwargs
 from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 

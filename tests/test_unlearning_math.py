@@ -1,4 +1,4 @@
-"""The unlearning math on hand-worked tensors (fedcl.unlearning)."""
+"""The unlearning math on hand-worked tensors (fedcl.unlearning_math)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedcl.unlearning import (
+from fedcl.unlearning_math import (
     entropy_mia,
     federaser_calibrate,
     fisher_importance,

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from fedcl.client_ops import ClientData, TaskData
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
@@ -21,9 +22,8 @@ from fedcl.erasure import (
     request_split,
 )
 from fedcl.errors import ConfigError
-from fedcl.unlearning import fisher_importance, weighted_mean
+from fedcl.unlearning_math import fisher_importance, weighted_mean
 from strategies import unlearning
-from strategies.unlearning.client_ops import ClientData, TaskData
 from strategies.unlearning.gs_lora import adapter_state, group_lasso, load_adapters, lora_model
 from strategies.unlearning.projection import mean_gradient
 from strategies.unlearning.ssd import client_importances

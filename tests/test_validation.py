@@ -130,7 +130,7 @@ def test_good_reply_passes_and_norm_limit_scales_with_model() -> None:
 
 
 def test_aggregate_keeps_integer_buffers_integer() -> None:
-    from fedcl.server_app import keep_dtypes
+    from fedcl.rounds import keep_dtypes
 
     # Flower's weighted mean of BatchNorm's num_batches_tracked (3 and 6) comes back float64
     averaged = ArrayRecord({"bn.num_batches_tracked": torch.tensor(4.6, dtype=torch.float64),

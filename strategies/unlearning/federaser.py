@@ -1,6 +1,7 @@
 """federaser: FedEraser's calibrated unlearning (Liu et al., IWQoS 2021), in a task stream.
 
-Research notes §9.1. During the run the server stores, every ``interval`` rounds (and in every
+Research notes §9.1. During the run the server stores (:class:`UpdateRecorder`, a wrapper
+around the run's strategy), every ``interval`` rounds (and in every
 task's last round), the global model the round started from and every participating client's
 returned model, on disk under ``<output>/federaser/`` (``storage_mb`` in the request's entry).
 To forget, it walks the stored rounds in order from the initial model:
@@ -14,27 +15,37 @@ To forget, it walks the stored rounds in order from the initial model:
   last round, sketches: its basis is rebuilt on the way); with ``oldU`` the stored update
   (weighted mean of the remaining clients' stored models less ``GM_t``) and ``newU`` the
   calibration update, ``newGM_{t+1} = newGM_t + ||oldU|| newU / ||newU||`` per tensor
-  (:func:`fedcl.unlearning.federaser_calibrate`).
+  (:func:`fedcl.unlearning_math.federaser_calibrate`).
 
-The strategy that walked the stored rounds is the one the run goes on with. Deviations: the
-paper has every client in every round; here each stored round has the clients sampled in it.
-Client weights follow the run's strategy (sample counts, or FOT's uniform weights).
+The walk over the stored rounds is a walk of the task-stream driver (:class:`CalibrationWalk`):
+``begin_task`` before a task's first stored round, ``end_task`` after its last round. The
+strategy that walked the stored rounds is the one the run goes on with. Deviations: the paper
+has every client in every round; here each stored round has the clients sampled in it. Client
+weights follow the run's strategy (sample counts, or FOT's uniform weights). A stored round
+left without clients by the request is skipped (the model passes through unchanged).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from fedcl import protocol
 from fedcl.errors import ConfigError
-from fedcl.unlearning import federaser_calibrate, weighted_mean
-from strategies.unlearning import UnlearningJob, UnlearningMethod, register
+from fedcl.rounds import train_round
+from fedcl.strategy import ContinualStrategy, RoundInfo, StrategyWrapper
+from fedcl.stream import TaskStreamDriver
+from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+from fedcl.unlearning_math import federaser_calibrate, weighted_mean
+from strategies import registry as plugins  # TODO(merge): fedcl.plugins
+from strategies.unlearning import register
 
 STORE_DIR = "federaser"
 
@@ -53,40 +64,113 @@ class FedEraserParams:
             raise ConfigError(f"federaser epoch_ratio must be in (0, 1], got {self.epoch_ratio}")
 
 
-class FedEraser(UnlearningMethod):
-    def __init__(self, params: FedEraserParams, out_dir: Any) -> None:
-        super().__init__(params, out_dir)
-        self.store = Path(out_dir or "outputs") / STORE_DIR
+class UpdateRecorder(StrategyWrapper):
+    """The run's strategy, recording each stored round's clients' models as it aggregates
+    them (every ``interval`` rounds and every task's last round): the global model the round
+    started from and each reply's arrays, sample count and unit weight, to
+    ``<store>/round_<round>.pt``. Every client's own reply is needed, so cohorts do not
+    average their members (``cohort_mean_key`` is None)."""
 
-    def observe_round(self, info: Any, arrays_before: ArrayRecord, replies: list[Message],
-                      erased: Any) -> None:
-        if (info.round - 1) % self.params.interval and not info.last_of_task:
+    def __init__(self, inner: ContinualStrategy, store: Path, interval: int) -> None:
+        super().__init__(inner)
+        self.store, self.interval = store, interval
+        self._round: tuple[RoundInfo, ArrayRecord] | None = None
+
+    def cohort_mean_key(self, info: RoundInfo) -> str | None:
+        return None
+
+    def configure_round(self, info: RoundInfo, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        self._round = (info, arrays)
+        return self.inner.configure_round(info, arrays, config, grid)
+
+    def take_payloads(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)  # a round whose clients all hold no samples ends here
+        self._record(replies)
+        return self.inner.take_payloads(replies)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, Any]:
+        replies = list(replies)
+        self._record(replies)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def _record(self, replies: list[Message]) -> None:
+        if self._round is None:
+            return
+        info, arrays_before = self._round
+        self._round = None
+        if (info.round - 1) % self.interval and not info.last_of_task:
             return
         self.store.mkdir(parents=True, exist_ok=True)
         clients = {}
         for msg in replies:
-            pid = int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
             metrics = msg.content[protocol.METRICS]
-            clients[pid] = {"state": msg.content[protocol.ARRAYS].to_torch_state_dict(),
-                            protocol.NUM_EXAMPLES: float(metrics[protocol.NUM_EXAMPLES]),
-                            protocol.UNIT_WEIGHT: float(metrics[protocol.UNIT_WEIGHT])}
+            clients[protocol.reply_partition_id(msg)] = {
+                "state": msg.content[protocol.ARRAYS].to_torch_state_dict(),
+                protocol.NUM_EXAMPLES: float(metrics[protocol.NUM_EXAMPLES]),
+                protocol.UNIT_WEIGHT: float(metrics[protocol.UNIT_WEIGHT])}
         path = self.store / f"round_{info.round:06d}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save({"round": info.round, "task": info.task, "task_round": info.task_round,
                     "global": arrays_before.to_torch_state_dict(), "clients": clients}, tmp)
         tmp.replace(path)
 
+
+class CalibrationWalk(TaskStreamDriver):
+    """FedEraser's walk over the stored rounds (the task-stream driver calls the strategy's
+    task hooks, so FOT's basis grows again on the way)."""
+
+    def __init__(self, strategy: ContinualStrategy, arrays: ArrayRecord, job: UnlearningJob,
+                 stored: dict[int, Path], calib_json: str) -> None:
+        super().__init__(strategy, arrays)
+        self.job, self.stored, self.calib_json = job, stored, calib_json
+        self.weight_key = getattr(strategy, "weighted_by_key", protocol.NUM_EXAMPLES)
+        self.calibrated = 0
+
+    def run_round(self, info: RoundInfo) -> None:
+        job = self.job
+        stored = torch.load(self.stored[info.round], weights_only=False)
+        remaining = {pid: c for pid, c in stored["clients"].items()
+                     if pid not in job.after.clients}
+        old_states = [(c[self.weight_key], c["state"]) for c in remaining.values()]
+        if not remaining or sum(w for w, _ in old_states) == 0:
+            return  # nobody left who trained in this round: nothing to calibrate
+        if info.round == 1 and job.request.kind == "client" and not info.last_of_task:
+            mean = weighted_mean(old_states)
+            self.arrays = ArrayRecord({k: mean[k].to(v.dtype) for k, v in
+                                       self.arrays.to_torch_state_dict().items()})
+            return
+        start = self.arrays.to_torch_state_dict()
+        outcome = train_round(job.grid, job.roster, self.strategy, job.config, self.calib_json,
+                              self.arrays, info, sorted(remaining), job.cancel, replay=True,
+                              erased=job.after)
+        calibrated = outcome.arrays.to_torch_state_dict()
+        old_mean = weighted_mean(old_states)
+        gm_t = stored["global"]
+        float_keys = [k for k, v in start.items() if v.is_floating_point()]
+        old_u = {k: old_mean[k] - gm_t[k].double() for k in float_keys}
+        new_u = {k: calibrated[k].double() - start[k].double() for k in float_keys}
+        stepped = federaser_calibrate({k: start[k] for k in float_keys}, old_u, new_u)
+        self.arrays = ArrayRecord({**calibrated, **stepped})
+        self.calibrated += 1
+
+
+class FedEraser(UnlearningMethod):
+    def __init__(self, params: FedEraserParams, out_dir: Any) -> None:
+        super().__init__(params, out_dir)
+        self.store = Path(out_dir or "outputs") / STORE_DIR
+
+    def wrap(self, strategy: ContinualStrategy) -> ContinualStrategy:
+        return UpdateRecorder(strategy, self.store, self.params.interval)
+
     def stored_rounds(self, upto: int) -> list[Path]:
         files = sorted(self.store.glob("round_*.pt")) if self.store.is_dir() else []
         return [f for f in files if int(f.stem.split("_")[1]) <= upto]
 
-    def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
-        from fedcl.server_app import RoundInfo, train_round
-        from strategies import registry
-
-        config, req = job.config, job.request
-        strategy = registry.build(config)
-        weight_key = getattr(strategy, "weighted_by_key", protocol.NUM_EXAMPLES)
+    def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, ContinualStrategy]:
+        config = job.config
+        strategy = plugins.build(config)
         calib_epochs = max(1, math.ceil(self.params.epoch_ratio * config.local_epochs))
         calib_json = replace(config, local_epochs=calib_epochs).to_json()
         rounds = config.rounds_per_task
@@ -94,48 +178,15 @@ class FedEraser(UnlearningMethod):
         self.storage_bytes = sum(f.stat().st_size for f in self.stored_rounds(10**9))
         if not files:
             raise ValueError(f"no stored updates under {self.store}")
-        new_gm: ArrayRecord | None = None
-        task = -1
-        self.calibrated = 0
-        for f in files:
-            stored = torch.load(f, weights_only=False)
-            if stored["task"] != task:
-                if new_gm is None:
-                    new_gm = ArrayRecord(stored["global"])
-                task = stored["task"]
-                new_gm = strategy.begin_task(task, new_gm)
-            remaining = {pid: c for pid, c in stored["clients"].items()
-                         if pid not in job.after.clients}
-            if not remaining:
-                continue
-            info = RoundInfo(task, stored["task_round"], rounds, stored["round"])
-            old_states = [(c[weight_key], c["state"]) for c in remaining.values()]
-            if sum(w for w, _ in old_states) == 0:
-                continue
-            if stored["round"] == 1 and req.kind == "client" and not info.last_of_task:
-                mean = weighted_mean(old_states)
-                new_gm = ArrayRecord({k: mean[k].to(v.dtype) for k, v in
-                                      new_gm.to_torch_state_dict().items()})  # type: ignore[union-attr]
-                continue
-            start = new_gm.to_torch_state_dict()  # type: ignore[union-attr]
-            outcome = train_round(job.grid, job.roster, strategy, config, calib_json, new_gm,  # type: ignore[arg-type]
-                                  info, sorted(remaining), job.cancel, replay=True,
-                                  erased=job.after)
-            calibrated = outcome.arrays.to_torch_state_dict()
-            old_mean = weighted_mean(old_states)
-            gm_t = stored["global"]
-            float_keys = [k for k, v in start.items() if v.is_floating_point()]
-            old_u = {k: old_mean[k] - gm_t[k].double() for k in float_keys}
-            new_u = {k: calibrated[k].double() - start[k].double() for k in float_keys}
-            stepped = federaser_calibrate({k: start[k] for k in float_keys}, old_u, new_u)
-            new_gm = ArrayRecord({**calibrated, **stepped})
-            self.calibrated += 1
-            if info.last_of_task:
-                new_gm = strategy.end_task(task, new_gm)
+        stored = {int(f.stem.split("_")[1]): f for f in files}
+        # every task has rounds_per_task rounds: a round's number says where it stands
+        plan = [RoundInfo((r - 1) // rounds, (r - 1) % rounds + 1, rounds, r) for r in stored]
+        first = torch.load(files[0], weights_only=False)["global"]
+        walk = CalibrationWalk(strategy, ArrayRecord(first), job, stored, calib_json)
         p = job.progress
-        if p.task_started and p.task > task:  # the current task began, none of its rounds
-            new_gm = strategy.begin_task(p.task, new_gm)  # type: ignore[arg-type]
-        return new_gm, strategy  # type: ignore[return-value]
+        arrays = walk.walk(plan, then_open=p.task if p.task_started else None)
+        self.calibrated = walk.calibrated
+        return arrays, strategy
 
     def report(self) -> dict[str, Any]:
         if not hasattr(self, "storage_bytes"):

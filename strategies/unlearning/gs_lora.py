@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
-from strategies.unlearning import UnlearningJob, UnlearningMethod, register
-from strategies.unlearning.client_ops import ClientData, operation
+from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+from strategies.unlearning import register
 
 ADAPTERS = "gs-lora.adapters"
 STATS = "gs-lora.stats"
@@ -148,7 +149,7 @@ def client_train(data: ClientData) -> dict[str, Any]:
 
 class GSLoRA(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
-        from fedcl.unlearning import weighted_mean
+        from fedcl.unlearning_math import weighted_mean
         from strategies import registry
 
         prm, config = self.params, job.config

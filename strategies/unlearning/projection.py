@@ -8,7 +8,7 @@ model in a federation). Each step is one exchange with the clients:
   step) the gradient on their retain samples; the server averages each, weighted by samples;
 * the forget direction is gradient *ascent* on the forget loss, ``g_f = -grad CE_f``; the server
   removes its component along the retain gradient ``g_r`` with one dot product over all
-  parameters (:func:`fedcl.unlearning.project_forget_gradient`, GU's rank-1 projection), so to
+  parameters (:func:`fedcl.unlearning_math.project_forget_gradient`, GU's rank-1 projection), so to
   first order the retain loss does not change, and steps
   ``theta -= lr * (forget_weight * g_f_perp + retain_weight * g_r)`` (plain SGD: GU's Adam-metric
   whitening, step 2, is left out);
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
-from fedcl.unlearning import project_forget_gradient, weighted_mean
-from strategies.unlearning import UnlearningJob, UnlearningMethod, register
-from strategies.unlearning.client_ops import ClientData, operation
+from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+from fedcl.unlearning_math import project_forget_gradient, weighted_mean
+from strategies.unlearning import register
 
 GRAD_FORGET = "projection.grad-forget"
 GRAD_RETAIN = "projection.grad-retain"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.unlearning import UnlearningMethod, register
+from fedcl.unlearning_api import UnlearningMethod
+from strategies.unlearning import register
 
 
 class Retrain(UnlearningMethod):

@@ -2,7 +2,7 @@
 
 Research notes §3.1. Importances are SSD's diagonal Fisher, the mean over mini-batches of the
 squared mini-batch cross-entropy gradient with the model in eval mode
-(:func:`fedcl.unlearning.fisher_importance`), computed on the clients:
+(:func:`fedcl.unlearning_math.fisher_importance`), computed on the clients:
 
 * every client still in the federation computes the importance on all its data of the tasks
   seen so far, and the client(s) holding the request's data also on that forget data (the
@@ -10,7 +10,7 @@ squared mini-batch cross-entropy gradient with the model in eval mode
 * the server averages them weighted by each client's number of mini-batches, which gives the
   mean over all mini-batches of the federation: ``I_D`` over ``D = D_r ∪ D_f`` and ``I_f`` over
   ``D_f``;
-* then dampens every parameter once (:func:`fedcl.unlearning.ssd_dampen`): where
+* then dampens every parameter once (:func:`fedcl.unlearning_math.ssd_dampen`): where
   ``I_f > alpha * I_D``, ``theta *= min(lam * I_D / I_f, 1)``.
 
 Deviations: mini-batches are formed per client and per task (the task's head scores them), not
@@ -26,10 +26,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
-from fedcl.unlearning import fisher_importance, ssd_dampen, weighted_mean
-from strategies.unlearning import UnlearningJob, UnlearningMethod, register
-from strategies.unlearning.client_ops import ClientData, operation
+from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+from fedcl.unlearning_math import fisher_importance, ssd_dampen, weighted_mean
+from strategies.unlearning import register
 
 IMPORTANCE_ALL = "ssd.importance-all"
 IMPORTANCE_FORGET = "ssd.importance-forget"

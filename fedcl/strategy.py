@@ -1,4 +1,5 @@
-"""The seams that fedcl's continual server loop calls on a strategy.
+"""The server half of a strategy: the seams fedcl's task-stream driver calls, and what a
+strategy declares it supports.
 
 :class:`ContinualStrategy` is a mixin placed before a Flower strategy class
 (``class FedAvgCL(ContinualStrategy, FedAvg)``). Flower's ``configure_train`` /
@@ -15,9 +16,15 @@
   the server loop after each task) and as files (logged as artifacts at the end);
 * :meth:`on_erasure`, where erasure requests arrive (not used by the baselines).
 
-Where the Flower strategy aggregates as FedAvg does (FedAvg, FedProx), the arrays are averaged
-by :func:`fedcl.aggregation.weighted_average` (the same average, read in place); Flower's reply
-checks and metric aggregation stay.
+A strategy declares what it supports in :attr:`ContinualStrategy.capabilities`
+(:class:`Capabilities`) instead of fedcl guessing from which methods it overrides (as Mammoth's
+models declare their ``COMPATIBILITY``). Where it declares ``fedavg_aggregate`` (FedAvg,
+FedProx, FOT, PRD), the arrays are averaged by :func:`fedcl.aggregation.weighted_average` (the
+same average as Flower's FedAvg, read in place); Flower's reply checks and metric aggregation
+stay. Otherwise the Flower strategy's own ``aggregate_train`` runs (FedAdam, Krum, ...).
+
+:class:`StrategyWrapper` adds behaviour around any strategy, as Flower's differential-privacy
+strategies wrap an inner one (FedEraser's recording of client updates is one).
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fedcl import protocol
 from fedcl.aggregation import weighted_average
+
+SCENARIOS = ("class-il", "task-il", "domain-il")
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,36 @@ class RoundInfo:
         return self.task_round == self.rounds_per_task
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a strategy supports, declared by the strategy (checked before a run starts).
+
+    The defaults are the safe ones: a strategy that declares nothing runs Flower's own
+    aggregation, gets one reply per client, and is rebuilt after unlearning by replaying its
+    task ends."""
+
+    scenarios: tuple[str, ...] = SCENARIOS
+    """The scenarios the method is defined for (``class-il``, ``task-il``, ``domain-il``)."""
+    fedavg_aggregate: bool = False
+    """The Flower strategy's ``aggregate_train`` is FedAvg's weighted mean of the client arrays
+    (by ``weighted_by_key``), so fedcl may average in place with the same result."""
+    cohort_mean: bool = False
+    """A cohort of clients (``cohort_size`` > 1) may reply with its members' weighted mean
+    instead of one reply each: true when the round's aggregate is FedAvg's weighted mean and
+    nothing else is read per client (no payloads, no per-reply :meth:`after_aggregate`)."""
+    task_end_state: bool = True
+    """The strategy keeps state built at task ends (FOT's basis from client sketches, PRD's
+    previous model) that must be built again without erased data after unlearning; false for
+    a strategy whose ``begin_task``/``end_task`` depend on nothing but the global model."""
+
+
 class ContinualStrategy:
     """Continual-learning hooks for a Flower strategy. Defaults do nothing."""
 
     #: names of extra records clients add to their train replies
     payload_keys: tuple[str, ...] = ()
+    #: what the strategy supports (:class:`Capabilities`)
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -120,8 +153,7 @@ class ContinualStrategy:
                 if key in msg.content:
                     extra[key] = msg.content[key]
                     del msg.content[key]
-            pid = int(msg.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])
-            self.payloads[pid] = extra
+            self.payloads[protocol.reply_partition_id(msg)] = extra
         return replies
 
     def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
@@ -130,24 +162,20 @@ class ContinualStrategy:
 
     def cohort_mean_key(self, info: RoundInfo) -> str | None:
         """The metric a cohort may weight its members' mean by, to send that one reply instead
-        of one per member (``cohort_size`` > 1), or None for a reply per member. Averaging
-        inside a cohort changes nothing where the round's aggregate is FedAvg's weighted
-        average and nothing else is read per client: Flower's aggregation (the fedcl path of
-        :meth:`aggregate_train`), no client payloads, :meth:`after_aggregate` not overridden.
-        A strategy that knows better overrides this (FOT: payloads only in a task's last
-        round)."""
-        flower = super().aggregate_train  # type: ignore[misc]
-        if (getattr(flower, "__func__", None) is FedAvg.aggregate_train
-                and not self.payload_keys
-                and type(self).after_aggregate is ContinualStrategy.after_aggregate):
+        of one per member (``cohort_size`` > 1), or None for a reply per member: the weighting
+        metric where :attr:`capabilities` declares ``cohort_mean``. A strategy whose answer
+        changes by round overrides this (FOT: payloads only in a task's last round)."""
+        if self.capabilities.cohort_mean:
             return str(self.weighted_by_key)  # type: ignore[attr-defined]
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, Any]:
+        """Payloads out of the replies, then the aggregate (fedcl's in-place weighted mean
+        where :attr:`capabilities` declares ``fedavg_aggregate``, else the Flower strategy's),
+        then :meth:`after_aggregate`."""
         replies = self.take_payloads(replies)
-        flower = super().aggregate_train  # type: ignore[misc]
-        if getattr(flower, "__func__", None) is FedAvg.aggregate_train:
+        if self.capabilities.fedavg_aggregate:
             # FedAvg's own checks and metrics, fedcl's in-place weighted average of the arrays
             valid, _ = self._check_and_log_replies(replies, is_train=True)  # type: ignore[attr-defined]
             arrays = metrics = None
@@ -157,7 +185,77 @@ class ContinualStrategy:
                 arrays = weighted_average(contents, key)
                 metrics = self.train_metrics_aggr_fn(contents, key)  # type: ignore[attr-defined]
         else:
-            arrays, metrics = flower(server_round, replies)
+            arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is not None:
             arrays = self.after_aggregate(arrays, [m for m in replies if not m.has_error()])
         return arrays, metrics
+
+
+class StrategyWrapper(ContinualStrategy):
+    """A strategy that delegates every seam to an inner strategy; subclasses add behaviour
+    around the calls they override (as Flower's ``DifferentialPrivacyServerSideFixedClipping``
+    wraps an inner strategy). Attributes it does not define are read from the inner one."""
+
+    def __init__(self, inner: ContinualStrategy) -> None:
+        self.inner = inner
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
+
+    @property
+    def payload_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.inner.payload_keys
+
+    @property
+    def payloads(self) -> dict[int, RecordDict]:  # type: ignore[override]
+        return self.inner.payloads
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def begin_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        return self.inner.begin_task(task, arrays)
+
+    def end_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        return self.inner.end_task(task, arrays)
+
+    def train_config(self, info: RoundInfo) -> dict[str, Any]:
+        return self.inner.train_config(info)
+
+    def train_records(self, info: RoundInfo) -> dict[str, ArrayRecord | ConfigRecord]:
+        return self.inner.train_records(info)
+
+    def state_metrics(self) -> dict[str, float]:
+        return self.inner.state_metrics()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def save_state(self, out_dir: Path) -> list[Path]:
+        return self.inner.save_state(out_dir)
+
+    def configure_round(self, info: RoundInfo, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        return self.inner.configure_round(info, arrays, config, grid)
+
+    def on_erasure(self, request: Any) -> None:
+        self.inner.on_erasure(request)
+
+    def take_payloads(self, replies: Iterable[Message]) -> list[Message]:
+        return self.inner.take_payloads(replies)
+
+    def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        return self.inner.after_aggregate(arrays, replies)
+
+    def cohort_mean_key(self, info: RoundInfo) -> str | None:
+        return self.inner.cohort_mean_key(info)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, Any]:
+        return self.inner.aggregate_train(server_round, replies)

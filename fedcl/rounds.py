@@ -1,0 +1,335 @@
+"""The round machinery below the task-stream driver: messages to clients and their replies,
+the roster of connected nodes, client sampling, and one training round.
+
+:func:`train_round` is one round of any walk over the task stream (the live run, the retrain
+oracle, rebuilding a strategy after unlearning, FedEraser's calibration): it lets the strategy
+build the round's messages, sends them (as cohorts where ``cohort_size`` > 1), screens the
+replies (:mod:`fedcl.validation`) and lets the strategy aggregate them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedcl import protocol
+from fedcl.cohort import form_cohorts, members_rejected, reply_members, split_cohort_replies
+from fedcl.config import Config, sample_size
+from fedcl.erasure import ErasedData
+from fedcl.errors import RunAborted, RunCancelled
+from fedcl.strategy import ContinualStrategy, RoundInfo
+from fedcl.validation import screen_replies
+
+log = logging.getLogger("fedcl")
+# How often the server asks for replies: each reply waits half of it on average, and a round
+# of 50 clients trained as one cohort takes ~0.3 s on a GPU (BENCHMARKS.md).
+POLL_S = 0.01
+# The first contact with the clients waits at least this long: it includes starting their
+# processes (Ray actors, SuperNode app processes) and importing torch.
+CLIENT_STARTUP_TIMEOUT_S = 300.0
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float,
+                     cancel: threading.Event | None = None) -> list[Message]:
+    """Push messages and collect replies until all arrived, ``timeout`` passed, or cancel."""
+    ids = [mid for mid in grid.push_messages(list(messages)) if mid]
+    pending = set(ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        got = list(grid.pull_messages(list(pending)))
+        for msg in got:
+            pending.discard(msg.metadata.reply_to_message_id)
+        replies += got
+        if pending:
+            time.sleep(POLL_S)
+    return replies
+
+
+class SampledGrid:
+    """A view of the grid that shows only the round's sampled nodes (what Flower samples from)."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_line(reason: str, limit: int = 300) -> str:
+    """One line from a client's error reason (Ray wraps the client's traceback in it): the
+    first line naming an exception (the client's own), without colour codes."""
+    lines = [_ANSI.sub("", line).strip() for line in reason.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("^~ ")]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    text = named[0] if named else (lines or [""])[-1]
+    return text[:limit]
+
+
+def query_partitions(grid: Grid, node_ids: list[int], expected: int, timeout: float,
+                     cancel: threading.Event | None) -> tuple[dict[int, int], list[str]]:
+    """Ask ``node_ids`` for their partition ids: (partition id -> node id, one problem line per
+    node that failed to answer properly)."""
+    messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(
+        {protocol.QUERY_IDENTITY: True})}), message_type=MessageType.QUERY, dst_node_id=nid)
+        for nid in node_ids]
+    replies = send_and_receive(grid, messages, timeout, cancel)
+    found: dict[int, int] = {}
+    problems: list[str] = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            problems.append(f"client on node {node} failed to start: "
+                            f"{error_line(msg.error.reason)}")
+            continue
+        info = msg.content[protocol.CLIENT_INFO]
+        pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
+        if num != expected:
+            problems.append(f"client {pid} says the federation has {num} partitions, "
+                            f"the config says clients = {expected}")
+        elif pid in found:
+            problems.append(f"two nodes claim partition-id {pid}")
+        else:
+            found[pid] = node
+    return found, problems
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float,
+                     cancel: threading.Event | None) -> dict[int, int]:
+    """Ask every connected node for its partition id; returns partition id -> node id."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
+                             f"{timeout:.0f} s")
+        time.sleep(0.2)
+    roster, problems = query_partitions(grid, node_ids, expected, timeout, cancel)
+    if problems:
+        raise RunAborted(problems[0])
+    missing = sorted(set(range(expected)) - set(roster))
+    if missing:
+        raise RunAborted(f"no reply from clients with partition-id {missing[:10]}")
+    return roster
+
+
+@dataclass
+class Roster:
+    """Which node serves each partition id, kept current from round to round.
+
+    A SuperNode that stops (killed, crashed, cut off) stops sending heartbeats, and Flower's
+    SuperLink drops it from ``grid.get_node_ids()`` once two heartbeat intervals have passed;
+    until then messages to it end in Flower's "Node Unavailable" error reply or the round's
+    timeout. A node that connects later (a restarted SuperNode, which may come back under a new
+    node id) is asked its partition id and serves that partition again. Under simulation every
+    node stays connected and this changes nothing.
+    """
+
+    nodes: dict[int, int]  # partition id -> node id
+    expected: int
+    offline: set[int] = field(default_factory=set)  # partition ids not connected now
+    unknown: set[int] = field(default_factory=set)  # connected node ids that serve no partition
+
+    def refresh(self, grid: Grid, timeout: float, cancel: threading.Event | None
+                ) -> tuple[list[int], list[int], list[int]]:
+        """(connected partition ids, partitions lost since the last refresh, partitions back)."""
+        live = set(grid.get_node_ids())
+        self.unknown &= live
+        new_nodes = sorted(live - set(self.nodes.values()) - self.unknown)
+        if new_nodes:
+            found, problems = query_partitions(grid, new_nodes, self.expected, timeout, cancel)
+            for problem in problems:
+                log.warning("a node that joined was not admitted: %s", problem)
+            for pid, node in found.items():
+                if pid < self.expected and self.nodes.get(pid) not in live:
+                    self.nodes[pid] = node
+            self.unknown |= set(new_nodes) - set(self.nodes.values())
+        connected = sorted(pid for pid, node in self.nodes.items() if node in live)
+        offline = set(self.nodes) - set(connected)
+        lost, back = sorted(offline - self.offline), sorted(self.offline - offline)
+        self.offline = offline
+        if lost:
+            log.warning("clients with partition-id %s left the federation", lost)
+        if back:
+            log.warning("clients with partition-id %s are back", back)
+        return connected, lost, back
+
+    def node_to_pid(self) -> dict[int, int]:
+        return {node: pid for pid, node in self.nodes.items()}
+
+
+class PhaseClock:
+    """Seconds a round spends in each of its phases (``rounds[].phases`` in summary.json)."""
+
+    def __init__(self, start: float) -> None:
+        self.last = start
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        """Close ``phase``: the time since the previous phase ended is added to it."""
+        now = time.monotonic()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+def client_reports(replies: list[Message]) -> dict[str, float | None]:
+    """From the clients' own reports: the longest time a train handler ran (s), and the
+    largest CUDA memory peak and allocator reserve (MiB); None where no reply said."""
+    out: dict[str, float | None] = {}
+    for field_name, key, scale in (("client_compute_s", protocol.HANDLER_SECONDS, 1.0),
+                                   ("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES, 2**-20),
+                                   ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES,
+                                    2**-20)):
+        values = [float(m.content[protocol.CLIENT_INFO][key]) for m in replies
+                  if key in m.content[protocol.CLIENT_INFO]]
+        out[field_name] = max(values) * scale if values else None
+    return out
+
+
+def keep_dtypes(arrays: ArrayRecord, like: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with the dtypes of ``like``: Flower's weighted average turns integer buffers
+    (BatchNorm's ``num_batches_tracked``) into float64, which clients would then send back as
+    int64 and the reply screening would refuse. Integers are rounded."""
+    state = arrays.to_torch_state_dict()
+    ref = like.to_torch_state_dict()
+    for key, value in state.items():
+        target = ref[key].dtype if key in ref else value.dtype
+        if value.dtype != target:
+            if not target.is_floating_point and value.is_floating_point():
+                value = value.round()
+            state[key] = value.to(target)
+    return ArrayRecord(state)
+
+
+def connected_clients(roster: Roster, grid: Grid, config: Config, where: str,
+                      cancel: threading.Event | None) -> tuple[list[int], list[int], list[int]]:
+    """The partition ids connected for a round, with those lost and back since the last round.
+
+    With too few connected to sample ``min_train_clients``, waits up to ``round_timeout_s`` for
+    nodes to come back, then stops the run with one line."""
+    deadline = time.monotonic() + config.round_timeout_s
+    lost: list[int] = []
+    back: list[int] = []
+    while True:
+        connected, gone, returned = roster.refresh(grid, min(config.round_timeout_s, 60.0),
+                                                   cancel)
+        lost, back = lost + gone, back + returned
+        if sample_size(len(connected), config.fraction_train) >= config.min_train_clients:
+            return connected, sorted(set(lost)), sorted(set(back))
+        if time.monotonic() > deadline:
+            raise RunAborted(
+                f"{where}: only {len(connected)} of {config.clients} clients are connected "
+                f"(partition-ids {sorted(roster.offline)[:10]} left), too few to sample "
+                f"min_train_clients={config.min_train_clients}")
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        time.sleep(1.0)
+
+
+def sample_clients(available: list[int], fraction: float, seed: int, round_: int) -> list[int]:
+    """The round's clients: ``max(1, int(fraction * N))`` of the available partition ids, drawn
+    from one seeded stream, so every strategy sees the same clients in the same round."""
+    k = sample_size(len(available), fraction)
+    rng = np.random.default_rng([seed, round_, 5])
+    return sorted(int(p) for p in rng.choice(sorted(available), size=k, replace=False))
+
+
+@dataclass
+class RoundOutcome:
+    arrays: ArrayRecord  # the new global arrays
+    ok: list[Message]  # the replies aggregated, by partition id
+    rejected: list[str]  # why replies (or cohort members) were refused
+    failures: int  # sampled clients that failed, did not answer or were rejected
+    train_metrics: Any  # the strategy's aggregated metrics (a MetricRecord), None if none
+    clients: list[int]  # the partition ids aggregated (a cohort's reduced reply stands for all
+    # its members)
+
+
+def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config: Config,
+                config_json: str, arrays: ArrayRecord, info: RoundInfo, pids: list[int],
+                cancel: threading.Event | None, clock: PhaseClock | None = None,
+                replay: bool = False, erased: ErasedData | None = None,
+                train: bool = True) -> RoundOutcome:
+    """Send the round's training messages to clients ``pids``, screen the replies and let the
+    strategy aggregate them. ``replay``: a round run by an erasure (the retrain oracle, an
+    unlearning method): clients leave their Context.state alone. ``erased``: the classes
+    clients must leave out of their data. ``train=False``: clients send their task-end payloads
+    for the global model without training it. Cohorts may reply with their members' weighted
+    mean where the strategy allows it this round (its ``cohort_mean_key``).
+
+    Raises :class:`~fedcl.errors.RunAborted` when fewer than ``min_train_clients`` replies
+    pass the screening, :class:`~fedcl.errors.RunCancelled` on cancel."""
+    train_config = ConfigRecord({
+        protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: info.task,
+        protocol.ROUND: info.round, protocol.TASK_ROUND: info.task_round,
+        protocol.LAST_ROUND_OF_TASK: info.last_of_task, protocol.REPLAY: replay,
+        protocol.ERASED_CLASSES: erased.encode() if erased else "",
+        protocol.NO_TRAIN: not train})
+    messages = strategy.configure_round(
+        info, arrays, train_config,
+        SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
+    if config.cohort_size > 1 and train:
+        node_to_pid = roster.node_to_pid()
+        mean_key = strategy.cohort_mean_key(info)
+        cohorts = form_cohorts(messages, node_to_pid, config.cohort_size, mean_key)
+        replies = send_and_receive(grid, [leader for leader, _ in cohorts],
+                                   config.round_timeout_s, cancel)
+        replies = split_cohort_replies(replies, cohorts, node_to_pid)
+    else:
+        replies = send_and_receive(grid, messages, config.round_timeout_s, cancel)
+    if clock:
+        clock("clients")
+    ok, rejected = screen_replies([m for m in replies if not m.has_error()], arrays,
+                                  config.max_update_norm_ratio)
+    if clock:
+        clock("screen")
+    rejected += [reason for m in ok for reason in members_rejected(m)]
+    pid = protocol.reply_partition_id
+    ok = sorted((m for m in ok if pid(m) in pids), key=pid)
+    clients = sorted(q for m in ok for q in reply_members(m))
+    if rejected:
+        log.warning("round %d: rejected %d replies: %s", info.round, len(rejected),
+                    "; ".join(rejected[:5]))
+    if len(clients) < config.min_train_clients:
+        reasons = [m.error.reason for m in replies if m.has_error()]
+        detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
+        raise RunAborted(
+            f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
+            f": {len(clients)} of {len(pids)} clients replied, fewer than "
+            f"min_train_clients={config.min_train_clients}{detail}")
+    if ok and all(int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) == 0 for m in ok):
+        # every sampled client's data of the task is erased: nothing to learn this round
+        log.warning("round %d: the sampled clients hold no samples after erasures", info.round)
+        strategy.take_payloads(ok)
+        return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), None, clients)
+    new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
+    if new_arrays is not None:
+        arrays = keep_dtypes(new_arrays, arrays)
+    if clock:
+        clock("aggregate")
+    return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), train_metrics, clients)
+
+
+__all__ = ["CLIENT_STARTUP_TIMEOUT_S", "PhaseClock", "Roster", "RoundOutcome", "SampledGrid",
+           "client_reports", "connected_clients", "discover_clients", "error_line",
+           "keep_dtypes", "query_partitions", "sample_clients", "send_and_receive",
+           "train_round"]
