@@ -19,6 +19,7 @@ import pytest
 from fedcl import metrics, tracking
 from fedcl.errors import FedclError
 from tests.conftest import processes_mentioning, run_fedcl
+from tests.pinned import assert_pinned
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +58,7 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     assert "Traceback" not in res.stderr + res.stdout
     s = _summary(out)
     assert s["strategy"] == "fedavg" and s["num_clients"] == 3 and s["num_tasks"] == 2
+    assert_pinned("fedavg_class_il", s)  # the same seed, the same matrix as recorded
     matrix = s["accuracy_matrix"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
     assert all(0.0 <= v <= 1.0 for row in matrix for v in row)

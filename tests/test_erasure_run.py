@@ -9,6 +9,7 @@ import pytest
 
 from fedcl import tracking
 from tests.conftest import run_fedcl
+from tests.pinned import assert_pinned
 from tests.test_e2e import TINY, ray_env  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.e2e
@@ -87,6 +88,8 @@ def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
         "class=1,after-task=0", "class", "federaser", 2)
     assert (second["request"], second["kind"], second["round"]) == (
         "client=2,task=1,round=2", "client", 3)
+    # the same seed, the same matrix and erasure metrics (model, oracle, distance) as recorded
+    assert_pinned("federaser_under_fot", s)
     # the oracle never trained on class 1; FedEraser's calibration left it out too
     assert first["oracle"]["forget_acc"] <= 0.05 and first["forget_acc"] <= 0.05
     assert first["retain_acc"] > 0.8 and first["oracle"]["retain_acc"] > 0.8

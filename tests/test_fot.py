@@ -173,6 +173,7 @@ class _NoGrid:
 @pytest.mark.e2e
 def test_fot_forgets_less_than_fedavg_on_permuted_mnist(tmp_path: Path) -> None:
     from tests.conftest import run_fedcl
+    from tests.pinned import assert_pinned
 
     args = ("--scenario", "domain-il", "--tasks", "2", "--clients", "6", "--rounds-per-task",
             "2", "--partition", "iid", "--batch-size", "64", "--eval-samples-per-task", "500",
@@ -184,6 +185,8 @@ def test_fot_forgets_less_than_fedavg_on_permuted_mnist(tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         out[strategy] = json.loads((tmp_path / strategy / "summary.json").read_text())
     fot, fedavg = out["fot"], out["fedavg"]
+    assert_pinned("fot_domain_il", fot)  # the same seed, the same matrices as recorded
+    assert_pinned("fedavg_domain_il", fedavg)
     # the same task 0 (FOT is FedAvg until a basis exists)
     assert fot["accuracy_matrix"][0] == fedavg["accuracy_matrix"][0]
     assert fot["forgetting"] < fedavg["forgetting"]

@@ -123,6 +123,7 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
 @pytest.mark.e2e
 def test_prd_run_keeps_no_sample_on_clients(tmp_path: Path) -> None:
     from tests.conftest import run_fedcl
+    from tests.pinned import assert_pinned
 
     out = tmp_path / "out"
     res = run_fedcl("simulate", "--strategy", "prd", "--scenario", "task-il", "--tasks", "5",
@@ -133,6 +134,7 @@ def test_prd_run_keeps_no_sample_on_clients(tmp_path: Path) -> None:
     s = json.loads((out / "summary.json").read_text())
     assert s["strategy"] == "prd"
     assert s["accuracy_matrix"][0][0] > 0.8
+    assert_pinned("prd_task_il", s)  # the same seed, the same matrix as recorded
     states = s["client_state"]
     assert len(states) >= 3
     for state in states.values():
