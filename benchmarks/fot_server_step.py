@@ -30,7 +30,7 @@ from fedcl import subspace
 from fedcl.models import build_model
 from strategies.fot import FOT, SKETCH, STATS, FOTParams, sketch_columns, sketch_settings
 
-# model: (input shape, classes per head, heads, tasks, eps) as in METHODS.md 1.3
+# model: (input shape, classes per head, heads, tasks, eps) as in the FOT authors' run scripts
 SETTINGS = {"mlp": ((1, 28, 28), 10, 1, 10, 0.96),  # Permuted-MNIST, IID
             "resnet18": ((3, 32, 32), 10, 5, 5, 0.95)}  # 5-Datasets, ResNet-18 nf = 20
 

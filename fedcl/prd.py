@@ -1,7 +1,7 @@
 """Math of PRD (Prototype-Sample Relation Distillation; Asadi et al., ICML 2023).
 
-Pure tensor-in, tensor-out functions; no federated plumbing lives here. The spec is
-``shared/research/METHODS.md`` section 2. A client training task ``t`` with encoder ``f``,
+Pure tensor-in, tensor-out functions; no federated plumbing lives here. The spec is the
+paper and its authors' public code. A client training task ``t`` with encoder ``f``,
 projection head ``g`` and one prototype matrix ``P_j`` (``C_j x D``, in the feature space of
 ``h = f(x)``) per task ``j ≤ t`` minimises
 
@@ -27,7 +27,7 @@ projection head ``g`` and one prototype matrix ``P_j`` (``C_j x D``, in the feat
 Choices and deviations, each tested in ``tests/test_prd_math.py``:
 
 1. **L_proto is the code's ``1 − cos``**, not the softmax/CE over cosine similarities that the
-   paper may describe (METHODS.md marks that [UNVERIFIED]); the commented-out "prototype
+   paper may describe (not checked against the paper's text); the commented-out "prototype
    contrast" term of the code is not implemented.
 2. **SupCon anchors without a positive are skipped** (the mean runs over anchors with
    ``|P(i)| > 0``, as in the current SupContrast code); with two views every anchor has its

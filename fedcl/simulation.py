@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcl.client_app import app as client_app
 from fedcl.config import Config
 from fedcl.errors import FedclError, RunAborted, RunCancelled
-from fedcl.server_app import RunControl, RunObserver, build_server_app
+from fedcl.server_app import RunControl, RunObserver, build_server_app, default_run_name
+from fedcl.tracking import terminate_run
 
 # Seconds the driver waits for the ServerApp thread to wind down after a failure or Ctrl-C.
 SHUTDOWN_GRACE_S = 30.0
@@ -64,10 +66,7 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     when given); returns the run's summary."""
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flwr.simulation import run_simulation
-
-    from fedcl.client_app import app as client_app
-    from fedcl.server_app import default_run_name
+    from flwr.simulation import run_simulation  # deferred: it imports Ray (~1 s)
 
     config.run_name = default_run_name(config)
     out_dir = Path(config.output or Path("outputs") / config.run_name)
@@ -167,8 +166,6 @@ def _stop_on_sigint(control: RunControl) -> threading.Event:
 
 def _mark_failed(control: RunControl, reason: str) -> None:
     if control.run_id and control.tracking_uri:
-        from fedcl.tracking import terminate_run
-
         try:
             terminate_run(control.tracking_uri, control.run_id, "FAILED")
         except Exception:

@@ -1,7 +1,7 @@
 """Subspace math of FOT (Federated Orthogonal Training; Bakman et al., ICLR 2024).
 
 Pure tensor-in, tensor-out functions; no federated plumbing lives here. The protocol
-(spec: ``shared/research/METHODS.md`` section 1) uses them as follows. For every projected
+(Bakman et al., ICLR 2024, and the authors' public code) uses them as follows. For every projected
 layer ``l`` (:func:`projected_layers`) the server keeps an orthonormal basis ``U_l`` (``d_l x k_l``)
 of the input space already used by earlier tasks.
 
@@ -44,7 +44,7 @@ Choices and deviations from the authors' code, each tested in ``tests/test_subsp
    ``U`` before sketching, the two agree up to round-off in the protocol. The QR is
    sign-normalized (``diag(R) ≥ 0``), so the old columns of ``U`` come back unchanged, and the
    basis never exceeds ``d`` (or ``max_dim``) columns.
-6. **Projected layers** (:func:`projected_layers`) follow METHODS.md 1.2 on fedcl's models: the
+6. **Projected layers** (:func:`projected_layers`) follow the authors' code on fedcl's models: the
    MLP's Linear layers, with the head projected only on a single-head MLP (PMNIST-style); on a
    multi-head model the task heads aggregate as plain FedAvg. fedcl's MLP has two hidden layers,
    so this is three Linear weights on a single-head MLP.
@@ -507,7 +507,7 @@ def project_out(delta: Tensor, U: Tensor | None) -> Tensor:
 
 
 def projected_layers(model: nn.Module) -> list[str]:
-    """Names (``model.named_modules()`` order) of the layers FOT projects (METHODS.md 1.2).
+    """Names (``model.named_modules()`` order) of the layers FOT projects (as the authors' code).
 
     * :class:`~fedcl.models.MLP`: every ``nn.Linear`` of the body; the head ``heads.0`` too on a
       single-head MLP (PMNIST's 10-way head is projected, as in the paper), but never the task

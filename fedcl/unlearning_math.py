@@ -1,20 +1,23 @@
 """The math of federated unlearning and of judging it, as pure functions on tensors.
 
-Each function follows the method's spec in the research notes (section numbers below refer to
-them); the strategies that erase data in a run are built on these.
+Each function follows the method's paper (and its authors' public code where the paper leaves a
+detail open); the unlearning methods in ``strategies/unlearning/`` are built on these.
 
 - :func:`fisher_importance`: SSD's diagonal importances, the mean over mini-batches of the
-  squared mini-batch gradient of the cross-entropy, the model in eval mode (SSD, §3.1).
+  squared mini-batch gradient of the cross-entropy, the model in eval mode (Foster, Schoepf
+  and Brintrup, "Fast Machine Unlearning without Retraining through Selective Synaptic
+  Dampening", AAAI 2024).
 - :func:`ssd_dampen`: Selective Synaptic Dampening: a parameter whose forget importance exceeds
   ``alpha`` times its full importance is scaled by ``min(lam * I_D / I_f, 1)`` (never up).
 - :func:`federaser_calibrate`: FedEraser's calibrated step, per tensor: the stored update's
-  length along the calibration update's direction (§9.1).
+  length along the calibration update's direction (Liu et al., "FedEraser", IWQoS 2021).
 - :func:`project_forget_gradient`: the forget gradient less its component along the retain
   gradient, with one dot product over all tensors (Geometric-Disentanglement Unlearning's
-  rank-1 projection, §6.2 step 3, adapted to cross-entropy gradients of a vision model and
-  without the optimizer-metric whitening of step 2).
-- :func:`linear_cka`: linear CKA of two feature matrices on the same inputs (§8.2).
-- :func:`entropy_mia`: SSD's membership-inference attack (§9.3): a class-balanced logistic
+  rank-1 projection (Zhou, Zhang et al., arXiv 2511.17100), adapted to cross-entropy gradients of a vision model and
+  without its optimizer-metric whitening).
+- :func:`linear_cka`: linear CKA of two feature matrices on the same inputs (Kornblith et al., ICML 2019;
+  as "Are We Truly Forgetting?", Kim, Cha and Kim, arXiv 2503.06991, uses it).
+- :func:`entropy_mia`: SSD's membership-inference attack (Foster et al., AAAI 2024): a class-balanced logistic
   regression on the prediction entropy, retain-train samples as members and test samples as
   non-members; returns the share of forget samples judged members (lower: more forgotten; the
   target is the retrained model's value).

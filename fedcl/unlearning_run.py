@@ -1,7 +1,8 @@
 """Carrying out erasure requests in a run: the method, the retrain oracle, and rebuilding the
 strategy's task-end state.
 
-The oracle (Liu et al.'s federated retrain, research notes §9.2) replays every round run so far
+The oracle (federated retraining from scratch without the erased data, the
+exact baseline of Liu et al., "FedEraser", IWQoS 2021) replays every round run so far
 from the initial model with a fresh strategy, the same per-round sampling seeds and client
 seeds, erased clients left out of the pool each round samples from and erased classes left out
 of every client's data. With ``unlearning = "retrain"`` the run goes on from the oracle's model

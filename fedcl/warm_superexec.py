@@ -36,6 +36,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 from flwr.supercore.superexec.plugin.base_exec_plugin import BaseExecPlugin
 
+import fedcl.client_app  # noqa: F401  (imported once here, before the first fork)
 from fedcl.errors import FedclError
 
 log = logging.getLogger("fedcl")
@@ -125,8 +126,6 @@ def warm_up() -> None:
     import flwr_datasets.partitioner  # noqa: F401  (3 s of the 5 s a fresh process imports)
     import torch  # noqa: F401
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
-
-    import fedcl.client_app  # noqa: F401
 
 
 def run_warm_superexec(runtime_api_address: str, *, insecure: bool,

@@ -1,6 +1,6 @@
 """federaser: FedEraser's calibrated unlearning (Liu et al., IWQoS 2021), in a task stream.
 
-Research notes §9.1. During the run the server stores (:class:`UpdateRecorder`, a wrapper
+During the run the server stores (:class:`UpdateRecorder`, a wrapper
 around the run's strategy), every ``interval`` rounds (and in every
 task's last round), the global model the round started from and every participating client's
 returned model, on disk under ``<output>/federaser/`` (``storage_mb`` in the request's entry).

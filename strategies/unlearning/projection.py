@@ -1,6 +1,6 @@
 """projection: forget-gradient projection, adapted from Geometric-Disentanglement Unlearning.
 
-Research notes §6.2 (GU; an LLM method, adapted here to cross-entropy gradients of a vision
+Geometric-disentanglement Unlearning (GU; Zhou, Zhang et al., arXiv 2511.17100; an LLM method, adapted here to cross-entropy gradients of a vision
 model in a federation). Each step is one exchange with the clients:
 
 * the client(s) holding the request's data send the gradient of their mean cross-entropy on

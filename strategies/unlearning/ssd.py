@@ -1,6 +1,6 @@
 """SSD: Selective Synaptic Dampening (Foster, Schoepf, Brintrup; AAAI 2024), federated.
 
-Research notes §3.1. Importances are SSD's diagonal Fisher, the mean over mini-batches of the
+Selective Synaptic Dampening (Foster, Schoepf and Brintrup, AAAI 2024). Importances are SSD's diagonal Fisher, the mean over mini-batches of the
 squared mini-batch cross-entropy gradient with the model in eval mode
 (:func:`fedcl.unlearning_math.fisher_importance`), computed on the clients:
 

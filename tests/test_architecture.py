@@ -1,0 +1,51 @@
+"""fedcl's architecture as contracts: the layers, the core free of strategy implementations,
+mlflow only in the tracking module (import-linter, configured in pyproject.toml), and no
+function-local imports of fedcl's own modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold() -> None:
+    res = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command;"
+                          "lint_imports_command()"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "Contracts: 3 kept, 0 broken." in res.stdout
+
+
+def local_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import of fedcl's or strategies' own modules inside a function
+    or method body of ``path``."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[tuple[int, str]] = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [(node.lineno, n) for n in names
+                      if n.split(".")[0] in ("fedcl", "strategies")]
+    return found
+
+
+def test_no_function_local_imports_of_fedcl_modules() -> None:
+    """A local import would be a way out of an import cycle; only the CLI defers the
+    commands' modules (each pulls torch, Flower or Ray), so that `fedcl --help` and bad flags
+    answer at once."""
+    offenders = {}
+    for path in sorted([*ROOT.joinpath("fedcl").rglob("*.py"),
+                        *ROOT.joinpath("strategies").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "fedcl/cli.py":
+            continue
+        if found := local_imports(path):
+            offenders[rel] = found
+    assert offenders == {}
