@@ -13,10 +13,10 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   length along the calibration update's direction (Liu et al., "FedEraser", IWQoS 2021).
 - :func:`project_forget_gradient`: the forget gradient less its component along the retain
   gradient, with one dot product over all tensors (Geometric-Disentanglement Unlearning's
-  rank-1 projection (Zhou, Zhang et al., arXiv 2511.17100), adapted to cross-entropy gradients of a vision model and
-  without its optimizer-metric whitening).
-- :func:`linear_cka`: linear CKA of two feature matrices on the same inputs (Kornblith et al., ICML 2019;
-  as "Are We Truly Forgetting?", Kim, Cha and Kim, arXiv 2503.06991, uses it).
+  rank-1 projection, Zhou, Zhang et al., arXiv 2511.17100, adapted to cross-entropy gradients
+  of a vision model and without its optimizer-metric whitening).
+- :func:`linear_cka`: linear CKA of two feature matrices on the same inputs (Kornblith et al.,
+  ICML 2019; as "Are We Truly Forgetting?", Kim, Cha and Kim, arXiv 2503.06991, uses it).
 - :func:`entropy_mia`: SSD's membership-inference attack (Foster et al., AAAI 2024): a class-balanced logistic
   regression on the prediction entropy, retain-train samples as members and test samples as
   non-members; returns the share of forget samples judged members (lower: more forgotten; the
