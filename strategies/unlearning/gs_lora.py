@@ -2,9 +2,9 @@
 
 Zhao et al., "Continual Forgetting for Pre-trained Vision Models", CVPR 2024. The global model
 is frozen; LoRA adapters (peft, rank ``rank``) go on every ``nn.Linear`` of the model (heads
-included); each adapted layer is one group. For ``rounds`` rounds the client(s) holding the request's data and a sample of the others (``fraction_train``
-of them, seeded per round) train the adapters locally for ``epochs`` epochs with Adam at ``lr``
-on the paper's loss,
+included); each adapted layer is one group. For ``rounds`` rounds the client(s) holding the
+request's data and a sample of the others (``fraction_train`` of them, seeded per round) train
+the adapters locally for ``epochs`` epochs with Adam at ``lr`` on the paper's loss,
 
     L = CE(retain) + beta * ReLU(bound - CE(forget)) + alpha * sum_g ||theta_g||_2,
 
