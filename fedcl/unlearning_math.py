@@ -19,8 +19,8 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   ICML 2019; as "Are We Truly Forgetting?", Kim, Cha and Kim, arXiv 2503.06991, uses it).
 - :func:`entropy_mia`: SSD's membership-inference attack (Foster et al., AAAI 2024): a
   class-balanced logistic regression on the prediction entropy, retain-train samples as
-  members and test samples as non-members; returns the share of forget samples judged members (lower: more forgotten; the
-  target is the retrained model's value).
+  members and test samples as non-members; returns the share of forget samples judged
+  members (lower: more forgotten; the target is the retrained model's value).
 - :func:`relative_distance`: relative L2 distance between two sets of weights.
 """
 
