@@ -1,7 +1,8 @@
 """projection: forget-gradient projection, adapted from Geometric-Disentanglement Unlearning.
 
 Geometric-disentanglement Unlearning (GU; Zhou, Zhang et al., arXiv 2511.17100) is an LLM
-method, adapted here to cross-entropy gradients of a vision model in a federation. Each step is one exchange with the clients:
+method, adapted here to cross-entropy gradients of a vision model in a federation. Each step
+is one exchange with the clients:
 
 * the client(s) holding the request's data send the gradient of their mean cross-entropy on
   the forget samples, and a sample of the other clients (``fraction_train`` of them, seeded per
