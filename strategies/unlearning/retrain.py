@@ -1,4 +1,4 @@
-"""retrain: the exact oracle (federated retraining from scratch, FedEraser's baseline, Liu et al., IWQoS 2021).
+"""retrain: the exact oracle (federated retraining from scratch; Liu et al., IWQoS 2021).
 
 The run goes on from the model retrained from the initial weights without the erased data,
 through every round so far with the same seeds, sampling and schedule. The work itself is

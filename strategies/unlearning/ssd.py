@@ -1,7 +1,8 @@
 """SSD: Selective Synaptic Dampening (Foster, Schoepf, Brintrup; AAAI 2024), federated.
 
-Selective Synaptic Dampening (Foster, Schoepf and Brintrup, AAAI 2024). Importances are SSD's diagonal Fisher, the mean over mini-batches of the
-squared mini-batch cross-entropy gradient with the model in eval mode
+Selective Synaptic Dampening (Foster, Schoepf and Brintrup, AAAI 2024). Importances are SSD's
+diagonal Fisher, the mean over mini-batches of the squared mini-batch cross-entropy gradient
+with the model in eval mode
 (:func:`fedcl.unlearning_math.fisher_importance`), computed on the clients:
 
 * every client still in the federation computes the importance on all its data of the tasks
