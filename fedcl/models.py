@@ -6,7 +6,8 @@ followed by one or more linear heads. A model with one head is *single-head*
 several heads is *multi-head* (task-incremental: ``forward`` needs the task id
 and uses ``heads[task]``).
 
-Available architectures (see :data:`MODEL_NAMES` and :func:`build_model`):
+Built-in architectures (:data:`MODELS`, built by name with :func:`build_model`; a plugin adds
+more through :func:`fedcl.plugins.register_model`):
 
 * ``"mlp"`` -- :class:`MLP`, the two-hidden-layer 400-unit MLP used by FOT
   for permuted/rotated MNIST.
@@ -17,26 +18,26 @@ Available architectures (see :data:`MODEL_NAMES` and :func:`build_model`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "BATCH_NORM_MODELS",
     "MLP",
+    "MODELS",
     "MODEL_NAMES",
     "BasicBlock",
     "ContinualModel",
+    "ModelSpec",
     "ReducedResNet18",
     "SmallCNN",
     "build_model",
     "count_parameters",
     "model_summary",
 ]
-
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18")
-#: models with batch norm (running statistics are module state: no batched cohort training)
-BATCH_NORM_MODELS: tuple[str, ...] = ("resnet18",)
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -255,11 +256,30 @@ class ReducedResNet18(ContinualModel):
         return torch.flatten(self.pool(out), 1)
 
 
-_BUILDERS: dict[str, type[ContinualModel]] = {
-    "mlp": MLP,
-    "cnn": SmallCNN,
-    "resnet18": ReducedResNet18,
-}
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model fedcl builds by name (``model = NAME`` in a config).
+
+    ``build(input_shape, classes_per_head, num_heads)`` returns an ``nn.Module`` whose
+    ``forward(x, task)`` maps images ``[N, C, H, W]`` (float, normalised) to logits
+    ``[N, classes_per_head]`` of head ``task``. ``batch_norm`` declares running statistics
+    (module state a batched cohort cannot share: such a model trains with cohort_size 1 only).
+    """
+
+    name: str
+    build: Callable[[tuple[int, int, int], int, int], nn.Module]
+    batch_norm: bool = False
+
+
+#: The built-in architectures by name; :mod:`fedcl.plugins` finds plugin models beside them.
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("mlp", MLP),
+    ModelSpec("cnn", SmallCNN),
+    ModelSpec("resnet18", ReducedResNet18, batch_norm=True),
+)}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+#: built-in models with batch norm (running statistics are module state: no batched cohorts)
+BATCH_NORM_MODELS: tuple[str, ...] = tuple(n for n, spec in MODELS.items() if spec.batch_norm)
 
 
 def build_model(
@@ -268,18 +288,21 @@ def build_model(
     num_classes_per_head: int,
     num_heads: int = 1,
 ) -> ContinualModel:
-    """Build the model ``name`` (one of :data:`MODEL_NAMES`) with default hyperparameters.
+    """Build the built-in model ``name`` (one of :data:`MODEL_NAMES`) with default
+    hyperparameters: ``num_heads`` heads of ``num_classes_per_head`` outputs on inputs of
+    ``input_shape`` (C, H, W). Raises ``ValueError`` for an unknown name or bad sizes.
 
     Parameter initialisation draws from torch's global RNG, so the result is
-    deterministic under ``torch.manual_seed``.
+    deterministic under ``torch.manual_seed``. A run's model comes from
+    :func:`fedcl.plugins.build_model`, which also knows plugin models.
     """
     try:
-        cls = _BUILDERS[name]
+        spec = MODELS[name]
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}"
         ) from None
-    return cls(input_shape, num_classes_per_head, num_heads)
+    return spec.build(input_shape, num_classes_per_head, num_heads)  # type: ignore[return-value]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

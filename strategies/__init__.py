@@ -1,6 +1,6 @@
-"""Server strategies of fedcl, one module per method, registered by name.
+"""Server strategies of fedcl, one module per method, each registered by name through
+:func:`fedcl.plugins.register_strategy`.
 
-Importing this package registers every strategy; ``strategies.registry`` looks them up.
+:mod:`fedcl.plugins` names the built-ins by string reference and imports a strategy's module only
+when a run asks for it, so importing this package imports none of them.
 """
-
-from strategies import fedavg, fedprox, fot, prd  # noqa: F401  (registration by import)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from fedcl.config import Config
+from fedcl.plugins import NoParams, register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy
-from strategies.registry import NoParams, register
 
 
 def flower_kwargs(config: Config) -> dict[str, object]:
@@ -26,7 +26,7 @@ class FedAvgCL(ContinualStrategy, FedAvg):
     capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=False)
 
 
-@register("fedavg", "Federated averaging of client weights, weighted by sample count "
-          "(McMahan et al. 2017).", params=NoParams)
+@register_strategy("fedavg", "Federated averaging of client weights, weighted by sample "
+                   "count (McMahan et al. 2017).", params=NoParams)
 def build_fedavg(config: Config, params: NoParams) -> FedAvgCL:
     return FedAvgCL(**flower_kwargs(config))

@@ -9,10 +9,10 @@ from flwr.serverapp.strategy import FedProx
 
 from fedcl.config import Config
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy
 from fedcl.training import LocalRound, LocalTrainer
 from strategies.fedavg import flower_kwargs
-from strategies.registry import register
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ def proximal_term(params: list[torch.Tensor], reference: list[torch.Tensor],
     return 0.5 * mu * total  # type: ignore[return-value]
 
 
-@register("fedprox", "FedAvg with a proximal term (mu/2)||w - w_global||^2 in each client's "
-          "loss (Li et al. 2020).", params=FedProxParams, trainer=FedProxTrainer)
+@register_strategy("fedprox", "FedAvg with a proximal term (mu/2)||w - w_global||^2 in each "
+                   "client's loss (Li et al. 2020).", params=FedProxParams,
+                   trainer=FedProxTrainer)
 def build_fedprox(config: Config, params: FedProxParams) -> FedProxCL:
     return FedProxCL(proximal_mu=params.proximal_mu, **flower_kwargs(config))

@@ -43,10 +43,10 @@ from flwr.serverapp.strategy import FedAvg
 from fedcl import protocol, subspace
 from fedcl.config import Config
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
 from fedcl.training import LocalRound, LocalTrainer, TrainResult
 from strategies.fedavg import flower_kwargs
-from strategies.registry import register
 
 BASIS = "fot.basis"  # ArrayRecord server -> clients: layer name -> U (d x k)
 SKETCH = "fot.sketch"  # ArrayRecord client -> server: layer name -> Y (d x m)
@@ -264,9 +264,9 @@ def fot_layers(config: Config) -> list[str]:
     return subspace.projected_layers(model)
 
 
-@register("fot", "Federated Orthogonal Training: aggregated updates projected orthogonal to the "
-          "old tasks' global input subspace (Bakman et al. 2024).", params=FOTParams,
-          trainer=FOTTrainer)
+@register_strategy("fot", "Federated Orthogonal Training: aggregated updates projected "
+                   "orthogonal to the old tasks' global input subspace (Bakman et al. 2024).",
+                   params=FOTParams, trainer=FOTTrainer)
 def build_fot(config: Config, params: FOTParams) -> FOT:
     kwargs = flower_kwargs(config)
     if params.weighting == "uniform":

@@ -39,10 +39,10 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
 from fedcl.training import LocalRound, LocalTrainer, TrainResult, make_optimizer, round_seed
 from strategies.fedavg import flower_kwargs
-from strategies.registry import register
 
 OLD_MODEL = "prd.old-model"  # ArrayRecord server -> clients: previous task's global model
 COUNTS = "prd.counts"  # ConfigRecord client -> server: samples behind each prototype row
@@ -263,8 +263,8 @@ def _positions(y: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return torch.tensor([lookup[int(v)] for v in y], device=y.device)
 
 
-@register("prd", "Replay-free prototype-sample relation distillation: SupCon encoder, class "
-          "prototypes, relation distillation from the previous global model (Asadi et al. "
-          "2023).", params=PRDParams, trainer=PRDTrainer, model=wrap_model)
+@register_strategy("prd", "Replay-free prototype-sample relation distillation: SupCon encoder, "
+                   "class prototypes, relation distillation from the previous global model "
+                   "(Asadi et al. 2023).", params=PRDParams, trainer=PRDTrainer, model=wrap_model)
 def build_prd(config: Config, params: PRDParams) -> PRD:
     return PRD(**flower_kwargs(config))

@@ -15,6 +15,9 @@ cifar100       ``cifar-100-python/{train,test}``
 
 A missing dataset is downloaded into ``data_dir`` when ``download`` is on and the network allows;
 otherwise :class:`~fedcl.errors.DataError` names the path that was expected.
+
+:data:`DATASETS` holds what this process can load by name: the built-ins above, and plugin
+datasets that :mod:`fedcl.plugins` adds (:func:`add_dataset`) once it has resolved them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 import gzip
 import pickle
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -67,20 +71,35 @@ class Dataset:
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset fedcl loads by name (``dataset = NAME`` in a config): what is known of it
+    before loading (``num_classes`` is what erasure requests and class splits are checked
+    against), and ``load(data_dir, download) -> Dataset``."""
+
+    name: str
+    summary: str
+    num_classes: int
+    load: Callable[[str, bool], Dataset]
+
+
+@dataclass(frozen=True)
+class _Builtin:
     folder: str  # where torchvision keeps it under data_dir ("" for bundled)
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    summary: str
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("", 10, (0.1307,), (0.3081,)),
-    "mnist-torchvision": DatasetInfo("MNIST/raw", 10, (0.1307,), (0.3081,)),
-    "fashion-mnist": DatasetInfo("FashionMNIST/raw", 10, (0.2860,), (0.3530,)),
-    "cifar10": DatasetInfo("cifar-10-batches-py", 10, (0.4914, 0.4822, 0.4465),
-                           (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo("cifar-100-python", 100, (0.5071, 0.4865, 0.4409),
-                            (0.2673, 0.2564, 0.2762)),
+_BUILTIN: dict[str, _Builtin] = {
+    "mnist": _Builtin("", 10, (0.1307,), (0.3081,), "MNIST digits, bundled with fedcl"),
+    "mnist-torchvision": _Builtin("MNIST/raw", 10, (0.1307,), (0.3081,),
+                                  "MNIST digits from data_dir (torchvision)"),
+    "fashion-mnist": _Builtin("FashionMNIST/raw", 10, (0.2860,), (0.3530,),
+                              "Fashion-MNIST from data_dir (torchvision)"),
+    "cifar10": _Builtin("cifar-10-batches-py", 10, (0.4914, 0.4822, 0.4465),
+                        (0.2470, 0.2435, 0.2616), "CIFAR-10 from data_dir (torchvision)"),
+    "cifar100": _Builtin("cifar-100-python", 100, (0.5071, 0.4865, 0.4409),
+                         (0.2673, 0.2564, 0.2762), "CIFAR-100 from data_dir (torchvision)"),
 }
 
 
@@ -143,7 +162,7 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple[ArrayDatase
         "cifar100": lambda: _cifar_class("CIFAR100"),
     }
     cls = classes[name]()
-    expected = data_dir / DATASETS[name].folder
+    expected = data_dir / _BUILTIN[name].folder
     if name in _IDX_NAMES and _idx_files_present(expected):
         # torchvision reads only the unpacked files; read them (or their .gz) directly.
         return _idx_pair(expected, "train"), _idx_pair(expected, "t10k")
@@ -200,20 +219,57 @@ def _cifar_class(base_name: str):  # type: ignore[no-untyped-def]
     return _Cifar
 
 
-@functools.lru_cache(maxsize=4)
-def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> Dataset:
-    """Load ``name`` (see :data:`DATASETS`) into memory; cached per process."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-    info = DATASETS[name]
+def _load_builtin(name: str, data_dir: str, download: bool) -> Dataset:
+    info = _BUILTIN[name]
     if name == "mnist":
         train, test = _bundled_mnist()
     else:
         train, test = _torchvision(name, Path(data_dir).expanduser(), download)
-    found = int(max(train.y.max(), test.y.max())) + 1 if len(train) else 0
-    if found > info.num_classes or int(train.y.min()) < 0:
-        raise DataError(f"{name}: labels outside 0..{info.num_classes - 1}")
     return Dataset(name, train, test, info.num_classes, info.mean, info.std)
+
+
+#: The datasets fedcl ships, by name.
+BUILTIN_DATASETS: dict[str, DatasetInfo] = {
+    name: DatasetInfo(name, info.summary, info.num_classes,
+                      functools.partial(_load_builtin, name))
+    for name, info in _BUILTIN.items()
+}
+#: What this process loads by name: the built-ins, then plugin datasets (:func:`add_dataset`).
+DATASETS: dict[str, DatasetInfo] = dict(BUILTIN_DATASETS)
+
+
+def add_dataset(name: str, info: DatasetInfo) -> None:
+    """Make ``info`` loadable as ``name`` in this process (:mod:`fedcl.plugins` calls this for a
+    plugin dataset it resolved, under the name the config gave). Raises ``ValueError`` for the
+    name of a built-in."""
+    if name in BUILTIN_DATASETS:
+        raise ValueError(f"dataset '{name}' is a built-in name")
+    DATASETS[name] = info
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> Dataset:
+    """Load ``name`` (a key of :data:`DATASETS`) into memory; cached per process.
+
+    Raises :class:`~fedcl.errors.DataError` for an unknown name, missing or unreadable files,
+    a loader that returns something else than a :class:`Dataset` of ``num_classes`` classes,
+    or labels outside ``0..num_classes - 1``.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    dataset = info.load(data_dir, download)
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"dataset '{name}': its loader returned {type(dataset).__name__}, "
+                        "not a fedcl.data.datasets.Dataset")
+    if dataset.num_classes != info.num_classes:
+        raise DataError(f"dataset '{name}': loaded with {dataset.num_classes} classes, "
+                        f"registered with {info.num_classes}")
+    train, test = dataset.train, dataset.test
+    found = int(max(train.y.max(), test.y.max())) + 1 if len(train) else 0
+    if found > info.num_classes or (len(train) and int(train.y.min()) < 0):
+        raise DataError(f"{name}: labels outside 0..{info.num_classes - 1}")
+    return dataset
 
 
 @functools.lru_cache(maxsize=32)

@@ -37,15 +37,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedcl import protocol
+from fedcl import plugins, protocol
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_unlearning
 from fedcl.rounds import train_round
 from fedcl.strategy import ContinualStrategy, RoundInfo, StrategyWrapper
 from fedcl.stream import TaskStreamDriver
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 from fedcl.unlearning_math import federaser_calibrate, weighted_mean
-from strategies import registry as plugins  # TODO(merge): fedcl.plugins
-from strategies.unlearning import register
 
 STORE_DIR = "federaser"
 
@@ -170,7 +169,7 @@ class FedEraser(UnlearningMethod):
 
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, ContinualStrategy]:
         config = job.config
-        strategy = plugins.build(config)
+        strategy = plugins.build_strategy(config)
         calib_epochs = max(1, math.ceil(self.params.epoch_ratio * config.local_epochs))
         calib_json = replace(config, local_epochs=calib_epochs).to_json()
         rounds = config.rounds_per_task
@@ -194,7 +193,8 @@ class FedEraser(UnlearningMethod):
         return {"storage_mb": self.storage_bytes / 2**20, "calibrated_rounds": self.calibrated}
 
 
-@register("federaser", "FedEraser: stored client updates, calibrated by short retraining of "
-          "the remaining clients (Liu et al. 2021).", params=FedEraserParams)
+@register_unlearning("federaser", "FedEraser: stored client updates, calibrated by short "
+                     "retraining of the remaining clients (Liu et al. 2021).",
+                     params=FedEraserParams)
 def build_federaser(params: FedEraserParams, out_dir: Any) -> FedEraser:
     return FedEraser(params, out_dir)

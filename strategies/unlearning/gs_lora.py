@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcl import plugins
 from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
-from strategies.unlearning import register
 
 ADAPTERS = "gs-lora.adapters"
 STATS = "gs-lora.stats"
@@ -150,10 +151,9 @@ def client_train(data: ClientData) -> dict[str, Any]:
 class GSLoRA(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
         from fedcl.unlearning_math import weighted_mean
-        from strategies import registry
 
         prm, config = self.params, job.config
-        model = registry.build_model(config, job.scenario)
+        model = plugins.build_model(config, job.scenario)
         model.load_state_dict(job.arrays.to_torch_state_dict())
         torch.manual_seed(config.seed)
         peft_model = lora_model(model, prm.rank)
@@ -185,8 +185,8 @@ class GSLoRA(UnlearningMethod):
         return {"last_loss": self.last_loss, "adapted_layers_nonzero": self.nonzero_groups}
 
 
-@register("gs-lora", "GS-LoRA through peft: LoRA adapters on the linear layers trained "
-          "federatedly with a group-sparse penalty and a bounded forgetting loss, then merged "
-          "(Zhao et al. 2024).", params=GSLoRAParams)
+@register_unlearning("gs-lora", "GS-LoRA through peft: LoRA adapters on the linear layers "
+                     "trained federatedly with a group-sparse penalty and a bounded forgetting "
+                     "loss, then merged (Zhao et al. 2024).", params=GSLoRAParams)
 def build_gs_lora(params: GSLoRAParams, out_dir: Any) -> GSLoRA:
     return GSLoRA(params, out_dir)

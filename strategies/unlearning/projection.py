@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcl import plugins
 from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 from fedcl.unlearning_math import project_forget_gradient, weighted_mean
-from strategies.unlearning import register
 
 GRAD_FORGET = "projection.grad-forget"
 GRAD_RETAIN = "projection.grad-retain"
@@ -101,10 +102,9 @@ def test_loss(job: UnlearningJob, arrays: ArrayRecord, classes: set[int]) -> flo
     """The model's mean cross-entropy on the test samples of ``classes`` in the seen tasks."""
     from fedcl.erasure import original_test_labels
     from fedcl.training import to_float
-    from strategies import registry
 
     scenario, config = job.scenario, job.config
-    model = registry.build_model(config, scenario)
+    model = plugins.build_model(config, scenario)
     model.load_state_dict(arrays.to_torch_state_dict())
     model.eval()
     total, n = 0.0, 0
@@ -190,8 +190,8 @@ class Projection(UnlearningMethod):
                 "forget_loss_last": self.forget_loss}
 
 
-@register("projection", "Forget-gradient projection (adapted from Geometric-Disentanglement "
-          "Unlearning): gradient ascent on the forget data, orthogonal to the retain gradient.",
-          params=ProjectionParams)
+@register_unlearning("projection", "Forget-gradient projection (adapted from "
+                     "Geometric-Disentanglement Unlearning): gradient ascent on the forget data, "
+                     "orthogonal to the retain gradient.", params=ProjectionParams)
 def build_projection(params: ProjectionParams, out_dir: Any) -> Projection:
     return Projection(params, out_dir)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningMethod
-from strategies.unlearning import register
 
 
 class Retrain(UnlearningMethod):
     """Marker: the server's oracle is the method."""
 
 
-@register("retrain", "The exact oracle: retrain from the initial model without the erased "
-          "data, same seeds, sampling and schedule.")
+@register_unlearning("retrain", "The exact oracle: retrain from the initial model without the "
+                     "erased data, same seeds, sampling and schedule.")
 def build_retrain(params: Any, out_dir: Any) -> Retrain:
     return Retrain(params, out_dir)

@@ -29,9 +29,9 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
+from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 from fedcl.unlearning_math import fisher_importance, ssd_dampen, weighted_mean
-from strategies.unlearning import register
 
 IMPORTANCE_ALL = "ssd.importance-all"
 IMPORTANCE_FORGET = "ssd.importance-forget"
@@ -112,7 +112,8 @@ class SSD(UnlearningMethod):
         return {"dampened_share": self.selected / max(self.total, 1)}
 
 
-@register("ssd", "Selective Synaptic Dampening: parameters far more important to the forget "
-          "data than to all data are dampened (Foster et al. 2024).", params=SSDParams)
+@register_unlearning("ssd", "Selective Synaptic Dampening: parameters far more important to "
+                     "the forget data than to all data are dampened (Foster et al. 2024).",
+                     params=SSDParams)
 def build_ssd(params: SSDParams, out_dir: Any) -> SSD:
     return SSD(params, out_dir)
