@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from fedcl import plugins
 from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
 from fedcl.errors import ConfigError, FedclError
+from fedcl.run_setup import setup_run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +104,8 @@ def add_erase_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then ``--config``, then flags; validated."""
+    """Defaults, then ``--config``, then flags; checked by :func:`fedcl.run_setup.setup_run`
+    (one-line :class:`ConfigError` otherwise)."""
     config = load_toml(args.config) if args.config else Config()
     overrides: dict[str, Any] = {}
     for name in FIELDS:
@@ -116,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         given = overrides.get("erasures", config.erasures)
         overrides["erasures"] = "; ".join([given, *args.erase] if given else args.erase)
     config = config_from_dict(overrides, source="the command line", base=config)
-    return config.validate()
+    return setup_run(config).config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--tracking-uri", default=None,
                       help="send to this tracking URI instead of the run's own")
 
-    sub.add_parser("strategies", help="list the strategies and unlearning methods, one line "
-                   "each")
+    sub.add_parser("strategies", help="list the strategies and unlearning methods with their "
+                   "parameters, and the models and datasets (built-in and installed plugins)")
 
     certs = sub.add_parser("certs", help="write a CA, a SuperLink certificate and SuperNode "
                                          "keys for a TLS federation")
@@ -189,7 +193,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues the run with its own config; drop "
                               f"--{given[0].replace('_', '-')}")
         resume = checkpoint.load(args.resume)
-        config = checkpoint.config_of(resume)
+        config = setup_run(checkpoint.config_of(resume)).config
         checkpoint.stop_leftovers(resume)
     else:
         config = config_from_args(args)
@@ -221,14 +225,58 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:
-    from strategies import registry, unlearning
-
-    for name in registry.names():
-        print(f"{name:<12} {registry.get(name).summary}")
-    print("\nunlearning methods (--unlearning NAME):")
-    for name in unlearning.names():
-        print(f"{name:<12} {unlearning.get(name).summary}")
+    print("strategies (--strategy NAME, --strategy-param KEY=VALUE):")
+    for name in plugins.strategy_names():
+        _print_entry(name, plugins.get_strategy, name in plugins.BUILTIN_STRATEGIES)
+    print("\nunlearning methods (--unlearning NAME, --unlearning-param KEY=VALUE):")
+    for name in plugins.unlearning_names():
+        _print_entry(name, plugins.get_unlearning, name in plugins.BUILTIN_UNLEARNING)
+    print("\nmodels (--model NAME):")
+    for name in plugins.model_names():
+        try:
+            model = plugins.get_model(name)
+        except ConfigError as err:
+            _print_wrapped(name, f"(cannot be loaded: {err})")
+            continue
+        doc = (model.build.__doc__ or "").strip().split("\n\n")[0]
+        note = " Batch norm: cohort_size 1 only." if model.batch_norm else ""
+        _print_wrapped(name, " ".join(doc.split()) + note)
+    print("\ndatasets (--dataset NAME):")
+    for name in plugins.dataset_names():
+        try:
+            info = plugins.get_dataset(name)
+        except ConfigError as err:
+            _print_wrapped(name, f"(cannot be loaded: {err})")
+            continue
+        _print_wrapped(name, f"{info.summary} ({info.num_classes} classes)")
     return 0
+
+
+LIST_WIDTH = 100  # the width `fedcl strategies` wraps its lines to
+NAME_WIDTH = 18  # ... and its column of names
+
+
+def _print_wrapped(name: str, text: str) -> None:
+    """``name`` in its column, then ``text`` wrapped beside it."""
+    print(textwrap.fill(f"{name:<{NAME_WIDTH}} {text}", LIST_WIDTH,
+                        subsequent_indent=" " * (NAME_WIDTH + 1)))
+
+
+def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
+    """One strategy or method: its name and summary, then one line per parameter (``name:
+    type = default  doc``); a plugin that cannot be loaded says why instead."""
+    try:
+        spec = get(name)
+    except ConfigError as err:
+        _print_wrapped(name, f"(cannot be loaded: {err})")
+        return
+    origin = "" if builtin else f" [plugin {spec.build.__module__}]"
+    _print_wrapped(name, spec.summary + origin)
+    for param in plugins.param_docs(spec.params):
+        default = f" = {param.default}" if param.default else ""
+        line = f"  {param.name}: {param.type}{default}"
+        print(textwrap.fill(f"{line}  {param.doc}" if param.doc else line, LIST_WIDTH,
+                            subsequent_indent=" " * 6))
 
 
 def cmd_config(args: argparse.Namespace) -> int:

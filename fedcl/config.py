@@ -5,7 +5,9 @@ files (``simulations/*.toml``), overridden by CLI flags (one flag per field, gen
 converted to Flower's kebab-case run config (``[tool.flwr.app.config]``) in one place:
 :meth:`Config.to_run_config` / :meth:`Config.from_run_config`.
 
-Defaults live only in the dataclass below.
+Defaults live only in the dataclass below. This module is a leaf: it imports nothing of fedcl
+but :mod:`fedcl.errors`, so any part of fedcl can read a config. Checks that need the
+registries or the datasets run in :func:`fedcl.run_setup.setup_run`.
 """
 
 from __future__ import annotations
@@ -240,7 +242,10 @@ class Config:
 
     # -----------------------------------------------------------------------------------------
     def validate(self) -> Config:
-        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        """Check the fields on their own and against each other; raise :class:`ConfigError`
+        naming the first bad one. Names resolved through the registries (dataset, model,
+        strategy, unlearning and their parameters) and the erasure schedule are checked by
+        :func:`fedcl.run_setup.setup_run`, which calls this first."""
         positive = ("clients", "tasks", "rounds_per_task", "local_epochs", "batch_size",
                     "shards_per_client", "eval_batch_size", "min_train_clients", "cohort_size")
         for name in positive:
@@ -275,12 +280,6 @@ class Config:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
-
-        from fedcl.data.datasets import DATASETS
-        from fedcl.models import MODEL_NAMES
-
-        _check_choice("dataset", self.dataset, tuple(DATASETS))
-        _check_choice("model", self.model, MODEL_NAMES)
         if not self.experiment.strip():
             raise ConfigError("experiment must be a non-empty name")
         min_clients, sampled = self.min_train_clients, sample_size(self.clients,
@@ -293,48 +292,7 @@ class Config:
             raise ConfigError(
                 f"min_train_clients ({min_clients}) is larger than the {sampled} clients "
                 f"sampled per round (clients x fraction_train)")
-
-        from strategies import unlearning
-
-        _check_choice("unlearning", self.unlearning, tuple(unlearning.names()))
-        unlearning.parse_params(self.unlearning, self.unlearning_params)
-        self.erasure_requests()  # parsed and checked against the run
-        from strategies import registry
-
-        registry.validate(self.strategy, self.strategy_params)
-        if self.cohort_size > 1:
-            from fedcl.models import BATCH_NORM_MODELS
-
-            if self.model in BATCH_NORM_MODELS:
-                raise ConfigError(f"cohort_size > 1 cannot train model {self.model!r}: its batch "
-                                  "norm keeps running statistics that a batched cohort cannot "
-                                  "share; use cohort_size = 1 or model mlp/cnn")
-            if not registry.build_trainer(self).batchable:
-                raise ConfigError(f"cohort_size > 1 cannot train strategy {self.strategy!r}: its "
-                                  "clients train their own way; use cohort_size = 1")
         return self
-
-    def erasure_requests(self) -> list[Any]:
-        """The erasure schedule (:class:`fedcl.erasure.ErasureRequest`), in stream order,
-        checked against the run (one-line :class:`ConfigError` otherwise)."""
-        from fedcl.data.datasets import DATASETS
-        from fedcl.erasure import parse_schedule, validate_requests
-
-        requests = parse_schedule(self.erasures)
-        validate_requests(requests, clients=self.clients, tasks=self.tasks,
-                          rounds_per_task=self.rounds_per_task,
-                          classes=DATASETS[self.dataset].num_classes)
-        if self.scenario in ("class-il", "task-il"):
-            from fedcl.data.scenarios import split_classes
-
-            groups = split_classes(DATASETS[self.dataset].num_classes, self.tasks,
-                                   self.task_order_seed)
-            for req in requests:
-                first = next((t for t, g in enumerate(groups) if req.klass in g), None)
-                if req.klass is not None and first is not None and first > req.task:
-                    raise ConfigError(f"erasure '{req.to_text()}': class {req.klass} is first "
-                                      f"trained in task {first}, after the request")
-        return sorted(requests, key=lambda r: r.point(self.rounds_per_task))
 
     # --- conversions ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

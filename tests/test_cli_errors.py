@@ -138,23 +138,30 @@ def test_compare_unknown_experiment(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert result.stdout == ""
 
 
-def test_strategies_one_line_each(tmp_path: Path, fedcl_cmd) -> None:
-    from strategies import registry
+def test_strategies_lists_each_with_its_summary_and_parameters(tmp_path: Path,
+                                                                fedcl_cmd) -> None:
+    from fedcl import plugins
 
     result = fedcl_cmd("strategies", cwd=tmp_path, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    from strategies import unlearning
-
-    strategy_part, _, method_part = result.stdout.partition("\n\nunlearning methods")
-    for text, names in ((strategy_part, registry.names()),
-                        (method_part.split("\n", 1)[1], unlearning.names())):
-        lines = text.strip().splitlines()
-        assert len(lines) == len(names)
-        for line, name in zip(lines, names, strict=True):
-            assert line.split()[0] == name
-            assert line[len(name):].strip(), f"no summary for {name}"
-    assert unlearning.names() == ["federaser", "gs-lora", "projection", "retrain", "ssd"]
+    sections = result.stdout.strip().split("\n\n")
+    assert [s.split(" (", 1)[0] for s in sections] == ["strategies", "unlearning methods",
+                                                       "models", "datasets"]
+    # an entry starts at the line's first column; its wrapped summary and parameters are indented
+    entries = [[line.split()[0] for line in section.splitlines()[1:] if not line[0].isspace()]
+               for section in sections]
+    assert entries == [plugins.strategy_names(), plugins.unlearning_names(),
+                       plugins.model_names(), plugins.dataset_names()]
+    for section in sections[:2]:
+        for line in section.splitlines()[1:]:
+            if not line[0].isspace():
+                assert len(line.split()) > 1, f"no summary: {line!r}"
+    assert entries[1] == ["federaser", "gs-lora", "projection", "retrain", "ssd"]
+    assert {"fedavg", "fedprox", "fot", "prd"} <= set(entries[0])
+    assert {"mlp", "cnn", "resnet18"} <= set(entries[2]) and "mnist" in entries[3]
+    assert "\n  proximal_mu: float = 0.01  Weight mu of the proximal term" in result.stdout
+    assert "\n  batch_size: int = 64  Mini-batch size of the importances." in result.stdout
 
 
 def test_config_prints_toml_with_flag_applied(tmp_path: Path,

@@ -16,6 +16,7 @@ from fedcl import cohort, protocol
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
+from fedcl.run_setup import setup_run
 from fedcl.training import LocalRound, LocalTrainer
 from strategies.fedprox import FedProxParams, FedProxTrainer
 
@@ -298,7 +299,7 @@ def test_batch_norm_is_refused() -> None:
 ])
 def test_cohort_config_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        Config(**overrides).validate()
+        setup_run(Config(**overrides))
 
 
 def test_cohort_messages_out_and_member_replies_back(flower_identity: None) -> None:

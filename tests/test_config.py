@@ -19,6 +19,7 @@ from fedcl.config import (
     resolve_tracking_uri,
 )
 from fedcl.errors import ConfigError
+from fedcl.run_setup import setup_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATIONS = ROOT / "simulations"
@@ -39,10 +40,13 @@ def _custom() -> Config:
 def test_defaults_validate() -> None:
     config = Config()
     assert config.validate() is config
+    assert setup_run(config).config is config
 
 
 def test_custom_config_validates() -> None:
     _custom().validate()
+    setup = setup_run(_custom())
+    assert setup.strategy.name == "fedprox" and setup.strategy_params.proximal_mu == 0.1
 
 
 @pytest.mark.parametrize("config", [Config(), _custom()], ids=["defaults", "custom"])
@@ -51,7 +55,7 @@ def test_toml_round_trip(config: Config, tmp_path: Path) -> None:
     path.write_text(config.to_toml(), encoding="utf-8")
     loaded = load_toml(path)
     assert loaded == config
-    assert loaded.validate() == config
+    assert setup_run(loaded).config == config
 
 
 def test_toml_leaves_unset_fields_out() -> None:
@@ -189,7 +193,7 @@ def test_fraction_train_one_is_fine() -> None:
 def test_unknown_choices(name: str, value: str, suggestion: str) -> None:
     config = dataclasses.replace(Config(), **{name: value})
     with pytest.raises(ConfigError, match=rf"unknown {name} '{value}'") as err:
-        config.validate()
+        setup_run(config)
     message = str(err.value)
     assert f"did you mean '{suggestion}'" in message
     assert "choose one of" in message and suggestion in message
@@ -197,20 +201,20 @@ def test_unknown_choices(name: str, value: str, suggestion: str) -> None:
 
 def test_unknown_choice_without_suggestion() -> None:
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; choose one of") as err:
-        Config(dataset="imagenet").validate()
+        setup_run(Config(dataset="imagenet"))
     assert "did you mean" not in str(err.value)
 
 
 def test_unknown_strategy_parameter() -> None:
     config = Config(strategy="fedavg", strategy_params={"proximal_mu": 0.1})
     with pytest.raises(ConfigError, match="unknown parameter 'proximal_mu' for strategy 'fedavg'"):
-        config.validate()
+        setup_run(config)
 
 
 def test_unknown_fedprox_parameter_lists_known_ones() -> None:
     config = Config(strategy="fedprox", strategy_params={"mu": 0.1})
     with pytest.raises(ConfigError, match=r"its parameters: proximal_mu"):
-        config.validate()
+        setup_run(config)
 
 
 @pytest.mark.parametrize("value", ["big", True])
@@ -218,17 +222,18 @@ def test_proximal_mu_wrong_type(value: Any) -> None:
     config = Config(strategy="fedprox", strategy_params={"proximal_mu": value})
     with pytest.raises(ConfigError,
                        match=r"parameter 'proximal_mu' of strategy 'fedprox' must be float"):
-        config.validate()
+        setup_run(config)
 
 
 def test_proximal_mu_int_accepted() -> None:
-    Config(strategy="fedprox", strategy_params={"proximal_mu": 1}).validate()
+    setup = setup_run(Config(strategy="fedprox", strategy_params={"proximal_mu": 1}))
+    assert setup.strategy_params.proximal_mu == 1.0
 
 
 def test_negative_proximal_mu() -> None:
     config = Config(strategy="fedprox", strategy_params={"proximal_mu": -0.5})
     with pytest.raises(ConfigError, match=r"proximal_mu must be >= 0, got -0.5"):
-        config.validate()
+        setup_run(config)
 
 
 def test_min_train_clients_above_clients() -> None:
@@ -270,7 +275,7 @@ def test_simulations_folder_has_toml_files_if_not_empty() -> None:
 
 @pytest.mark.parametrize("path", SIMULATION_FILES, ids=[p.name for p in SIMULATION_FILES])
 def test_simulation_file_loads_and_validates(path: Path) -> None:
-    load_toml(path).validate()
+    setup_run(load_toml(path))
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@ import pytest
 
 from fedcl.erasure import ErasureRequest, parse_erasure, validate_requests
 from fedcl.errors import ConfigError
+from fedcl.run_setup import setup_run
 
 RUN = {"clients": 10, "tasks": 5, "rounds_per_task": 4, "classes": 10}
 
@@ -79,11 +80,11 @@ def test_schedule_text_and_points() -> None:
 def test_config_checks_the_schedule_and_the_method() -> None:
     from fedcl.config import Config
 
-    requests = Config(clients=4, tasks=2, erasures="client=3,after-task=1; client=0,task=0,"
-                      "round=2").validate().erasure_requests()
+    requests = setup_run(Config(clients=4, tasks=2, erasures="client=3,after-task=1; "
+                                "client=0,task=0,round=2")).schedule
     assert [r.to_text() for r in requests] == ["client=0,task=0,round=2", "client=3,after-task=1"]
-    Config(erasures="class=1,after-task=0").validate()  # every kind runs
+    setup_run(Config(erasures="class=1,after-task=0"))  # every kind runs
     with pytest.raises(ConfigError, match="unknown unlearning 'ssdd' \\(did you mean 'ssd'"):
-        Config(unlearning="ssdd").validate()
+        setup_run(Config(unlearning="ssdd"))
     with pytest.raises(ConfigError, match=r"task 2 is outside the run \(tasks are 0..1\)"):
-        Config(tasks=2, erasures="client=0,after-task=2").validate()
+        setup_run(Config(tasks=2, erasures="client=0,after-task=2"))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from fedcl import plugins
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
 from fedcl.training import LocalRound, LocalTrainer
-from strategies import registry
 from strategies.fedprox import FedProxParams, FedProxTrainer, proximal_term
 
 
@@ -26,7 +26,7 @@ def test_proximal_pull_keeps_weights_closer_to_global() -> None:
     distances = {}
     for name, trainer in (("fedavg", LocalTrainer()),
                           ("fedprox", FedProxTrainer(FedProxParams(proximal_mu=10.0)))):
-        model = registry.build_model(cfg, sc)
+        model = plugins.build_model(cfg, sc)
         start = [p.detach().clone() for p in model.parameters()]
         trainer.train(LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=0,
                                  round=1, partition_id=0, device=torch.device("cpu"),
@@ -34,4 +34,4 @@ def test_proximal_pull_keeps_weights_closer_to_global() -> None:
         distances[name] = sum(float(((p - s) ** 2).sum())
                               for p, s in zip(model.parameters(), start, strict=True))
     assert distances["fedprox"] < 0.5 * distances["fedavg"]
-    assert isinstance(registry.build_trainer(Config(strategy="fedprox")), FedProxTrainer)
+    assert isinstance(plugins.build_trainer(Config(strategy="fedprox")), FedProxTrainer)

@@ -11,13 +11,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedcl import protocol, subspace
+from fedcl import plugins, protocol, subspace
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.strategy import RoundInfo
 from fedcl.training import LocalRound, TrainResult
-from strategies import registry
 from strategies.fedavg import flower_kwargs
 from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 
@@ -162,7 +161,7 @@ def test_client_sketches_only_in_last_round_and_ratio_against_basis() -> None:
 def test_bad_parameters(params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[")):
-        registry.parse_params("fot", params)
+        plugins.parse_strategy_params("fot", params)
 
 
 class _NoGrid:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fedcl.cli import main
 from fedcl.config import FIELDS, PARAM_TABLES, config_from_dict
 from fedcl.errors import FedclError
+from fedcl.run_setup import setup_run
 
 values = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-10**12, max_value=10**12),
@@ -30,7 +31,7 @@ FUZZ = settings(max_examples=150, deadline=None,
 @given(name=st.sampled_from(sorted(FIELDS)), value=values)
 def test_any_value_for_any_field_is_accepted_or_a_config_error(name: str, value: object) -> None:
     try:
-        config_from_dict({name: value}, source="fuzz").validate()
+        setup_run(config_from_dict({name: value}, source="fuzz"))
     except FedclError as err:
         assert str(err) and "\n" not in str(err)
 

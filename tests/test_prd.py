@@ -10,11 +10,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedcl import protocol
+from fedcl import plugins, protocol
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
 from fedcl.training import LocalRound
-from strategies import registry
 from strategies.prd import COUNTS, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -99,7 +98,7 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
     sc = build_scenario(cfg)
     x, y = sc.train_data(1)
     x, y = x[:40], y[:40]
-    model = registry.build_model(cfg, sc)
+    model = plugins.build_model(cfg, sc)
     trainer = PRDTrainer(PRDParams())
     before = model.prototypes.detach().clone()
     local = LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,

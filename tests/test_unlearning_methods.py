@@ -9,6 +9,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from fedcl import plugins
 from fedcl.client_ops import ClientData, TaskData
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
@@ -22,8 +23,8 @@ from fedcl.erasure import (
     request_split,
 )
 from fedcl.errors import ConfigError
+from fedcl.run_setup import setup_run
 from fedcl.unlearning_math import fisher_importance, weighted_mean
-from strategies import unlearning
 from strategies.unlearning.gs_lora import adapter_state, group_lasso, load_adapters, lora_model
 from strategies.unlearning.projection import mean_gradient
 from strategies.unlearning.ssd import client_importances
@@ -79,22 +80,22 @@ def test_class_erasure_before_its_task_is_refused() -> None:
     config = Config(clients=4, tasks=5, scenario="class-il", erasures="class=9,after-task=2")
     with pytest.raises(ConfigError, match="class 9 is first trained in task 4, after the "
                                           "request"):
-        config.validate()
-    Config(clients=4, tasks=5, scenario="class-il", erasures="class=5,after-task=2").validate()
+        setup_run(config)
+    setup_run(Config(clients=4, tasks=5, scenario="class-il", erasures="class=5,after-task=2"))
 
 
 def test_unlearning_params_are_typed_and_checked() -> None:
     with pytest.raises(ConfigError, match="unknown parameter 'alpa' for unlearning method "
                                           "'ssd' \\(its parameters: alpha, lam, batch_size\\)"):
-        Config(unlearning="ssd", unlearning_params={"alpa": 1.0}).validate()
+        setup_run(Config(unlearning="ssd", unlearning_params={"alpa": 1.0}))
     with pytest.raises(ConfigError, match="ssd alpha and lam must be positive"):
-        Config(unlearning="ssd", unlearning_params={"alpha": 0}).validate()
+        setup_run(Config(unlearning="ssd", unlearning_params={"alpha": 0}))
     with pytest.raises(ConfigError, match="unknown unlearning 'sdd' \\(did you mean 'ssd'"):
-        Config(unlearning="sdd").validate()
+        setup_run(Config(unlearning="sdd"))
     config = Config(unlearning="federaser", unlearning_params={"interval": 2})
     assert Config.from_run_config(config.to_run_config()) == config
     assert config.to_run_config()["unlearning-param.interval"] == 2
-    assert unlearning.parse_params("federaser", {"interval": 2}).epoch_ratio == 0.5
+    assert plugins.parse_unlearning_params("federaser", {"interval": 2}).epoch_ratio == 0.5
 
 
 def _client_data(model: nn.Module, forget: int, retain: int, batch: int = 4) -> ClientData:

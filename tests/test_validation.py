@@ -8,10 +8,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedcl import protocol
+from fedcl import plugins, protocol
 from fedcl.config import Config
 from fedcl.validation import reply_problem, screen_replies
-from strategies import registry
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -114,7 +113,7 @@ def test_each_bad_reply_is_rejected_and_does_not_move_the_model(kind: str) -> No
     good = _msg({"w": torch.full((2, 3), 2.0), "b": torch.full((2,), 3.0)}, pid=1)
     kept, reasons = screen_replies([good, bad], reference, 100.0)
     assert kept == [good] and reasons == [reason]
-    strategy = registry.build(Config())
+    strategy = plugins.build_strategy(Config())
     new, _ = strategy.aggregate_train(1, kept)
     got = new.to_torch_state_dict()
     assert torch.equal(got["w"], torch.full((2, 3), 2.0))
