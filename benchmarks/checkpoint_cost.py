@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from fedcl import checkpoint
+from fedcl import checkpoint, plugins
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
 from fedcl.results import RoundRecord
-from strategies import registry
+from fedcl.run_setup import setup_run
 
 
 def main() -> None:
@@ -26,10 +26,11 @@ def main() -> None:
     for model, strategy, dataset_scenario in (("mlp", "fedavg", "class-il"),
                                               ("mlp", "fot", "domain-il"),
                                               ("resnet18", "fedavg", "class-il")):
-        cfg = Config(model=model, strategy=strategy, scenario=dataset_scenario, tasks=5).validate()
+        cfg = setup_run(Config(model=model, strategy=strategy, scenario=dataset_scenario,
+                               tasks=5)).config
         sc = build_scenario(cfg)
-        strat = registry.build(cfg)
-        arrays = ArrayRecord(registry.build_model(cfg, sc).state_dict())
+        strat = plugins.build_strategy(cfg)
+        arrays = ArrayRecord(plugins.build_model(cfg, sc).state_dict())
         if strategy == "fot":  # a basis as after a few PMNIST tasks
             strat.basis = {"body.2": torch.linalg.qr(torch.randn(784, 400))[0],
                            "body.5": torch.linalg.qr(torch.randn(400, 300))[0],

@@ -34,6 +34,7 @@ from fedcl.data.datasets import to_float
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
 from fedcl.models import build_model
+from fedcl.run_setup import setup_run
 from fedcl.training import resolve_device
 
 client_app = ClientApp()
@@ -132,11 +133,11 @@ def main() -> None:
     p.add_argument("--config", help="a fedcl TOML config (then the other flags are ignored)")
     args = p.parse_args()
     if args.config:
-        cfg = load_toml(args.config).validate()
+        cfg = setup_run(load_toml(args.config)).config
     else:
-        cfg = Config(clients=args.clients, tasks=args.tasks,
-                     rounds_per_task=args.rounds_per_task,
-                     fraction_train=args.fraction_train).validate()
+        cfg = setup_run(Config(clients=args.clients, tasks=args.tasks,
+                               rounds_per_task=args.rounds_per_task,
+                               fraction_train=args.fraction_train)).config
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
                  "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}.items():
         os.environ.setdefault(k, v)

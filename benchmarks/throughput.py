@@ -105,9 +105,10 @@ def sequential_worker(config_path: str) -> None:
     from fedcl.data.partition import client_positions
     from fedcl.data.scenarios import build_scenario
     from fedcl.models import build_model
+    from fedcl.run_setup import setup_run
     from fedcl.training import accuracy, resolve_device
 
-    cfg = load_toml(config_path).validate()
+    cfg = setup_run(load_toml(config_path)).config
     device = resolve_device(cfg.device)
     sc = build_scenario(cfg)
     torch.manual_seed(cfg.seed)
