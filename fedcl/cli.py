@@ -16,10 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from fedcl import plugins
 from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
 from fedcl.errors import ConfigError, FedclError
-from fedcl.run_setup import setup_run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,6 +118,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         given = overrides.get("erasures", config.erasures)
         overrides["erasures"] = "; ".join([given, *args.erase] if given else args.erase)
     config = config_from_dict(overrides, source="the command line", base=config)
+    from fedcl.run_setup import setup_run  # deferred, as every command's modules: pulls torch
+
     return setup_run(config).config
 
 
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcl.data.scenarios import build_scenario
     from fedcl.progress import Progress, format_matrix
+    from fedcl.run_setup import setup_run
     from fedcl.simulation import simulate
     from fedcl.training import resolve_device
 
@@ -225,6 +226,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:
+    from fedcl import plugins
+
     print("strategies (--strategy NAME, --strategy-param KEY=VALUE):")
     for name in plugins.strategy_names():
         _print_entry(name, plugins.get_strategy, name in plugins.BUILTIN_STRATEGIES)
@@ -265,6 +268,8 @@ def _print_wrapped(name: str, text: str) -> None:
 def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
     """One strategy or method: its name and summary, then one line per parameter (``name:
     type = default  doc``); a plugin that cannot be loaded says why instead."""
+    from fedcl.plugins import param_docs
+
     try:
         spec = get(name)
     except ConfigError as err:
@@ -272,7 +277,7 @@ def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
         return
     origin = "" if builtin else f" [plugin {spec.build.__module__}]"
     _print_wrapped(name, spec.summary + origin)
-    for param in plugins.param_docs(spec.params):
+    for param in param_docs(spec.params):
         default = f" = {param.default}" if param.default else ""
         line = f"  {param.name}: {param.type}{default}"
         print(textwrap.fill(f"{line}  {param.doc}" if param.doc else line, LIST_WIDTH,

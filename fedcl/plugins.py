@@ -60,6 +60,7 @@ from torch import nn
 from fedcl.data.datasets import BUILTIN_DATASETS, DATASETS, DatasetInfo, add_dataset
 from fedcl.errors import ConfigError
 from fedcl.models import MODELS, ModelSpec
+from fedcl.strategy import ContinualStrategy
 from fedcl.training import LocalTrainer
 
 if TYPE_CHECKING:
@@ -210,17 +211,17 @@ def _plain_trainer(params: Any) -> LocalTrainer:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """A registered strategy: the server half ``build(config, params) -> strategy`` (a
-    ``ContinualStrategy``), the client half ``trainer(params) -> LocalTrainer``, and, when the
+    """A registered strategy: the server half ``build(config, params) -> ContinualStrategy``,
+    the client half ``trainer(params) -> LocalTrainer``, and, when the
     method needs more than the config's model, ``model(params, scenario, model) -> nn.Module``
     (PRD adds a projector and prototypes)."""
 
     name: str
     summary: str
     params: type
-    build: Callable[[Any, Any], Any]
+    build: Callable[[Config, Any], ContinualStrategy]
     trainer: Callable[[Any], LocalTrainer] = _plain_trainer
-    model: Callable[[Any, Any, nn.Module], nn.Module] | None = None
+    model: Callable[[Any, Scenario, nn.Module], nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -492,9 +493,8 @@ def parse_unlearning_params(name: str, values: Mapping[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Building a run's parts
 # ---------------------------------------------------------------------------------------------
-def build_strategy(config: Config) -> Any:
-    """The server half of ``config.strategy`` with its typed ``config.strategy_params`` (a
-    ``ContinualStrategy``)."""
+def build_strategy(config: Config) -> ContinualStrategy:
+    """The server half of ``config.strategy`` with its typed ``config.strategy_params``."""
     spec = get_strategy(config.strategy)
     return spec.build(config, parse_strategy_params(config.strategy, config.strategy_params))
 

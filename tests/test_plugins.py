@@ -289,7 +289,7 @@ from torch import nn
 
 from fedcl.data.datasets import ArrayDataset, Dataset
 from fedcl.plugins import register_dataset, register_model, register_unlearning
-from strategies.unlearning import UnlearningMethod
+from fedcl.unlearning_api import UnlearningMethod
 
 
 @register_model("{model}", batch_norm=True)
