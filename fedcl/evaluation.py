@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord
 from fedcl.config import Config
 from fedcl.data.scenarios import Scenario
 from fedcl.training import accuracy
-from strategies import registry as plugins  # TODO(merge): fedcl.plugins
+from fedcl import plugins
 
 
 class Evaluator:

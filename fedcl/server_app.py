@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedcl import checkpoint, protocol
+from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort import reply_members
 from fedcl.config import Config, resolve_tracking_uri
@@ -37,6 +37,7 @@ from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError
 from fedcl.evaluation import Evaluator
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
+from fedcl.run_setup import setup_run
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
     PhaseClock,
@@ -53,7 +54,6 @@ from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import OUTBOX_FILE, Tracker
 from fedcl.training import resolve_device
 from fedcl.unlearning_run import Erasures, UnlearningFailed
-from strategies import registry as plugins  # TODO(merge): fedcl.plugins
 
 log = logging.getLogger("fedcl")
 
@@ -231,7 +231,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     a checkpoint); returns the summary (also written to disk)."""
     control = control or RunControl()
     started = time.monotonic()
-    config.validate()
+    setup = setup_run(config)  # the same checks as the CLI's, under `flwr run` too
     run_name = default_run_name(config)
     config.run_name = run_name
     out_dir = Path(config.output or Path("outputs") / run_name)
@@ -239,13 +239,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     scenario = build_scenario(config)
     device = resolve_device(config.device)
     evaluator = Evaluator(scenario, config, device)
-    schedule = config.erasure_requests()
+    schedule = setup.schedule
     check_requests_hold_data(config, scenario, schedule, config.data_dir)  # before any run
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
     # the unlearning method may wrap the run's strategy (FedEraser records client updates)
-    strategy = erasures.method.wrap(plugins.build(config))
+    strategy = erasures.method.wrap(plugins.build_strategy(config))
     starting: Future[str] | None = None
     if control.resume is not None:
         state = checkpoint.restore(control.resume, strategy)

@@ -28,6 +28,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fedcl import plugins
 from fedcl.checkpoint import RunState
 from fedcl.config import Config
 from fedcl.data.scenarios import Scenario
@@ -40,8 +41,6 @@ from fedcl.strategy import ContinualStrategy, RoundInfo
 from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import Tracker
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
-from strategies import registry as plugins  # TODO(merge): fedcl.plugins
-from strategies import unlearning as unlearning_methods  # TODO(merge)
 
 log = logging.getLogger("fedcl")
 
@@ -107,7 +106,7 @@ class Erasures:
                  tracker: Tracker, out_dir: Path | None = None) -> None:
         self.grid, self.config, self.scenario = grid, config, scenario
         self.tracker = tracker
-        self.method: UnlearningMethod = unlearning_methods.build(config, out_dir)
+        self.method: UnlearningMethod = plugins.build_unlearning(config, out_dir)
         self.judge = ErasureJudge(config, scenario, evaluator)
 
     def state_dict(self) -> dict[str, Any]:
@@ -147,7 +146,7 @@ class Erasures:
                                        "the request is kept in the checkpoint") from None
             method_seconds = time.monotonic() - started
         started = time.monotonic()
-        oracle_strategy = plugins.build(self.config)
+        oracle_strategy = plugins.build_strategy(self.config)
         oracle_arrays = self.retrain(p, after, oracle_strategy, roster, cancel)
         oracle_seconds = time.monotonic() - started
         if name == "retrain":
@@ -175,7 +174,7 @@ class Erasures:
         """A fresh strategy whose task-end state (FOT's basis, PRD's old model) is built again
         from ``arrays`` without the erased data (:class:`RebuildWalk`); returns it with the
         model after the walk."""
-        strategy = plugins.build(self.config)
+        strategy = plugins.build_strategy(self.config)
         p, rounds = job.progress, self.config.rounds_per_task
         last_rounds = {r.task: r for r in p.records if r.task_round == rounds}
         finished = [t for t in job.tasks if t in last_rounds]
