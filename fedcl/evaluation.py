@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from flwr.app import ArrayRecord
 
+from fedcl import plugins
 from fedcl.config import Config
 from fedcl.data.scenarios import Scenario
 from fedcl.training import accuracy
-from fedcl import plugins
 
 
 class Evaluator:

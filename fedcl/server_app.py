@@ -37,7 +37,6 @@ from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError
 from fedcl.evaluation import Evaluator
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
-from fedcl.run_setup import setup_run
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
     PhaseClock,
@@ -49,6 +48,7 @@ from fedcl.rounds import (
     send_and_receive,
     train_round,
 )
+from fedcl.run_setup import setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import OUTBOX_FILE, Tracker
