@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord
 from fedcl import cohort
 from fedcl.config import Config
 from fedcl.models import build_model
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 
 
 def main() -> None:
@@ -91,9 +91,9 @@ def main() -> None:
             sync()
             t3 = time.perf_counter()
             for pid, x, y in members:  # the same clients one after another, per-client loop
-                LocalTrainer().train(LocalRound(config=config, model=model, x=x, y=y, head=None,
-                                                task=0, round=1, partition_id=pid,
-                                                device=device, mean=mean, std=std))
+                LocalTrainer().train(RoundContext(config=config, model=model, x=x, y=y, head=None,
+                                                  task=0, round=1, partition_id=pid,
+                                                  device=device, mean=mean, std=std))
             sync()
             times["loop"].append(time.perf_counter() - t3)
         med = {key: statistics.median(v[1:] or v) for key, v in times.items()}

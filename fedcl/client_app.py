@@ -26,7 +26,7 @@ from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
 from fedcl.erasure import ErasedData, held_positions
-from fedcl.training import LocalRound, LocalTrainer, TrainResult, resolve_device
+from fedcl.training import LocalTrainer, RoundContext, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
 from strategies import registry
 
@@ -140,21 +140,21 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    local = LocalRound(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
+    ctx = RoundContext(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
                        task=task, round=round_, partition_id=pid,
                        device=device, mean=scenario.dataset.mean,
                        std=scenario.dataset.std,
                        last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
                        message=msg.content)
     if int(state["task"]) != task:
-        trainer.begin_task(local)
+        trainer.begin_task(ctx)
         state["task"] = task
     if bool(cfg_record.get(protocol.NO_TRAIN, False)) or len(y) == 0:
         # task-end payloads only, or every sample of this client's task erased
         trained = TrainResult(num_examples=len(y), loss=0.0, steps=0)
     else:
-        trained = trainer.train(local)
-    result = trainer.after_training(local, trained) if len(y) else trained
+        trained = trainer.train(ctx)
+    result = trainer.after_training(ctx, trained) if len(y) else trained
     state["rounds"] = int(state["rounds"]) + 1
     if not bool(cfg_record.get(protocol.REPLAY, False)):  # the retrain oracle's rounds
         context.state[protocol.CLIENT_STATE] = state
@@ -213,14 +213,14 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
         torch.cuda.reset_peak_memory_stats(device)
     head = scenario.head_for(task)
 
-    def local_round(pid: int, x: torch.Tensor, y: torch.Tensor) -> LocalRound:
-        return LocalRound(config=config, model=model, x=x, y=y, head=head, task=task,
-                          round=round_, partition_id=pid, device=device,
-                          mean=scenario.dataset.mean, std=scenario.dataset.std,
-                          last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
-                          message=msg.content)
+    def round_context(pid: int, x: torch.Tensor, y: torch.Tensor) -> RoundContext:
+        return RoundContext(config=config, model=model, x=x, y=y, head=head, task=task,
+                            round=round_, partition_id=pid, device=device,
+                            mean=scenario.dataset.mean, std=scenario.dataset.std,
+                            last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
+                            message=msg.content)
 
-    first = local_round(*data[0])
+    first = round_context(*data[0])
     trained = cohort.train_stacked(
         model, data, config=config, task=task, round_=round_, head=head, device=device,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
@@ -236,7 +236,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
         result = TrainResult(num_examples=res.num_examples, loss=res.loss, steps=res.steps)
         if own_records:
             model.load_state_dict(res.state)
-            result = trainer.after_training(local_round(pid, x, y), result)
+            result = trainer.after_training(round_context(pid, x, y), result)
         records = {protocol.ARRAYS: ArrayRecord(res.state),
                    protocol.METRICS: reply_metrics(result), **result.records}
         replies.append((pid, records))

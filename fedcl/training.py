@@ -42,7 +42,7 @@ def round_seed(seed: int, task: int, round_: int, partition_id: int) -> int:
 
 
 @dataclass
-class LocalRound:
+class RoundContext:
     """Everything a client's local training step needs for one round."""
 
     config: Config
@@ -72,7 +72,7 @@ class TrainResult:
 class LocalTrainer:
     """Cross-entropy training on the current task. Subclasses override only what they change."""
 
-    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
         """An extra loss term added to cross-entropy each step (FedProx's proximal term...),
         from the trained parameters (in ``named_parameters`` order) and their values at the
@@ -87,35 +87,35 @@ class LocalTrainer:
         cls = type(self)
         return cls.train is LocalTrainer.train and cls.begin_task is LocalTrainer.begin_task
 
-    def begin_task(self, lr: LocalRound) -> None:
+    def begin_task(self, ctx: RoundContext) -> None:
         """Called once when this client first trains on a new task."""
 
-    def after_training(self, lr: LocalRound, result: TrainResult) -> TrainResult:
+    def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
         """Called after local training with the locally trained model (payloads go here)."""
         return result
 
-    def train(self, lr: LocalRound) -> TrainResult:
-        model = lr.model.to(lr.device)
+    def train(self, ctx: RoundContext) -> TrainResult:
+        model = ctx.model.to(ctx.device)
         model.train()
-        gen = torch.Generator().manual_seed(round_seed(lr.config.seed, lr.task, lr.round,
-                                                      lr.partition_id))
+        gen = torch.Generator().manual_seed(round_seed(ctx.config.seed, ctx.task, ctx.round,
+                                                      ctx.partition_id))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        optimizer = make_optimizer(model.parameters(), lr.config)
+        optimizer = make_optimizer(model.parameters(), ctx.config)
         # the round's starting weights, for a regularizer that needs them (FedProx)
         needs_reference = type(self).regularizer is not LocalTrainer.regularizer
         params = list(model.parameters())
         reference = [p.detach().clone() for p in params] if needs_reference else []
-        n = int(lr.y.shape[0])
+        n = int(ctx.y.shape[0])
         # the loss is summed on the device: a float() per step would wait for the GPU each step
-        total, steps = torch.zeros((), device=lr.device), 0
-        x_dev, y_dev = lr.x.to(lr.device), lr.y.to(lr.device)
-        for _ in range(lr.config.local_epochs):
-            order = torch.randperm(n, generator=gen).to(lr.device)
-            for start in range(0, n, lr.config.batch_size):
-                batch = order[start:start + lr.config.batch_size]
-                inputs = to_float(x_dev[batch], lr.mean, lr.std)
-                loss = nn.functional.cross_entropy(model(inputs, lr.head), y_dev[batch])
-                extra = self.regularizer(lr, params, reference) if needs_reference else None
+        total, steps = torch.zeros((), device=ctx.device), 0
+        x_dev, y_dev = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
+        for _ in range(ctx.config.local_epochs):
+            order = torch.randperm(n, generator=gen).to(ctx.device)
+            for start in range(0, n, ctx.config.batch_size):
+                batch = order[start:start + ctx.config.batch_size]
+                inputs = to_float(x_dev[batch], ctx.mean, ctx.std)
+                loss = nn.functional.cross_entropy(model(inputs, ctx.head), y_dev[batch])
+                extra = self.regularizer(ctx, params, reference) if needs_reference else None
                 if extra is not None:
                     loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedProx
 
 from fedcl.config import Config
 from fedcl.errors import ConfigError
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 from strategies.base import ContinualStrategy
 from strategies.fedavg import flower_kwargs
 from strategies.registry import register
@@ -35,7 +35,7 @@ class FedProxTrainer(LocalTrainer):
     def __init__(self, params: FedProxParams) -> None:
         self.mu = params.proximal_mu
 
-    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
         if self.mu == 0:
             return None

@@ -39,7 +39,7 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
-from fedcl.training import LocalRound, LocalTrainer, TrainResult, make_optimizer, round_seed
+from fedcl.training import LocalTrainer, RoundContext, TrainResult, make_optimizer, round_seed
 from strategies.base import ContinualStrategy, RoundInfo
 from strategies.fedavg import flower_kwargs
 from strategies.registry import register
@@ -184,31 +184,31 @@ class PRDTrainer(LocalTrainer):
     def __init__(self, params: PRDParams) -> None:
         self.params = params
 
-    def train(self, lr: LocalRound) -> TrainResult:
+    def train(self, ctx: RoundContext) -> TrainResult:
         p = self.params
-        model: PRDModel = lr.model.to(lr.device)  # type: ignore[assignment]
+        model: PRDModel = ctx.model.to(ctx.device)  # type: ignore[assignment]
         model.train()
-        gen = torch.Generator().manual_seed(round_seed(lr.config.seed, lr.task, lr.round,
-                                                      lr.partition_id))
+        gen = torch.Generator().manual_seed(round_seed(ctx.config.seed, ctx.task, ctx.round,
+                                                      ctx.partition_id))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         body = [q for name, q in model.named_parameters() if name != PROTOTYPES]
-        opt = make_optimizer(body, lr.config)
+        opt = make_optimizer(body, ctx.config)
         proto_opt = torch.optim.SGD([model.prototypes], lr=p.proto_lr)
-        old = self._frozen_copy(lr)
-        rows_now = model.rows[lr.task]
-        old_rows = [model.rows[j] for j in range(lr.task)]
-        n, total, steps = int(lr.y.shape[0]), 0.0, 0
-        for _ in range(lr.config.local_epochs):
+        old = self._frozen_copy(ctx)
+        rows_now = model.rows[ctx.task]
+        old_rows = [model.rows[j] for j in range(ctx.task)]
+        n, total, steps = int(ctx.y.shape[0]), 0.0, 0
+        for _ in range(ctx.config.local_epochs):
             order = torch.randperm(n, generator=gen)
-            for start in range(0, n, lr.config.batch_size):
-                idx = order[start:start + lr.config.batch_size]
-                views = torch.cat([prd.augment(lr.x[idx], gen), prd.augment(lr.x[idx], gen)])
-                inputs = to_float(views.to(lr.device), lr.mean, lr.std)
-                y = lr.y[idx].to(lr.device)
+            for start in range(0, n, ctx.config.batch_size):
+                idx = order[start:start + ctx.config.batch_size]
+                views = torch.cat([prd.augment(ctx.x[idx], gen), prd.augment(ctx.x[idx], gen)])
+                inputs = to_float(views.to(ctx.device), ctx.mean, ctx.std)
+                y = ctx.y[idx].to(ctx.device)
                 h = model.features(inputs)
                 loss = prd.supcon_loss(model.project(h), y.repeat(2), p.supcon_temperature)
-                local_rows = torch.as_tensor(rows_now, device=lr.device)
-                targets = (y if model.task_il or lr.config.scenario == "domain-il"
+                local_rows = torch.as_tensor(rows_now, device=ctx.device)
+                targets = (y if model.task_il or ctx.config.scenario == "domain-il"
                            else _positions(y, rows_now))
                 loss = loss + p.lambda_proto * prd.prototype_loss(
                     h.detach(), model.prototypes[local_rows], targets.repeat(2))
@@ -226,30 +226,30 @@ class PRDTrainer(LocalTrainer):
                 total += float(loss.detach())
                 steps += 1
         return TrainResult(num_examples=n, loss=total / max(steps, 1), steps=steps,
-                           records={COUNTS: ConfigRecord({"rows": self._counts(lr, model)})})
+                           records={COUNTS: ConfigRecord({"rows": self._counts(ctx, model)})})
 
-    def _frozen_copy(self, lr: LocalRound) -> PRDModel | None:
-        rec = lr.message.get(OLD_MODEL) if lr.message is not None else None
-        if rec is None or lr.task == 0:
+    def _frozen_copy(self, ctx: RoundContext) -> PRDModel | None:
+        rec = ctx.message.get(OLD_MODEL) if ctx.message is not None else None
+        if rec is None or ctx.task == 0:
             return None
         import copy
 
-        old = copy.deepcopy(lr.model)
+        old = copy.deepcopy(ctx.model)
         old.load_state_dict(rec.to_torch_state_dict())
         old.eval()
         for q in old.parameters():
             q.requires_grad_(False)
         return old  # type: ignore[return-value]
 
-    def _counts(self, lr: LocalRound, model: PRDModel) -> list[int]:
+    def _counts(self, ctx: RoundContext, model: PRDModel) -> list[int]:
         counts = np.zeros(model.prototypes.shape[0], dtype=np.int64)
-        n = int(lr.y.shape[0])
-        for j in range(lr.task):
+        n = int(ctx.y.shape[0])
+        for j in range(ctx.task):
             counts[model.rows[j]] = n
-        rows_now = model.rows[lr.task]
-        labels = lr.y.numpy()
+        rows_now = model.rows[ctx.task]
+        labels = ctx.y.numpy()
         for pos, row in enumerate(rows_now):
-            label = row if not model.task_il and lr.config.scenario == "class-il" else pos
+            label = row if not model.task_il and ctx.config.scenario == "class-il" else pos
             counts[row] = max(counts[row], int((labels == label).sum()))
         return [int(c) for c in counts]
 

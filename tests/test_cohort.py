@@ -16,7 +16,7 @@ from fedcl import cohort, protocol
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedprox import FedProxParams, FedProxTrainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -43,9 +43,9 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
     torch.manual_seed(0)
     model = build_model("cnn", (3, 8, 8), 4, 2)  # two heads: task 1 uses heads[1]
     members = _members([37, 50, 21])
-    first = LocalRound(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                       task=1, round=3, partition_id=4, device=torch.device("cpu"),
-                       mean=MEAN, std=STD)
+    first = RoundContext(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
+                         task=1, round=3, partition_id=4, device=torch.device("cpu"),
+                         mean=MEAN, std=STD)
     results = cohort.train_cohort(
         copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
         device=torch.device("cpu"), mean=MEAN, std=STD,
@@ -53,9 +53,9 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
     assert [r.partition_id for r in results] == [4, 9, 11]
     for (pid, x, y), got in zip(members, results, strict=True):
         alone = copy.deepcopy(model)
-        expected = trainer.train(LocalRound(config=config, model=alone, x=x, y=y, head=1, task=1,
-                                            round=3, partition_id=pid,
-                                            device=torch.device("cpu"), mean=MEAN, std=STD))
+        expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1, task=1,
+                                              round=3, partition_id=pid,
+                                              device=torch.device("cpu"), mean=MEAN, std=STD))
         assert got.steps == expected.steps == 2 * -(-len(y) // 16)
         assert got.num_examples == len(y)
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
@@ -145,8 +145,8 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
     model = build_model("cnn", (3, 8, 8), 4, 2)
     members = _members([37, 50, 21])
     device = torch.device("cuda")
-    first = LocalRound(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                       task=1, round=3, partition_id=4, device=device, mean=MEAN, std=STD)
+    first = RoundContext(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
+                         task=1, round=3, partition_id=4, device=device, mean=MEAN, std=STD)
 
     def train(graph: bool) -> list[cohort.MemberResult]:
         return cohort.train_cohort(

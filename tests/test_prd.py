@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from fedcl import protocol
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
-from fedcl.training import LocalRound
+from fedcl.training import RoundContext
 from strategies import registry
 from strategies.prd import COUNTS, OLD_MODEL, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
 
@@ -102,10 +102,10 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
     model = registry.build_model(cfg, sc)
     trainer = PRDTrainer(PRDParams())
     before = model.prototypes.detach().clone()
-    local = LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
+    ctx = RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
                        partition_id=0, device=torch.device("cpu"), mean=sc.dataset.mean,
                        std=sc.dataset.std, message=RecordDict())
-    result = trainer.train(local)
+    result = trainer.train(ctx)
     counts = list(result.records[COUNTS]["rows"])
     # task 1 holds classes 2 and 3: their counts are the client's samples of each; task 0's
     # rows (0, 1) count every sample (they only move through the distillation); later classes 0
@@ -146,11 +146,11 @@ def test_trainer_weights_and_loss_are_pinned(optimizer: str) -> None:
     old = registry.build_model(cfg, sc)
     torch.manual_seed(2)
     model = registry.build_model(cfg, sc)
-    local = LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
+    ctx = RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
                        partition_id=3, device=torch.device("cpu"), mean=sc.dataset.mean,
                        std=sc.dataset.std,
                        message=RecordDict({OLD_MODEL: ArrayRecord(old.state_dict())}))
-    result = PRDTrainer(PRDParams()).train(local)
+    result = PRDTrainer(PRDParams()).train(ctx)
     state = model.state_dict()
     got = (sum(float(v.double().sum()) for v in state.values()),
            sum(float(v.double().pow(2).sum()) for v in state.values()),
