@@ -26,7 +26,7 @@ from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
 from fedcl.erasure import ErasedData, held_positions
-from fedcl.training import LocalTrainer, RoundContext, TrainResult, resolve_device
+from fedcl.training import RoundContext, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
 from strategies import registry
 
@@ -226,7 +226,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
         regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
     mean_key = str(cfg_record.get(protocol.COHORT_MEAN_KEY, ""))
-    own_records = type(trainer).after_training is not LocalTrainer.after_training
+    own_records = trainer.adds_reply_records
     if mean_key and not own_records:
         reply = reduced_reply(msg, context, config, trained, start, mean_key, device, started)
         if reply is not None:

@@ -70,7 +70,19 @@ class TrainResult:
 
 
 class LocalTrainer:
-    """Cross-entropy training on the current task. Subclasses override only what they change."""
+    """Cross-entropy training on the current task. Subclasses override only what they change,
+    and declare what they need in the class attributes below."""
+
+    batchable: bool = True
+    """Whether clients of this trainer can train as a batched cohort (``cohort_size`` > 1). A
+    cohort runs only :meth:`regularizer` and :meth:`after_training` of a subclass: one that
+    changes anything else of the loop sets this False."""
+    uses_round_start_weights: bool = False
+    """Whether :meth:`regularizer` needs the round's starting weights (its ``reference``):
+    FedProx's proximal term. Without it ``reference`` is empty and no copy is made."""
+    adds_reply_records: bool = False
+    """Whether :meth:`after_training` adds records to the reply (FOT's sketches): a cohort then
+    replies per member, never with its members' mean."""
 
     def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
@@ -79,13 +91,6 @@ class LocalTrainer:
         round's start, matched by position. Pure tensor code: a cohort calls it under ``vmap``
         with only the parameters its loss reaches."""
         return None
-
-    @property
-    def batchable(self) -> bool:
-        """Whether clients of this trainer can train as a batched cohort (``cohort_size`` > 1):
-        true for trainers that change only :meth:`regularizer` and :meth:`after_training`."""
-        cls = type(self)
-        return cls.train is LocalTrainer.train and cls.begin_task is LocalTrainer.begin_task
 
     def begin_task(self, ctx: RoundContext) -> None:
         """Called once when this client first trains on a new task."""
@@ -101,10 +106,9 @@ class LocalTrainer:
                                                       ctx.partition_id))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         optimizer = make_optimizer(model.parameters(), ctx.config)
-        # the round's starting weights, for a regularizer that needs them (FedProx)
-        needs_reference = type(self).regularizer is not LocalTrainer.regularizer
         params = list(model.parameters())
-        reference = [p.detach().clone() for p in params] if needs_reference else []
+        reference = ([p.detach().clone() for p in params] if self.uses_round_start_weights
+                     else [])
         n = int(ctx.y.shape[0])
         # the loss is summed on the device: a float() per step would wait for the GPU each step
         total, steps = torch.zeros((), device=ctx.device), 0
@@ -115,7 +119,7 @@ class LocalTrainer:
                 batch = order[start:start + ctx.config.batch_size]
                 inputs = to_float(x_dev[batch], ctx.mean, ctx.std)
                 loss = nn.functional.cross_entropy(model(inputs, ctx.head), y_dev[batch])
-                extra = self.regularizer(ctx, params, reference) if needs_reference else None
+                extra = self.regularizer(ctx, params, reference)
                 if extra is not None:
                     loss = loss + extra
                 optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,8 @@ class FedProxCL(ContinualStrategy, FedProx):
 class FedProxTrainer(LocalTrainer):
     """Cross-entropy plus (mu/2)*||w - w_global||^2, w_global being the round's global model."""
 
+    uses_round_start_weights = True
+
     def __init__(self, params: FedProxParams) -> None:
         self.mu = params.proximal_mu
 

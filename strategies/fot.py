@@ -211,6 +211,8 @@ class FOTTrainer(LocalTrainer):
     """Plain local training (FOT clients do no projection); in a task's last round, the
     residual representation sketch of every projected layer."""
 
+    adds_reply_records = True
+
     def __init__(self, params: FOTParams) -> None:
         self.params = params
 

@@ -181,6 +181,8 @@ class PRD(ContinualStrategy, FedAvg):
 class PRDTrainer(LocalTrainer):
     """SupCon + λ_p·L_proto + λ_d·L_RD on the client's current-task data."""
 
+    batchable = False  # two augmented views, its own loss and a frozen copy: no cohort
+
     def __init__(self, params: PRDParams) -> None:
         self.params = params
 
