@@ -105,7 +105,7 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
     ctx = RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
                        partition_id=0, device=torch.device("cpu"), mean=sc.dataset.mean,
                        std=sc.dataset.std, message=RecordDict())
-    result = trainer.train(ctx)
+    result = trainer.after_training(ctx, trainer.train(ctx))
     counts = list(result.records[COUNTS]["rows"])
     # task 1 holds classes 2 and 3: their counts are the client's samples of each; task 0's
     # rows (0, 1) count every sample (they only move through the distillation); later classes 0
@@ -150,7 +150,8 @@ def test_trainer_weights_and_loss_are_pinned(optimizer: str) -> None:
                        partition_id=3, device=torch.device("cpu"), mean=sc.dataset.mean,
                        std=sc.dataset.std,
                        message=RecordDict({OLD_MODEL: ArrayRecord(old.state_dict())}))
-    result = PRDTrainer(PRDParams()).train(ctx)
+    trainer = PRDTrainer(PRDParams())
+    result = trainer.after_training(ctx, trainer.train(ctx))
     state = model.state_dict()
     got = (sum(float(v.double().sum()) for v in state.values()),
            sum(float(v.double().pow(2).sum()) for v in state.values()),
