@@ -21,7 +21,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl import cohort, protocol
+from fedcl import protocol
+from fedcl.cohort_training import TrainedCohort, train_stacked
+from fedcl.cohort_wire import member_key
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
@@ -194,10 +196,10 @@ def member_data(config: Config, scenario: object, pid: int, task: int, data_dir:
 
 def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
                  members: list[int], started: float) -> Message:
-    """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort`). The reply
-    holds each member's records under ``<record>.<partition id>``; or, when the server asks for
-    it (``cohort-mean-key`` in the config) and no member has records of its own to send, the
-    members' weighted mean weights (:func:`reduced_reply`)."""
+    """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort_training`).
+    The reply holds each member's records under ``<record>.<partition id>``; or, when the
+    server asks for it (``cohort-mean-key`` in the config) and no member has records of its own
+    to send, the members' weighted mean weights (:func:`reduced_reply`)."""
     cfg_record = msg.content[protocol.CONFIG]
     task = int(cfg_record[protocol.TASK])
     round_ = int(cfg_record[protocol.ROUND])
@@ -221,7 +223,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
                             message=msg.content)
 
     first = round_context(*data[0])
-    trained = cohort.train_stacked(
+    trained = train_stacked(
         model, data, config=config, task=task, round_=round_, head=head, device=device,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
         regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
@@ -244,12 +246,12 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
     for pid, records in replies:  # every member reports the whole handler's time
         records[protocol.CLIENT_INFO] = _info(context, device, pid, started)
         for key, record in records.items():
-            content[cohort.member_key(key, pid)] = record
+            content[member_key(key, pid)] = record
     return Message(content, reply_to=msg)
 
 
 def reduced_reply(msg: Message, context: Context, config: Config,
-                  trained: cohort.TrainedCohort, start: dict[str, torch.Tensor], mean_key: str,
+                  trained: TrainedCohort, start: dict[str, torch.Tensor], mean_key: str,
                   device: torch.device, started: float) -> Message | None:
     """One reply for the whole cohort: the weighted mean (by ``mean_key``, the strategy's
     weighting metric) of the members that pass the server's reply screening

@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl import checkpoint, protocol
-from fedcl.cohort import form_cohorts, members_rejected, reply_members, split_cohort_replies
+from fedcl.cohort_wire import form_cohorts, members_rejected, reply_members, split_cohort_replies
 from fedcl.config import Config, resolve_tracking_uri, sample_size
 from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.erasure import ErasedData, Erasures, UnlearningFailed, check_requests_hold_data
