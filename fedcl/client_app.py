@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedcl import protocol
-from fedcl.cohort_training import TrainedCohort, train_stacked
+from fedcl.cohort_training import TrainedCohort, train_stacked, trainer_regularizers
 from fedcl.cohort_wire import member_key
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
@@ -214,19 +214,16 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     head = scenario.head_for(task)
-
-    def round_context(pid: int, x: torch.Tensor, y: torch.Tensor) -> RoundContext:
-        return RoundContext(config=config, model=model, x=x, y=y, head=head, task=task,
-                            round=round_, partition_id=pid, device=device,
-                            mean=scenario.dataset.mean, std=scenario.dataset.std,
-                            last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
-                            message=msg.content)
-
-    first = round_context(*data[0])
+    last_of_task = bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False))
+    contexts = [RoundContext(config=config, model=model, x=x, y=y, head=head, task=task,
+                             round=round_, partition_id=pid, device=device,
+                             mean=scenario.dataset.mean, std=scenario.dataset.std,
+                             last_of_task=last_of_task, message=msg.content)
+                for pid, x, y in data]
     trained = train_stacked(
         model, data, config=config, task=task, round_=round_, head=head, device=device,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
-        regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
+        regularizer=trainer_regularizers(trainer, contexts))
     mean_key = str(cfg_record.get(protocol.COHORT_MEAN_KEY, ""))
     own_records = trainer.adds_reply_records
     if mean_key and not own_records:
@@ -234,14 +231,14 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
         if reply is not None:
             return reply
     replies = []
-    for (pid, x, y), res in zip(data, trained.members(), strict=True):
+    for ctx, res in zip(contexts, trained.members(), strict=True):
         result = TrainResult(num_examples=res.num_examples, loss=res.loss, steps=res.steps)
         if own_records:
             model.load_state_dict(res.state)
-            result = trainer.after_training(round_context(pid, x, y), result)
+            result = trainer.after_training(ctx, result)
         records = {protocol.ARRAYS: ArrayRecord(res.state),
                    protocol.METRICS: reply_metrics(result), **result.records}
-        replies.append((pid, records))
+        replies.append((ctx.partition_id, records))
     content = RecordDict()
     for pid, records in replies:  # every member reports the whole handler's time
         records[protocol.CLIENT_INFO] = _info(context, device, pid, started)

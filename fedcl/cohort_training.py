@@ -55,9 +55,12 @@ from torch.nn import functional as F
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.models import MLP, ContinualModel, SmallCNN
-from fedcl.training import round_seed
+from fedcl.training import LocalTrainer, RoundContext, round_seed
 
 Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor | None]
+"""A member's regularizer: its trained parameters and their values at the round's start (in
+``named_parameters`` order, only those its loss reaches) to a scalar term added to its loss,
+or None (:meth:`fedcl.training.LocalTrainer.regularizer` bound to the member's context)."""
 
 
 @dataclass
@@ -208,18 +211,55 @@ def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
 
 def trained_parameters(model: nn.Module, x: torch.Tensor, head: int | None,
                        mean: tuple[float, ...], std: tuple[float, ...],
-                       regularizer: Regularizer | None = None) -> set[str]:
-    """The names of the parameters the loss (with the regularizer) reaches with this ``head``,
-    from one sample's forward: what per-client training's optimizer would update."""
+                       regularizers: Sequence[Regularizer] = ()) -> set[str]:
+    """The names of the parameters the loss (with the members' regularizers) reaches with this
+    ``head``, from one sample's forward: what per-client training's optimizer would update."""
     named = list(model.named_parameters())
     loss = model(to_float(x, mean, std), head).sum()
-    if regularizer is not None:
-        params = [p for _, p in named]
+    params = [p for _, p in named]
+    for regularizer in regularizers:
         extra = regularizer(params, [p.detach() for p in params])
         if extra is not None:
             loss = loss + extra
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {name for (name, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def trainer_regularizers(trainer: LocalTrainer, contexts: Sequence[RoundContext]
+                         ) -> Regularizer | list[Regularizer]:
+    """``trainer``'s :meth:`~fedcl.training.LocalTrainer.regularizer` for a cohort whose
+    members' round contexts are ``contexts``: each member's bound to its own context, or, when
+    the trainer declares that its regularizer does not read the context
+    (``regularizer_reads_context`` False), one for all members. ``reference`` reaches it only
+    where the trainer declares ``uses_round_start_weights``, as in per-client training."""
+
+    def bound(ctx: RoundContext) -> Regularizer:
+        def regularizer(params: list[torch.Tensor], reference: list[torch.Tensor]
+                        ) -> torch.Tensor | None:
+            return trainer.regularizer(ctx, params,
+                                       reference if trainer.uses_round_start_weights else [])
+
+        return regularizer
+
+    if not trainer.regularizer_reads_context:
+        return bound(contexts[0])
+    return [bound(ctx) for ctx in contexts]
+
+
+def member_terms(regularizers: Sequence[Regularizer | None], params: list[torch.Tensor],
+                 reference: list[torch.Tensor]) -> torch.Tensor:
+    """Every member's regularizer term, ``[K]``: member i's regularizer called on row i of
+    every stacked parameter ``[K, ...]`` and of its reference, 0 for a member without one.
+    ``unbind`` gives the rows, so the backward pass puts each parameter's K gradients together
+    in one stack."""
+    rows = [p.unbind(0) for p in params]
+    ref_rows = [r.unbind(0) for r in reference]
+    terms = []
+    for i, regularizer in enumerate(regularizers):
+        term = None if regularizer is None else regularizer([r[i] for r in rows],
+                                                            [r[i] for r in ref_rows])
+        terms.append(params[0].new_zeros(()) if term is None else term)
+    return torch.stack(terms)
 
 
 def check_batchable(model: nn.Module) -> None:
@@ -383,7 +423,7 @@ def run_steps(step: Callable[[torch.Tensor, torch.Tensor, bool], None], indices:
 def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]], *,
                  config: Config, task: int, round_: int, head: int | None,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
-                 regularizer: Regularizer | None = None,
+                 regularizer: Regularizer | Sequence[Regularizer] | None = None,
                  cuda_graph: bool | None = None, generic: bool = False) -> list[MemberResult]:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation (:func:`train_stacked`); each member's result on the CPU."""
@@ -395,13 +435,19 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
 def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                   *, config: Config, task: int, round_: int, head: int | None,
                   device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
-                  regularizer: Regularizer | None = None,
+                  regularizer: Regularizer | Sequence[Regularizer] | None = None,
                   cuda_graph: bool | None = None, generic: bool = False) -> TrainedCohort:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation; ``x`` are uint8 images and ``y`` head targets, as for one client (on
     ``device`` already, or copied there). With ``cuda_graph`` (by default: on CUDA, for up to
     :data:`GRAPH_MAX_MEMBERS` members) the step is captured once in a CUDA graph and replayed
     (:func:`run_steps`). The trained weights stay stacked on ``device``.
+
+    ``regularizer`` adds a term to each member's loss: a sequence holds each member's own (in
+    member order), called for every member every step (:func:`member_terms`); one callable
+    serves every member, called once a step under ``vmap``, and so must not depend on which
+    member it serves. A member's regularizer that gives None at the round's start gives no
+    term all round.
 
     A model :func:`stacked_body` accepts runs through :func:`stacked_forward`, and one backward
     pass of the members' summed losses gives every member its own gradient (members share no
@@ -411,8 +457,12 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     model = model.to(device).train()
     check_batchable(model)
     k = len(members)
+    shared = regularizer if callable(regularizer) else None
+    own = None if regularizer is None or shared is not None else list(regularizer)
+    if own is not None and len(own) != k:
+        raise ValueError(f"{len(own)} regularizers for a cohort of {k} members")
     used = trained_parameters(model, members[0][1][:1].to(device), head, mean, std,
-                              regularizer)
+                              [shared] if shared is not None else own or [])
     start = {name: p.detach() for name, p in model.named_parameters() if name in used}
     params = {name: p.unsqueeze(0).repeat(k, *([1] * p.dim())).clone()
               for name, p in start.items()}
@@ -421,6 +471,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     buffers = {name: b for name, b in model.named_buffers()}
     buffers.update({name: p.detach() for name, p in model.named_parameters() if name not in used})
     names = list(params)
+    start_list = [start[n] for n in names]
+    member_regularizers = None if own is None else [
+        r if r(start_list, start_list) is not None else None for r in own]
+    if member_regularizers is not None and all(r is None for r in member_regularizers):
+        member_regularizers = None
     sizes = [int(y.shape[0]) for _, _, y in members]
     x_all = torch.zeros((k, max(sizes), *members[0][1].shape[1:]), dtype=members[0][1].dtype,
                         device=device)
@@ -443,8 +498,8 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         out = functional_call(model, {**p, **buffers}, (xb,), {"task": head})
         ce = nn.functional.cross_entropy(out, yb, reduction="none")
         loss = (ce * mb).sum() / mb.sum().clamp(min=1.0)
-        if regularizer is not None:
-            extra = regularizer([p[n] for n in names], [ref[n] for n in names])
+        if shared is not None:
+            extra = shared([p[n] for n in names], [ref[n] for n in names])
             if extra is not None:
                 loss = loss + extra
         return loss
@@ -452,8 +507,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     body = None if generic else stacked_body(model)
     if body is None:
         step_fn = vmap(grad_and_value(member_loss), randomness="different")
+        if member_regularizers is not None:
+            step_fn = _with_member_terms(step_fn, names, member_regularizers)
     else:
-        step_fn = _stacked_step(model, body, head, k, names, buffers, regularizer)
+        step_fn = _stacked_step(model, body, head, k, names, buffers, shared,
+                                member_regularizers)
     rows = torch.arange(k, device=device).unsqueeze(1)
     total = torch.zeros(k, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
@@ -502,12 +560,36 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         steps=[int(n) for n in steps_host])
 
 
+StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def _with_member_terms(step_fn: StepFn, names: list[str],
+                       regularizers: Sequence[Regularizer | None]) -> StepFn:
+    """``step_fn`` (``vmap`` of ``grad_and_value`` of the members' losses) with each member's
+    own regularizer term (:func:`member_terms`) added to its loss and its gradient added to
+    the loss's: the two gradients per-client training's backward pass sums."""
+
+    def step(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+             mb: torch.Tensor, ref: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        grads, losses = step_fn(params, xb, yb, mb, ref)
+        leaves = [params[n].detach().requires_grad_(True) for n in names]
+        terms = member_terms(regularizers, leaves, [ref[n] for n in names])
+        extra = torch.autograd.grad(terms.sum(), leaves, allow_unused=True)
+        return ({n: grads[n] if g is None else grads[n] + g
+                 for n, g in zip(names, extra, strict=True)}, losses + terms.detach())
+
+    return step
+
+
 def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: int,
                   names: list[str], fixed: dict[str, torch.Tensor],
-                  regularizer: Regularizer | None) -> Callable[..., tuple[dict, torch.Tensor]]:
+                  regularizer: Regularizer | None,
+                  member_regularizers: Sequence[Regularizer | None] | None) -> StepFn:
     """A step function with ``vmap(grad_and_value(member_loss))``'s signature and results
     (each member's gradients and loss) that runs the members through :func:`stacked_forward`
-    and takes one backward pass of their summed losses."""
+    and takes one backward pass of their summed losses (with ``regularizer``, one for all
+    members, vmapped, or each member's own of ``member_regularizers``)."""
     head_module = model.head_for(head)  # type: ignore[operator]
     index = next(i for i, h in enumerate(model.heads) if h is head_module)  # type: ignore[arg-type]
     prefix = f"heads.{index}."
@@ -515,9 +597,9 @@ def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: in
     frozen = {name: t.unsqueeze(0).expand(k, *t.shape) for name, t in fixed.items()
               if name.startswith(("body.", prefix))}
     start = [model.get_parameter(n).detach() for n in names]
-    member_regularizer = None
+    batched_regularizer = None
     if regularizer is not None and regularizer(start, start) is not None:
-        member_regularizer = vmap(regularizer, randomness="different")
+        batched_regularizer = vmap(regularizer, randomness="different")
 
     def step_fn(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                 mb: torch.Tensor, ref: dict[str, torch.Tensor]
@@ -526,9 +608,12 @@ def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: in
         out = stacked_forward(body, prefix, {**frozen, **leaves}, xb)
         ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view_as(mb)
         losses = (ce * mb).sum(dim=1) / mb.sum(dim=1).clamp(min=1.0)
-        if member_regularizer is not None:
-            losses = losses + member_regularizer([leaves[n] for n in names],
-                                                 [ref[n] for n in names])
+        if batched_regularizer is not None:
+            losses = losses + batched_regularizer([leaves[n] for n in names],
+                                                  [ref[n] for n in names])
+        elif member_regularizers is not None:
+            losses = losses + member_terms(member_regularizers, [leaves[n] for n in names],
+                                           [ref[n] for n in names])
         grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names],
                                     allow_unused=True)
         return ({name: torch.zeros_like(leaves[name]) if g is None else g

@@ -115,6 +115,12 @@ class LocalTrainer:
     adds_reply_records: bool = False
     """Whether :meth:`after_training` adds records to the reply (FOT's sketches): a cohort then
     replies per member, never with its members' mean."""
+    regularizer_reads_context: bool = True
+    """Whether :meth:`regularizer` reads its ``ctx``. A cohort calls it for each member with
+    that member's own context, one call per member and step; a regularizer that reads nothing
+    of its context (FedProx's) sets this False, and a cohort calls it once a step for all its
+    members (vmapped, with its first member's context): the same terms in a few kernels
+    instead of a few per member."""
     loss_sum_dtype: torch.dtype = torch.float32
     """The dtype the steps' losses are summed in for the round's mean loss
     (:attr:`TrainResult.loss`). float32, on the training device: no wait for the GPU per step."""

@@ -33,6 +33,7 @@ class FedProxTrainer(LocalTrainer):
     """Cross-entropy plus (mu/2)*||w - w_global||^2, w_global being the round's global model."""
 
     uses_round_start_weights = True
+    regularizer_reads_context = False  # the same term whichever client trains
 
     def __init__(self, params: FedProxParams) -> None:
         self.mu = params.proximal_mu

@@ -20,6 +20,7 @@ from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedprox import FedProxParams, FedProxTrainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CPU = torch.device("cpu")
 
 
 def _members(sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -27,6 +28,15 @@ def _members(sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     return [(pid, torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8),
              torch.randint(0, 4, (n,), generator=gen))
             for pid, n in zip((4, 9, 11), sizes, strict=True)]
+
+
+def _contexts(config: Config, model: torch.nn.Module,
+              members: list[tuple[int, torch.Tensor, torch.Tensor]],
+              device: torch.device = CPU) -> list[RoundContext]:
+    """The members' round contexts (task 1, round 3, head 1), as a cohort leader makes them."""
+    return [RoundContext(config=config, model=model, x=x, y=y, head=1, task=1, round=3,
+                         partition_id=pid, device=device, mean=MEAN, std=STD)
+            for pid, x, y in members]
 
 
 @pytest.mark.parametrize("variant", ["sgd-momentum", "adam", "fedprox"])
@@ -43,13 +53,11 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
     torch.manual_seed(0)
     model = build_model("cnn", (3, 8, 8), 4, 2)  # two heads: task 1 uses heads[1]
     members = _members([37, 50, 21])
-    first = RoundContext(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                         task=1, round=3, partition_id=4, device=torch.device("cpu"),
-                         mean=MEAN, std=STD)
     results = cohort_training.train_cohort(
         copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
         device=torch.device("cpu"), mean=MEAN, std=STD,
-        regularizer=lambda p, r: trainer.regularizer(first, p, r))
+        regularizer=cohort_training.trainer_regularizers(trainer, _contexts(config, model,
+                                                                            members)))
     assert [r.partition_id for r in results] == [4, 9, 11]
     for (pid, x, y), got in zip(members, results, strict=True):
         alone = copy.deepcopy(model)
@@ -75,6 +83,86 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         moved = sum(float((got.state[n] - model.state_dict()[n]).abs().sum())
                     for n in got.state)
         assert moved > 1e-2  # the members really trained
+
+
+class _ClientWeightDecay(LocalTrainer):
+    """A regularizer that differs from client to client: (partition id + 1) * 0.01 * ||w||^2."""
+
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> torch.Tensor | None:
+        assert reference == []  # only a trainer that uses the round's start weights gets them
+        return (ctx.partition_id + 1) * 0.01 * sum((p ** 2).sum() for p in params)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_each_member_regularizes_with_its_own_context(generic: bool) -> None:
+    """A regularizer that reads ``ctx.partition_id``: every member of a cohort (stacked layers,
+    or vmap of functional_call) trains as it does alone, with its own term; regularizing every
+    member with the first member's context would move members 9 and 11 elsewhere."""
+    config = Config(batch_size=16, local_epochs=2, lr=0.05, momentum=0.9, seed=7, device="cpu")
+    trainer = _ClientWeightDecay()
+    torch.manual_seed(0)
+    model = build_model("cnn", (3, 8, 8), 4, 2)
+    members = _members([37, 50, 21])
+    contexts = _contexts(config, model, members)
+
+    def train(regularizer: object) -> list[cohort_training.MemberResult]:
+        return cohort_training.train_cohort(
+            copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
+            device=torch.device("cpu"), mean=MEAN, std=STD, regularizer=regularizer,
+            generic=generic)
+
+    together = train(cohort_training.trainer_regularizers(trainer, contexts))
+    first_only = train(lambda p, _r: trainer.regularizer(contexts[0], p, []))
+    for (pid, x, y), got, wrong in zip(members, together, first_only, strict=True):
+        alone = copy.deepcopy(model)
+        expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1,
+                                              task=1, round=3, partition_id=pid,
+                                              device=torch.device("cpu"), mean=MEAN, std=STD))
+        assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+        for name, value in alone.state_dict().items():
+            torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=1e-5)
+        gap = max(float((wrong.state[n] - v).abs().max()) for n, v in alone.state_dict().items())
+        assert (gap > 1e-3) == (pid != 4), (pid, gap)
+
+
+def test_a_cohort_leader_regularizes_each_member_with_its_own_context(
+        flower_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real ClientApp handler with a trainer whose regularizer reads the partition id: a
+    cohort of clients 0, 1 and 2 replies with the weights and losses each sends alone."""
+    from flwr.app import Context
+
+    from fedcl import client_app
+    from fedcl.data.scenarios import build_scenario
+    from strategies import registry
+
+    config = Config(strategy="fedavg", model="cnn", scenario="domain-il", clients=200, tasks=2,
+                    partition="iid", device="cpu", output=str(tmp_path))
+    monkeypatch.setattr(registry, "build_trainer", lambda _config: _ClientWeightDecay())
+    model = registry.build_model(config, build_scenario(config))
+    arrays = ArrayRecord(model.state_dict())
+
+    def reply(node: int, members: list[int] | None) -> RecordDict:
+        cfg = ConfigRecord({protocol.RUN_CONFIG_JSON: config.to_json(), protocol.TASK: 0,
+                            protocol.ROUND: 1, protocol.TASK_ROUND: 1,
+                            protocol.LAST_ROUND_OF_TASK: False})
+        if members is not None:
+            cfg[protocol.COHORT] = members
+        msg = Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: cfg}),
+                      dst_node_id=node, message_type=MessageType.TRAIN)
+        ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                      node_config={"partition-id": node - 10, "num-partitions": 200})
+        return client_app.train(msg, ctx).content
+
+    together = reply(10, [0, 1, 2])
+    for pid in (0, 1, 2):
+        alone = reply(10 + pid, None)
+        got = float(together[f"{protocol.METRICS}.{pid}"][protocol.TRAIN_LOSS])
+        assert got == pytest.approx(float(alone[protocol.METRICS][protocol.TRAIN_LOSS]),
+                                    rel=1e-5)
+        got_state = together[f"{protocol.ARRAYS}.{pid}"].to_torch_state_dict()
+        for name, value in alone[protocol.ARRAYS].to_torch_state_dict().items():
+            torch.testing.assert_close(got_state[name], value, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "cnn-grouped-conv", "mlp"])
@@ -145,14 +233,13 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
     model = build_model("cnn", (3, 8, 8), 4, 2)
     members = _members([37, 50, 21])
     device = torch.device("cuda")
-    first = RoundContext(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                         task=1, round=3, partition_id=4, device=device, mean=MEAN, std=STD)
+    regularizer = cohort_training.trainer_regularizers(
+        trainer, _contexts(config, model, members, device))
 
     def train(graph: bool) -> list[cohort_training.MemberResult]:
         return cohort_training.train_cohort(
             copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
-            device=device, mean=MEAN, std=STD, cuda_graph=graph,
-            regularizer=lambda p, r: trainer.regularizer(first, p, r))
+            device=device, mean=MEAN, std=STD, cuda_graph=graph, regularizer=regularizer)
 
     eager, graphed = train(False), train(True)
     for e, g in zip(eager, graphed, strict=True):
