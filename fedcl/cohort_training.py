@@ -13,16 +13,17 @@ batched matmul), followed by one batched optimizer update. A model whose layers
 Each member trains exactly as :meth:`fedcl.training.LocalTrainer.train` would train it alone:
 its own data, its batches drawn from the same seeded generator (:func:`member_batches`), the
 mean cross-entropy over its batch (a ragged last batch is masked, not padded into the mean),
-the same regularizer, and SGD or Adam with PyTorch's update rules (:func:`sgd_step`,
-:func:`adam_step`). A member whose epoch has run out of batches while others go on is frozen
-(its weights and optimizer state are left as they are); parameters the loss does not reach
-(other tasks' heads) are not updated, as PyTorch's optimizers skip them. The results agree with
-per-client training to float rounding (``tests/test_cohort.py`` compares them). Batched
-kernels round differently, and local SGD amplifies rounding: a ReLU or max-pool whose inputs
-nearly tie sends a gradient another way. On Split-MNIST with the CNN, members agree with
-per-client training to ~1e-7 of the update over tens of steps, but over 50 steps of FedProx
-with momentum a perturbation of 1e-7 in the starting weights alone moves per-client training's
-own result by up to 5% of the update; cohort training lands within that spread.
+the same regularizer with its own round context (:func:`trainer_regularizers`), and SGD or Adam
+with PyTorch's update rules (:func:`sgd_step`, :func:`adam_step`). A member whose epoch has run
+out of batches while others go on is frozen (its weights and optimizer state are left as they
+are); parameters the loss does not reach (other tasks' heads) are not updated, as PyTorch's
+optimizers skip them. The results agree with per-client training to float rounding
+(``tests/test_cohort.py`` compares them). Batched kernels round differently, and local SGD
+amplifies rounding: a ReLU or max-pool whose inputs nearly tie sends a gradient another way. On
+Split-MNIST with the CNN, members agree with per-client training to ~1e-7 of the update over
+tens of steps, but over 50 steps of FedProx with momentum a perturbation of 1e-7 in the
+starting weights alone moves per-client training's own result by up to 5% of the update; cohort
+training lands within that spread.
 
 Deviations, by design:
 
