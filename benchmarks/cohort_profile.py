@@ -3,7 +3,7 @@ for comparison vmap of functional_call), copying the members' weights off the GP
 serialising them into Flower ArrayRecords (CNN, 3x32x32, 500 samples per member, batch 32, one
 epoch), for several cohort sizes. On a GPU the batched training is timed both ways:
 dispatched step by step ("eager") and replayed as a CUDA graph ("graph");
-a ClientApp uses the graph for cohorts of up to ``cohort.GRAPH_MAX_MEMBERS``.
+a ClientApp uses the graph for cohorts of up to ``cohort_training.GRAPH_MAX_MEMBERS``.
 
     python benchmarks/cohort_profile.py --sizes 1,10,50
 """
@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flwr.app import ArrayRecord
 
-from fedcl import cohort
+from fedcl import cohort_training
 from fedcl.config import Config
 from fedcl.models import build_model
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 
 
 def main() -> None:
@@ -60,23 +60,23 @@ def main() -> None:
         for _ in range(args.repeats):
             sync()
             t0 = time.perf_counter()
-            eager = cohort.train_cohort(model, members, config=config, task=0, round_=1,
-                                        head=None, device=device, mean=mean, std=std,
-                                        cuda_graph=False)
+            eager = cohort_training.train_cohort(model, members, config=config, task=0, round_=1,
+                                                 head=None, device=device, mean=mean, std=std,
+                                                 cuda_graph=False)
             sync()
             times["eager"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()  # the same cohort through vmap of functional_call
-            cohort.train_cohort(model, members, config=config, task=0, round_=1, head=None,
-                                device=device, mean=mean, std=std, cuda_graph=False,
-                                generic=True)
+            cohort_training.train_cohort(model, members, config=config, task=0, round_=1, head=None,
+                                         device=device, mean=mean, std=std, cuda_graph=False,
+                                         generic=True)
             sync()
             times["vmap"].append(time.perf_counter() - t0)
             # copies, so the page-locked buffers go back to the cache as a ClientApp's do
             eager = [{n: v.clone() for n, v in r.state.items()} for r in eager]
             t0 = time.perf_counter()
-            res = cohort.train_cohort(model, members, config=config, task=0, round_=1,
-                                      head=None, device=device, mean=mean, std=std,
-                                      cuda_graph=device.type == "cuda")
+            res = cohort_training.train_cohort(model, members, config=config, task=0, round_=1,
+                                               head=None, device=device, mean=mean, std=std,
+                                               cuda_graph=device.type == "cuda")
             sync()
             t1 = time.perf_counter()
             records = [ArrayRecord(r.state) for r in res]
@@ -91,14 +91,14 @@ def main() -> None:
             sync()
             t3 = time.perf_counter()
             for pid, x, y in members:  # the same clients one after another, per-client loop
-                LocalTrainer().train(LocalRound(config=config, model=model, x=x, y=y, head=None,
-                                                task=0, round=1, partition_id=pid,
-                                                device=device, mean=mean, std=std))
+                LocalTrainer().train(RoundContext(config=config, model=model, x=x, y=y, head=None,
+                                                  task=0, round=1, partition_id=pid,
+                                                  device=device, mean=mean, std=std))
             sync()
             times["loop"].append(time.perf_counter() - t3)
         med = {key: statistics.median(v[1:] or v) for key, v in times.items()}
         on_gpu = device.type == "cuda"
-        used = med["graph"] if on_gpu and k <= cohort.GRAPH_MAX_MEMBERS else med["eager"]
+        used = med["graph"] if on_gpu and k <= cohort_training.GRAPH_MAX_MEMBERS else med["eager"]
         graph = (f"graph {med['graph']:.3f} s (max |graph - eager| {graph_diff:.1e})"
                  if on_gpu else "no graph on a CPU")
         print(f"cohort {k:3d}: eager {med['eager']:.3f} s (vmap {med['vmap']:.3f} s), {graph}, "
@@ -108,8 +108,9 @@ def main() -> None:
         if k == args.kernels and device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                cohort.train_cohort(model, members, config=config, task=0, round_=1, head=None,
-                                    device=device, mean=mean, std=std, cuda_graph=False)
+                cohort_training.train_cohort(model, members, config=config, task=0, round_=1,
+                                             head=None, device=device, mean=mean, std=std,
+                                             cuda_graph=False)
                 sync()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
                                             max_name_column_width=60), flush=True)

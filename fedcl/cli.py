@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedcl.data.scenarios import build_scenario
-    from fedcl.progress import Progress, format_matrix
+    from fedcl.progress import LiveDisplay, format_matrix
     from fedcl.run_setup import setup_run
     from fedcl.simulation import simulate
     from fedcl.training import resolve_device
@@ -207,11 +207,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    progress = Progress(console)
+    display = LiveDisplay(console)
     try:
-        summary = simulate(config, observer=progress, verbose=args.verbose, resume=resume)
+        summary = simulate(config, observer=display, verbose=args.verbose, resume=resume)
     finally:
-        progress.close()
+        display.close()
         console.close()
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")

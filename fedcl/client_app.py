@@ -21,17 +21,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl import cohort, protocol
+from fedcl import plugins, protocol
 from fedcl.client_ops import ClientData, TaskData, find_operation
+from fedcl.cohort_training import TrainedCohort, train_stacked, trainer_regularizers
+from fedcl.cohort_wire import member_key
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
-from fedcl.data.scenarios import build_scenario
+from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.erasure import ErasedData, held_positions, parse_erasure, request_split
-from fedcl.training import LocalRound, LocalTrainer, TrainResult, resolve_device
+from fedcl.training import RoundContext, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
-from strategies import registry
-from strategies import registry as plugins  # TODO(merge): fedcl.plugins
-from strategies import unlearning as unlearning_methods  # TODO(merge)
 
 app = ClientApp()
 
@@ -70,6 +69,13 @@ def _info(context: Context, device: torch.device | None = None,
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
     return info
+
+
+def client_scenario(config: Config, data_dir: str) -> Scenario:
+    """The run's scenario on this client; a plugin dataset is resolved first (imported on this
+    node: SuperNodes need the plugin installed)."""
+    plugins.get_dataset(config.dataset)
+    return build_scenario(config, data_dir)
 
 
 def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
@@ -116,12 +122,11 @@ def run_operation(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg = msg.content[protocol.CONFIG]
     config = Config.from_json(str(cfg[protocol.RUN_CONFIG_JSON]))
-    # imports the method: its operations register  TODO(merge) plugins.get_unlearning
-    unlearning_methods.get(config.unlearning)
+    plugins.get_unlearning(config.unlearning)  # imports the method: its operations register
     operation = find_operation(str(cfg[protocol.OP]))
     pid, _ = client_identity(context)
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
-    scenario = build_scenario(config, data_dir)
+    scenario = client_scenario(config, data_dir)
     request = parse_erasure(str(cfg[protocol.OP_REQUEST]))
     before = ErasedData.decode(str(cfg.get(protocol.ERASED_CLASSES, "")))
     tasks = []
@@ -160,34 +165,34 @@ def train(msg: Message, context: Context) -> Message:
         return train_cohort(msg, context, config, data_dir,
                             [int(q) for q in cfg_record[protocol.COHORT]], started)
 
-    scenario = build_scenario(config, data_dir)
+    scenario = client_scenario(config, data_dir)
     x, y = scenario.train_data(task, training_positions(config, scenario, pid, task, data_dir,
                                                         cfg_record))
-    model = registry.build_model(config, scenario)
+    model = plugins.build_model(config, scenario)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
 
     state = context.state.get(protocol.CLIENT_STATE)
     state = ConfigRecord(dict(state) if isinstance(state, ConfigRecord)
                          else {"task": -1, "rounds": 0})  # a copy: replays leave it alone
-    trainer = registry.build_trainer(config)
+    trainer = plugins.build_trainer(config)
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    local = LocalRound(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
+    ctx = RoundContext(config=config, model=model, x=x, y=y, head=scenario.head_for(task),
                        task=task, round=round_, partition_id=pid,
                        device=device, mean=scenario.dataset.mean,
                        std=scenario.dataset.std,
                        last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
                        message=msg.content)
     if int(state["task"]) != task:
-        trainer.begin_task(local)
+        trainer.begin_task(ctx)
         state["task"] = task
     if bool(cfg_record.get(protocol.NO_TRAIN, False)) or len(y) == 0:
         # task-end payloads only, or every sample of this client's task erased
         trained = TrainResult(num_examples=len(y), loss=0.0, steps=0)
     else:
-        trained = trainer.train(local)
-    result = trainer.after_training(local, trained) if len(y) else trained
+        trained = trainer.train(ctx)
+    result = trainer.after_training(ctx, trained) if len(y) else trained
     state["rounds"] = int(state["rounds"]) + 1
     if not bool(cfg_record.get(protocol.REPLAY, False)):  # the retrain oracle's rounds
         context.state[protocol.CLIENT_STATE] = state
@@ -227,62 +232,59 @@ def member_data(config: Config, scenario: object, pid: int, task: int, data_dir:
 
 def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
                  members: list[int], started: float) -> Message:
-    """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort`). The reply
-    holds each member's records under ``<record>.<partition id>``; or, when the server asks for
-    it (``cohort-mean-key`` in the config) and no member has records of its own to send, the
-    members' weighted mean weights (:func:`reduced_reply`)."""
+    """Train a cohort of clients as one batched computation (:mod:`fedcl.cohort_training`).
+    The reply holds each member's records under ``<record>.<partition id>``; or, when the
+    server asks for it (``cohort-mean-key`` in the config) and no member has records of its own
+    to send, the members' weighted mean weights (:func:`reduced_reply`)."""
     cfg_record = msg.content[protocol.CONFIG]
     task = int(cfg_record[protocol.TASK])
     round_ = int(cfg_record[protocol.ROUND])
-    scenario = build_scenario(config, data_dir)
+    scenario = client_scenario(config, data_dir)
     device = resolve_device(config.device)
     data = [(pid, *member_data(config, scenario, pid, task, data_dir, cfg_record, device))
             for pid in members]
-    model = registry.build_model(config, scenario)
+    model = plugins.build_model(config, scenario)
     start = msg.content[protocol.ARRAYS].to_torch_state_dict()
     model.load_state_dict(start)
-    trainer = registry.build_trainer(config)
+    trainer = plugins.build_trainer(config)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     head = scenario.head_for(task)
-
-    def local_round(pid: int, x: torch.Tensor, y: torch.Tensor) -> LocalRound:
-        return LocalRound(config=config, model=model, x=x, y=y, head=head, task=task,
-                          round=round_, partition_id=pid, device=device,
-                          mean=scenario.dataset.mean, std=scenario.dataset.std,
-                          last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
-                          message=msg.content)
-
-    first = local_round(*data[0])
-    trained = cohort.train_stacked(
+    last_of_task = bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False))
+    contexts = [RoundContext(config=config, model=model, x=x, y=y, head=head, task=task,
+                             round=round_, partition_id=pid, device=device,
+                             mean=scenario.dataset.mean, std=scenario.dataset.std,
+                             last_of_task=last_of_task, message=msg.content)
+                for pid, x, y in data]
+    trained = train_stacked(
         model, data, config=config, task=task, round_=round_, head=head, device=device,
         mean=scenario.dataset.mean, std=scenario.dataset.std,
-        regularizer=lambda params, ref: trainer.regularizer(first, params, ref))
+        regularizer=trainer_regularizers(trainer, contexts))
     mean_key = str(cfg_record.get(protocol.COHORT_MEAN_KEY, ""))
-    own_records = type(trainer).after_training is not LocalTrainer.after_training
+    own_records = trainer.adds_reply_records
     if mean_key and not own_records:
         reply = reduced_reply(msg, context, config, trained, start, mean_key, device, started)
         if reply is not None:
             return reply
     replies = []
-    for (pid, x, y), res in zip(data, trained.members(), strict=True):
+    for ctx, res in zip(contexts, trained.members(), strict=True):
         result = TrainResult(num_examples=res.num_examples, loss=res.loss, steps=res.steps)
         if own_records:
             model.load_state_dict(res.state)
-            result = trainer.after_training(local_round(pid, x, y), result)
+            result = trainer.after_training(ctx, result)
         records = {protocol.ARRAYS: ArrayRecord(res.state),
                    protocol.METRICS: reply_metrics(result), **result.records}
-        replies.append((pid, records))
+        replies.append((ctx.partition_id, records))
     content = RecordDict()
     for pid, records in replies:  # every member reports the whole handler's time
         records[protocol.CLIENT_INFO] = _info(context, device, pid, started)
         for key, record in records.items():
-            content[cohort.member_key(key, pid)] = record
+            content[member_key(key, pid)] = record
     return Message(content, reply_to=msg)
 
 
 def reduced_reply(msg: Message, context: Context, config: Config,
-                  trained: cohort.TrainedCohort, start: dict[str, torch.Tensor], mean_key: str,
+                  trained: TrainedCohort, start: dict[str, torch.Tensor], mean_key: str,
                   device: torch.device, started: float) -> Message | None:
     """One reply for the whole cohort: the weighted mean (by ``mean_key``, the strategy's
     weighting metric) of the members that pass the server's reply screening

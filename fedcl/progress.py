@@ -13,7 +13,7 @@ def _pct(value: float | None) -> str:
     return "  -  " if value is None else f"{value * 100:5.1f}"
 
 
-class Progress:
+class LiveDisplay:
     """A rich progress bar on a terminal; one plain line per round otherwise."""
 
     def __init__(self, stream: TextIO | None = None) -> None:

@@ -24,7 +24,7 @@ COHORT = "fedcl.cohort"  # partition ids a cohort leader trains together (cohort
 ERASED_CLASSES = "fedcl.erased-classes"  # classes a client must not train on ("client:class;...")
 NO_TRAIN = "fedcl.no-train"  # True: reply with the global model untrained (task-end payloads only)
 COHORT_MEAN_KEY = "fedcl.cohort-mean-key"  # a cohort may reply with its members' mean, weighted
-# by this metric (one reply instead of one per member; see fedcl/cohort.py)
+# by this metric (one reply instead of one per member; see fedcl/cohort_wire.py)
 
 # Keys of a client operation of an unlearning method (a QUERY message; see
 # strategies/unlearning/client_ops.py).

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcl import protocol
-from fedcl.cohort import form_cohorts, members_rejected, reply_members, split_cohort_replies
+from fedcl.cohort_wire import form_cohorts, members_rejected, reply_members, split_cohort_replies
 from fedcl.config import Config, sample_size
 from fedcl.erasure import ErasedData
 from fedcl.errors import RunAborted, RunCancelled

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
-from fedcl.cohort import reply_members
+from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.scenarios import build_scenario
 from fedcl.erasure import ErasedData, check_requests_hold_data

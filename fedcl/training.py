@@ -1,8 +1,10 @@
 """Local training and evaluation loops, shared by clients and the server.
 
 :class:`LocalTrainer` is the client half of a strategy: cross-entropy SGD on the current task's
-data, with hooks that a method overrides (an extra loss term, work at a task boundary). The
-server half lives in ``strategies/``; both are registered together by name.
+data, one training loop with hooks that a method overrides to change only its part (the batch's
+inputs, its loss, an extra term, a regularizer, the optimizers, work before and after), as
+Avalanche's plugins hook its loop (``before_backward``, ``after_training_exp``). The server half
+lives in ``strategies/``; both are registered together by name.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ def round_seed(seed: int, task: int, round_: int, partition_id: int) -> int:
 
 
 @dataclass
-class LocalRound:
+class RoundContext:
     """Everything a client's local training step needs for one round."""
 
     config: Config
     model: nn.Module
-    x: torch.Tensor  # uint8 images of the current task, already shifted
-    y: torch.Tensor  # head targets
+    x: torch.Tensor  # uint8 images of the current task, already shifted, [N, C, H, W]
+    y: torch.Tensor  # head targets, [N]
     head: int | None
     task: int
     round: int
@@ -58,6 +60,10 @@ class LocalRound:
     std: tuple[float, ...]
     last_of_task: bool = False  # the task's last round (task-end work such as FOT's sketches)
     message: Any = None  # the incoming RecordDict, for strategy records (a basis, prototypes)
+    generator: torch.Generator = field(default_factory=torch.Generator, repr=False)
+    """The round's random stream: :meth:`LocalTrainer.train` seeds it (:func:`round_seed`)
+    before any hook runs; each epoch's batch order, and whatever a hook draws (PRD's
+    augmentations), come from it in the loop's order."""
 
 
 @dataclass
@@ -70,59 +76,167 @@ class TrainResult:
 
 
 class LocalTrainer:
-    """Cross-entropy training on the current task. Subclasses override only what they change."""
+    """Local training of one client for one round: cross-entropy on the current task. One loop,
+    :meth:`train`; a method overrides the hooks it changes and declares what it needs in the
+    class attributes below. For one round (``B`` = ``config.batch_size``; an epoch's last batch
+    may be shorter), in this order::
 
-    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
-                    reference: list[torch.Tensor]) -> torch.Tensor | None:
-        """An extra loss term added to cross-entropy each step (FedProx's proximal term...),
-        from the trained parameters (in ``named_parameters`` order) and their values at the
-        round's start, matched by position. Pure tensor code: a cohort calls it under ``vmap``
-        with only the parameters its loss reaches."""
+        begin_task(ctx)                     # the client app, once per task and client
+        train(ctx):
+            model to ctx.device, train mode; ctx.generator seeded; torch's global RNG seeded
+            from one draw of it (dropout)
+            optimizers(ctx, model)
+            before_training(ctx, model)
+            for epoch in range(config.local_epochs):
+                before_epoch(ctx, epoch)
+                the epoch's batch order (one permutation drawn from ctx.generator)
+                for every batch (uint8 images [B, C, H, W], targets [B], on ctx.device):
+                    inputs = batch_inputs(ctx, images)
+                    loss = batch_loss(ctx, model, inputs, targets)
+                        # by default cross-entropy of model(inputs, ctx.head),
+                        # + extra_loss(ctx, outputs, inputs, targets) unless None
+                    loss = loss + regularizer(ctx, params, reference)  # unless None
+                    every optimizer's zero_grad; loss.backward(); every optimizer's step
+                after_epoch(ctx, epoch)
+        after_training(ctx, result)         # the client app, with the trained model
+
+    A cohort (``cohort_size`` > 1, :mod:`fedcl.cohort_training`) trains its members as one
+    batched computation that runs only :meth:`regularizer` (each member with its own context)
+    and :meth:`after_training` of a subclass, not even :meth:`begin_task`: one that overrides
+    any other hook declares ``batchable = False``."""
+
+    batchable: bool = True
+    """Whether clients of this trainer can train as a batched cohort (``cohort_size`` > 1):
+    true only where the trainer changes nothing but :meth:`regularizer` and
+    :meth:`after_training`."""
+    uses_round_start_weights: bool = False
+    """Whether :meth:`regularizer` needs the round's starting weights (its ``reference``):
+    FedProx's proximal term. Without it ``reference`` is empty and no copy is made."""
+    adds_reply_records: bool = False
+    """Whether :meth:`after_training` adds records to the reply (FOT's sketches): a cohort then
+    replies per member, never with its members' mean."""
+    regularizer_reads_context: bool = True
+    """Whether :meth:`regularizer` reads its ``ctx``. A cohort calls it for each member with
+    that member's own context, one call per member and step; a regularizer that reads nothing
+    of its context (FedProx's) sets this False, and a cohort calls it once a step for all its
+    members (vmapped, with its first member's context): the same terms in a few kernels
+    instead of a few per member."""
+    loss_sum_dtype: torch.dtype = torch.float32
+    """The dtype the steps' losses are summed in for the round's mean loss
+    (:attr:`TrainResult.loss`). float32, on the training device: no wait for the GPU per step."""
+
+    def begin_task(self, ctx: RoundContext) -> None:
+        """Called by the client app once when this client first trains on a new task, before
+        :meth:`train` (never in a cohort)."""
+
+    def optimizers(self, ctx: RoundContext, model: nn.Module) -> list[torch.optim.Optimizer]:
+        """The optimizers of the round, made once at its start (after the model is on
+        ``ctx.device``), before :meth:`before_training`. Every step zeroes all their gradients
+        before the backward pass and steps them in list order after it. Default: the run's
+        optimizer over all of ``model``'s parameters (:func:`make_optimizer`). A method whose
+        parameters need other settings returns several (PRD: plain SGD for its prototypes,
+        whatever the run's optimizer: one torch optimizer's parameter groups cannot mix SGD
+        and Adam)."""
+        return [make_optimizer(model.parameters(), ctx.config)]
+
+    def before_training(self, ctx: RoundContext, model: nn.Module) -> None:
+        """Called once per round after :meth:`optimizers`, before the first epoch, with the
+        model on ``ctx.device`` in train mode (``model`` is ``ctx.model``): per-round set-up
+        that the hooks below read (PRD's frozen copy of the previous task's model)."""
+
+    def before_epoch(self, ctx: RoundContext, epoch: int) -> None:
+        """Called at the start of every epoch (``epoch`` from 0), before the epoch's batch
+        order is drawn from ``ctx.generator``."""
+
+    def batch_inputs(self, ctx: RoundContext, images: torch.Tensor) -> torch.Tensor:
+        """The model's inputs for one batch, called first in every step: ``images`` are the
+        batch's uint8 images ``[B, C, H, W]`` on ``ctx.device``. Default: normalised float32
+        images of the same shape (:func:`~fedcl.data.datasets.to_float`). A method may return
+        more rows (PRD: two augmented views of each image, ``[2B, C, H, W]``); what it returns
+        is what :meth:`batch_loss` receives."""
+        return to_float(images, ctx.mean, ctx.std)
+
+    def batch_loss(self, ctx: RoundContext, model: nn.Module, inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+        """The batch's loss, a scalar tensor that the step back-propagates (after adding
+        :meth:`regularizer`'s term): ``inputs`` from :meth:`batch_inputs`, ``targets`` the
+        batch's head targets ``[B]`` (long) on ``ctx.device``. Default: the cross-entropy of
+        ``model(inputs, ctx.head)`` (logits ``[B, classes]``), plus :meth:`extra_loss` of those
+        outputs when it is not None. A method with its own loss (PRD) overrides this, and then
+        :meth:`extra_loss` is called only if it calls it."""
+        outputs = model(inputs, ctx.head)
+        loss = nn.functional.cross_entropy(outputs, targets)
+        extra = self.extra_loss(ctx, outputs, inputs, targets)
+        if extra is not None:
+            loss = loss + extra
+        return loss
+
+    def extra_loss(self, ctx: RoundContext, outputs: torch.Tensor, inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the batch's cross-entropy from the batch's ``outputs`` (the logits
+        ``[B, classes]`` of ``model(inputs, ctx.head)``), ``inputs`` ``[B, C, H, W]`` and
+        ``targets`` ``[B]`` (a distillation from the outputs, say); a scalar tensor, or None
+        for no term. Called by the default :meth:`batch_loss` every step, after the
+        cross-entropy and before :meth:`regularizer`."""
         return None
 
-    @property
-    def batchable(self) -> bool:
-        """Whether clients of this trainer can train as a batched cohort (``cohort_size`` > 1):
-        true for trainers that change only :meth:`regularizer` and :meth:`after_training`."""
-        cls = type(self)
-        return cls.train is LocalTrainer.train and cls.begin_task is LocalTrainer.begin_task
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> torch.Tensor | None:
+        """A term added to every step's loss after :meth:`batch_loss` (FedProx's proximal
+        term), from the trained parameters ``params`` (``model.parameters()``, in
+        ``named_parameters`` order) and ``reference``, their values at the round's start
+        matched by position (empty unless :attr:`uses_round_start_weights`); a scalar tensor, or
+        None for no term. Pure tensor code: a cohort calls it for each member with that
+        member's context and parameters, only those its loss reaches, and decides once, at the
+        round's start, whether a member has a term at all."""
+        return None
 
-    def begin_task(self, lr: LocalRound) -> None:
-        """Called once when this client first trains on a new task."""
+    def after_epoch(self, ctx: RoundContext, epoch: int) -> None:
+        """Called at the end of every epoch (``epoch`` from 0), after its last step."""
 
-    def after_training(self, lr: LocalRound, result: TrainResult) -> TrainResult:
-        """Called after local training with the locally trained model (payloads go here)."""
+    def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
+        """Called by the client app after :meth:`train` with ``ctx.model`` trained (in a
+        cohort, loaded with the member's trained weights, and only when
+        :attr:`adds_reply_records`); returns the result with any reply records (payloads)
+        added. Not called for a client with no samples left."""
         return result
 
-    def train(self, lr: LocalRound) -> TrainResult:
-        model = lr.model.to(lr.device)
+    def train(self, ctx: RoundContext) -> TrainResult:
+        """The round's local training, calling the hooks in the order the class docstring
+        gives; the model in ``ctx.model`` is trained in place."""
+        model = ctx.model.to(ctx.device)
         model.train()
-        gen = torch.Generator().manual_seed(round_seed(lr.config.seed, lr.task, lr.round,
-                                                      lr.partition_id))
+        gen = ctx.generator.manual_seed(round_seed(ctx.config.seed, ctx.task, ctx.round,
+                                                   ctx.partition_id))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        optimizer = make_optimizer(model.parameters(), lr.config)
-        # the round's starting weights, for a regularizer that needs them (FedProx)
-        needs_reference = type(self).regularizer is not LocalTrainer.regularizer
+        optimizers = self.optimizers(ctx, model)
         params = list(model.parameters())
-        reference = [p.detach().clone() for p in params] if needs_reference else []
-        n = int(lr.y.shape[0])
+        reference = ([p.detach().clone() for p in params] if self.uses_round_start_weights
+                     else [])
+        n = int(ctx.y.shape[0])
         # the loss is summed on the device: a float() per step would wait for the GPU each step
-        total, steps = torch.zeros((), device=lr.device), 0
-        x_dev, y_dev = lr.x.to(lr.device), lr.y.to(lr.device)
-        for _ in range(lr.config.local_epochs):
-            order = torch.randperm(n, generator=gen).to(lr.device)
-            for start in range(0, n, lr.config.batch_size):
-                batch = order[start:start + lr.config.batch_size]
-                inputs = to_float(x_dev[batch], lr.mean, lr.std)
-                loss = nn.functional.cross_entropy(model(inputs, lr.head), y_dev[batch])
-                extra = self.regularizer(lr, params, reference) if needs_reference else None
+        total = torch.zeros((), dtype=self.loss_sum_dtype, device=ctx.device)
+        steps = 0
+        x_dev, y_dev = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
+        self.before_training(ctx, model)
+        for epoch in range(ctx.config.local_epochs):
+            self.before_epoch(ctx, epoch)
+            order = torch.randperm(n, generator=gen).to(ctx.device)
+            for start in range(0, n, ctx.config.batch_size):
+                batch = order[start:start + ctx.config.batch_size]
+                inputs = self.batch_inputs(ctx, x_dev[batch])
+                loss = self.batch_loss(ctx, model, inputs, y_dev[batch])
+                extra = self.regularizer(ctx, params, reference)
                 if extra is not None:
                     loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
                 total += loss.detach()
                 steps += 1
+            self.after_epoch(ctx, epoch)
         return TrainResult(num_examples=n, loss=float(total) / max(steps, 1), steps=steps)
 
 

@@ -11,7 +11,7 @@ from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedavg import flower_kwargs
 
 
@@ -34,10 +34,13 @@ class FedProxCL(ContinualStrategy, FedProx):
 class FedProxTrainer(LocalTrainer):
     """Cross-entropy plus (mu/2)*||w - w_global||^2, w_global being the round's global model."""
 
+    uses_round_start_weights = True
+    regularizer_reads_context = False  # the same term whichever client trains
+
     def __init__(self, params: FedProxParams) -> None:
         self.mu = params.proximal_mu
 
-    def regularizer(self, lr: LocalRound, params: list[torch.Tensor],
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
         if self.mu == 0:
             return None

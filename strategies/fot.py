@@ -45,7 +45,7 @@ from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
-from fedcl.training import LocalRound, LocalTrainer, TrainResult
+from fedcl.training import LocalTrainer, RoundContext, TrainResult
 from strategies.fedavg import flower_kwargs
 
 BASIS = "fot.basis"  # ArrayRecord server -> clients: layer name -> U (d x k)
@@ -214,34 +214,36 @@ class FOTTrainer(LocalTrainer):
     """Plain local training (FOT clients do no projection); in a task's last round, the
     residual representation sketch of every projected layer."""
 
+    adds_reply_records = True
+
     def __init__(self, params: FOTParams) -> None:
         self.params = params
 
-    def after_training(self, lr: LocalRound, result: TrainResult) -> TrainResult:
-        if not lr.last_of_task:
+    def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
+        if not ctx.last_of_task:
             return result
         from fedcl.data.datasets import to_float
 
-        layers = subspace.projected_layers(lr.model)
-        basis_rec = lr.message.get(BASIS) if lr.message is not None else None
+        layers = subspace.projected_layers(ctx.model)
+        basis_rec = ctx.message.get(BASIS) if ctx.message is not None else None
         basis = basis_rec.to_torch_state_dict() if basis_rec is not None else {}
-        dist, width = sketch_settings(lr.model, self.params)
+        dist, width = sketch_settings(ctx.model, self.params)
         gen = torch.Generator().manual_seed(
-            int(np.random.default_rng([lr.config.seed, lr.task, lr.partition_id,
+            int(np.random.default_rng([ctx.config.seed, ctx.task, ctx.partition_id,
                                        self.params.private_sketch_seed, 17]).integers(2**62)))
         sketches = {name: subspace.StreamingSketch(
-            basis.get(name), sketch_columns(lr.model.get_submodule(name), width,
+            basis.get(name), sketch_columns(ctx.model.get_submodule(name), width,
                                             self.params.max_sketch_cols), gen, dist)
             for name in layers}
-        n = len(lr.y)
+        n = len(ctx.y)
         order = torch.arange(n)
         if 0 < self.params.repr_samples < n:
             order = torch.randperm(n, generator=gen)[:self.params.repr_samples].sort().values
-        bs = max(lr.config.batch_size, 256)
-        batches = ((to_float(lr.x[order[i:i + bs]].to(lr.device), lr.mean, lr.std), lr.head)
+        bs = max(ctx.config.batch_size, 256)
+        batches = ((to_float(ctx.x[order[i:i + bs]].to(ctx.device), ctx.mean, ctx.std), ctx.head)
                    for i in range(0, len(order), bs))
         subspace.collect_representations(
-            lr.model, layers, batches, dtype=torch.float32, device="cpu",
+            ctx.model, layers, batches, dtype=torch.float32, device="cpu",
             on_chunk=lambda name, block: sketches[name].add(block))
         stats = ConfigRecord({"n": len(order)})
         ys = {}

@@ -41,7 +41,7 @@ from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
-from fedcl.training import LocalRound, LocalTrainer, TrainResult, make_optimizer, round_seed
+from fedcl.training import LocalTrainer, RoundContext, TrainResult, make_optimizer
 from strategies.fedavg import flower_kwargs
 
 OLD_MODEL = "prd.old-model"  # ArrayRecord server -> clients: previous task's global model
@@ -182,77 +182,89 @@ class PRD(ContinualStrategy, FedAvg):
 
 
 class PRDTrainer(LocalTrainer):
-    """SupCon + λ_p·L_proto + λ_d·L_RD on the client's current-task data."""
+    """SupCon + λ_p·L_proto + λ_d·L_RD on the client's current-task data: LocalTrainer's loop
+    with PRD's inputs (two augmented views), loss and optimizers."""
+
+    batchable = False  # two augmented views, its own loss and a frozen copy: no cohort
+    adds_reply_records = True  # the samples behind each prototype row
+    loss_sum_dtype = torch.float64  # PRD's round loss has always been summed in float64
 
     def __init__(self, params: PRDParams) -> None:
         self.params = params
+        self._old: PRDModel | None = None  # the round's frozen copy (before_training)
 
-    def train(self, lr: LocalRound) -> TrainResult:
-        p = self.params
-        model: PRDModel = lr.model.to(lr.device)  # type: ignore[assignment]
-        model.train()
-        gen = torch.Generator().manual_seed(round_seed(lr.config.seed, lr.task, lr.round,
-                                                      lr.partition_id))
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    def optimizers(self, ctx: RoundContext, model: nn.Module) -> list[torch.optim.Optimizer]:
+        """The run's optimizer for encoder and projection head, plain SGD at ``proto_lr`` for
+        the prototypes."""
         body = [q for name, q in model.named_parameters() if name != PROTOTYPES]
-        opt = make_optimizer(body, lr.config)
-        proto_opt = torch.optim.SGD([model.prototypes], lr=p.proto_lr)
-        old = self._frozen_copy(lr)
-        rows_now = model.rows[lr.task]
-        old_rows = [model.rows[j] for j in range(lr.task)]
-        n, total, steps = int(lr.y.shape[0]), 0.0, 0
-        for _ in range(lr.config.local_epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, lr.config.batch_size):
-                idx = order[start:start + lr.config.batch_size]
-                views = torch.cat([prd.augment(lr.x[idx], gen), prd.augment(lr.x[idx], gen)])
-                inputs = to_float(views.to(lr.device), lr.mean, lr.std)
-                y = lr.y[idx].to(lr.device)
-                h = model.features(inputs)
-                loss = prd.supcon_loss(model.project(h), y.repeat(2), p.supcon_temperature)
-                local_rows = torch.as_tensor(rows_now, device=lr.device)
-                targets = (y if model.task_il or lr.config.scenario == "domain-il"
-                           else _positions(y, rows_now))
-                loss = loss + p.lambda_proto * prd.prototype_loss(
-                    h.detach(), model.prototypes[local_rows], targets.repeat(2))
-                if old is not None and old_rows:
-                    with torch.no_grad():
-                        h_old = old.features(inputs)
-                    loss = loss + p.lambda_distill * prd.relation_distillation(
-                        h, h_old, [model.prototypes[r] for r in old_rows],
-                        [old.prototypes[r].detach() for r in old_rows], p.distill_temperature)
-                opt.zero_grad(set_to_none=True)
-                proto_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                proto_opt.step()
-                total += float(loss.detach())
-                steps += 1
-        return TrainResult(num_examples=n, loss=total / max(steps, 1), steps=steps,
-                           records={COUNTS: ConfigRecord({"rows": self._counts(lr, model)})})
+        return [make_optimizer(body, ctx.config),
+                torch.optim.SGD([model.prototypes], lr=self.params.proto_lr)]
 
-    def _frozen_copy(self, lr: LocalRound) -> PRDModel | None:
-        rec = lr.message.get(OLD_MODEL) if lr.message is not None else None
-        if rec is None or lr.task == 0:
+    def before_training(self, ctx: RoundContext, model: nn.Module) -> None:
+        """The frozen copy of the previous task's global model that the distillation reads
+        (None in the first task, or without one in the message)."""
+        self._old = self._frozen_copy(ctx)
+
+    def batch_inputs(self, ctx: RoundContext, images: torch.Tensor) -> torch.Tensor:
+        """Two augmented views of the batch, ``[2B, C, H, W]`` (all first views, then all
+        second ones), augmented on the CPU with draws from ``ctx.generator``."""
+        images = images.cpu()
+        views = torch.cat([prd.augment(images, ctx.generator),
+                           prd.augment(images, ctx.generator)])
+        return to_float(views.to(ctx.device), ctx.mean, ctx.std)
+
+    def batch_loss(self, ctx: RoundContext, model: nn.Module, inputs: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+        """SupCon of the projected views, then λ_p times the prototype loss of the detached
+        features, then (from the second task on, with a frozen copy) λ_d times the relation
+        distillation against every old task's prototypes."""
+        p = self.params
+        prd_model: PRDModel = model  # type: ignore[assignment]
+        rows_now = prd_model.rows[ctx.task]
+        old_rows = [prd_model.rows[j] for j in range(ctx.task)]
+        h = prd_model.features(inputs)
+        loss = prd.supcon_loss(prd_model.project(h), targets.repeat(2), p.supcon_temperature)
+        local_rows = torch.as_tensor(rows_now, device=ctx.device)
+        positions = (targets if prd_model.task_il or ctx.config.scenario == "domain-il"
+                     else _positions(targets, rows_now))
+        loss = loss + p.lambda_proto * prd.prototype_loss(
+            h.detach(), prd_model.prototypes[local_rows], positions.repeat(2))
+        old = self._old
+        if old is not None and old_rows:
+            with torch.no_grad():
+                h_old = old.features(inputs)
+            loss = loss + p.lambda_distill * prd.relation_distillation(
+                h, h_old, [prd_model.prototypes[r] for r in old_rows],
+                [old.prototypes[r].detach() for r in old_rows], p.distill_temperature)
+        return loss
+
+    def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
+        model: PRDModel = ctx.model  # type: ignore[assignment]
+        result.records[COUNTS] = ConfigRecord({"rows": self._counts(ctx, model)})
+        return result
+
+    def _frozen_copy(self, ctx: RoundContext) -> PRDModel | None:
+        rec = ctx.message.get(OLD_MODEL) if ctx.message is not None else None
+        if rec is None or ctx.task == 0:
             return None
         import copy
 
-        old = copy.deepcopy(lr.model)
+        old = copy.deepcopy(ctx.model)
         old.load_state_dict(rec.to_torch_state_dict())
         old.eval()
         for q in old.parameters():
             q.requires_grad_(False)
         return old  # type: ignore[return-value]
 
-    def _counts(self, lr: LocalRound, model: PRDModel) -> list[int]:
+    def _counts(self, ctx: RoundContext, model: PRDModel) -> list[int]:
         counts = np.zeros(model.prototypes.shape[0], dtype=np.int64)
-        n = int(lr.y.shape[0])
-        for j in range(lr.task):
+        n = int(ctx.y.shape[0])
+        for j in range(ctx.task):
             counts[model.rows[j]] = n
-        rows_now = model.rows[lr.task]
-        labels = lr.y.numpy()
+        rows_now = model.rows[ctx.task]
+        labels = ctx.y.numpy()
         for pos, row in enumerate(rows_now):
-            label = row if not model.task_il and lr.config.scenario == "class-il" else pos
+            label = row if not model.task_il and ctx.config.scenario == "class-il" else pos
             counts[row] = max(counts[row], int((labels == label).sum()))
         return [int(c) for c in counts]
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedcl import cohort, protocol
+from fedcl import cohort_training, cohort_wire, protocol
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.run_setup import setup_run
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedprox import FedProxParams, FedProxTrainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+CPU = torch.device("cpu")
 
 
 def _members(sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -28,6 +29,15 @@ def _members(sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     return [(pid, torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8),
              torch.randint(0, 4, (n,), generator=gen))
             for pid, n in zip((4, 9, 11), sizes, strict=True)]
+
+
+def _contexts(config: Config, model: torch.nn.Module,
+              members: list[tuple[int, torch.Tensor, torch.Tensor]],
+              device: torch.device = CPU) -> list[RoundContext]:
+    """The members' round contexts (task 1, round 3, head 1), as a cohort leader makes them."""
+    return [RoundContext(config=config, model=model, x=x, y=y, head=1, task=1, round=3,
+                         partition_id=pid, device=device, mean=MEAN, std=STD)
+            for pid, x, y in members]
 
 
 @pytest.mark.parametrize("variant", ["sgd-momentum", "adam", "fedprox"])
@@ -44,19 +54,17 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
     torch.manual_seed(0)
     model = build_model("cnn", (3, 8, 8), 4, 2)  # two heads: task 1 uses heads[1]
     members = _members([37, 50, 21])
-    first = LocalRound(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                       task=1, round=3, partition_id=4, device=torch.device("cpu"),
-                       mean=MEAN, std=STD)
-    results = cohort.train_cohort(
+    results = cohort_training.train_cohort(
         copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
         device=torch.device("cpu"), mean=MEAN, std=STD,
-        regularizer=lambda p, r: trainer.regularizer(first, p, r))
+        regularizer=cohort_training.trainer_regularizers(trainer, _contexts(config, model,
+                                                                            members)))
     assert [r.partition_id for r in results] == [4, 9, 11]
     for (pid, x, y), got in zip(members, results, strict=True):
         alone = copy.deepcopy(model)
-        expected = trainer.train(LocalRound(config=config, model=alone, x=x, y=y, head=1, task=1,
-                                            round=3, partition_id=pid,
-                                            device=torch.device("cpu"), mean=MEAN, std=STD))
+        expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1, task=1,
+                                              round=3, partition_id=pid,
+                                              device=torch.device("cpu"), mean=MEAN, std=STD))
         assert got.steps == expected.steps == 2 * -(-len(y) // 16)
         assert got.num_examples == len(y)
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
@@ -78,6 +86,86 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         assert moved > 1e-2  # the members really trained
 
 
+class _ClientWeightDecay(LocalTrainer):
+    """A regularizer that differs from client to client: (partition id + 1) * 0.01 * ||w||^2."""
+
+    def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> torch.Tensor | None:
+        assert reference == []  # only a trainer that uses the round's start weights gets them
+        return (ctx.partition_id + 1) * 0.01 * sum((p ** 2).sum() for p in params)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_each_member_regularizes_with_its_own_context(generic: bool) -> None:
+    """A regularizer that reads ``ctx.partition_id``: every member of a cohort (stacked layers,
+    or vmap of functional_call) trains as it does alone, with its own term; regularizing every
+    member with the first member's context would move members 9 and 11 elsewhere."""
+    config = Config(batch_size=16, local_epochs=2, lr=0.05, momentum=0.9, seed=7, device="cpu")
+    trainer = _ClientWeightDecay()
+    torch.manual_seed(0)
+    model = build_model("cnn", (3, 8, 8), 4, 2)
+    members = _members([37, 50, 21])
+    contexts = _contexts(config, model, members)
+
+    def train(regularizer: object) -> list[cohort_training.MemberResult]:
+        return cohort_training.train_cohort(
+            copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
+            device=torch.device("cpu"), mean=MEAN, std=STD, regularizer=regularizer,
+            generic=generic)
+
+    together = train(cohort_training.trainer_regularizers(trainer, contexts))
+    first_only = train(lambda p, _r: trainer.regularizer(contexts[0], p, []))
+    for (pid, x, y), got, wrong in zip(members, together, first_only, strict=True):
+        alone = copy.deepcopy(model)
+        expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1,
+                                              task=1, round=3, partition_id=pid,
+                                              device=torch.device("cpu"), mean=MEAN, std=STD))
+        assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+        for name, value in alone.state_dict().items():
+            torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=1e-5)
+        gap = max(float((wrong.state[n] - v).abs().max()) for n, v in alone.state_dict().items())
+        assert (gap > 1e-3) == (pid != 4), (pid, gap)
+
+
+def test_a_cohort_leader_regularizes_each_member_with_its_own_context(
+        flower_identity: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real ClientApp handler with a trainer whose regularizer reads the partition id: a
+    cohort of clients 0, 1 and 2 replies with the weights and losses each sends alone."""
+    from flwr.app import Context
+
+    from fedcl import client_app
+    from fedcl.data.scenarios import build_scenario
+    from strategies import registry
+
+    config = Config(strategy="fedavg", model="cnn", scenario="domain-il", clients=200, tasks=2,
+                    partition="iid", device="cpu", output=str(tmp_path))
+    monkeypatch.setattr(registry, "build_trainer", lambda _config: _ClientWeightDecay())
+    model = registry.build_model(config, build_scenario(config))
+    arrays = ArrayRecord(model.state_dict())
+
+    def reply(node: int, members: list[int] | None) -> RecordDict:
+        cfg = ConfigRecord({protocol.RUN_CONFIG_JSON: config.to_json(), protocol.TASK: 0,
+                            protocol.ROUND: 1, protocol.TASK_ROUND: 1,
+                            protocol.LAST_ROUND_OF_TASK: False})
+        if members is not None:
+            cfg[protocol.COHORT] = members
+        msg = Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: cfg}),
+                      dst_node_id=node, message_type=MessageType.TRAIN)
+        ctx = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                      node_config={"partition-id": node - 10, "num-partitions": 200})
+        return client_app.train(msg, ctx).content
+
+    together = reply(10, [0, 1, 2])
+    for pid in (0, 1, 2):
+        alone = reply(10 + pid, None)
+        got = float(together[f"{protocol.METRICS}.{pid}"][protocol.TRAIN_LOSS])
+        assert got == pytest.approx(float(alone[protocol.METRICS][protocol.TRAIN_LOSS]),
+                                    rel=1e-5)
+        got_state = together[f"{protocol.ARRAYS}.{pid}"].to_torch_state_dict()
+        for name, value in alone[protocol.ARRAYS].to_torch_state_dict().items():
+            torch.testing.assert_close(got_state[name], value, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["cnn", "cnn-grouped-conv", "mlp"])
 def test_stacked_forward_is_each_members_own_forward(kind: str) -> None:
     """Three members with their own weights: stacked_forward's logits are, row by row, the
@@ -87,13 +175,13 @@ def test_stacked_forward_is_each_members_own_forward(kind: str) -> None:
     if kind == "cnn-grouped-conv":
         model.body[3] = torch.nn.Conv2d(32, 64, kernel_size=3, padding=1, stride=2, groups=4)
         model.body[7] = torch.nn.Linear(64, 256)  # 8x8 -> 4 (pool) -> 2 (stride) -> 1 (pool)
-    body = cohort.stacked_body(model)
+    body = cohort_training.stacked_body(model)
     assert body is model.body
     members = [{n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
                for _ in range(3)]
     stacked = {n: torch.stack([m[n] for m in members]) for n in members[0]}
     x = torch.randn(3, 5, 3, 8, 8)
-    got = cohort.stacked_forward(body, "heads.1.", stacked, x)
+    got = cohort_training.stacked_forward(body, "heads.1.", stacked, x)
     assert got.shape == (3, 5, 4)
     for i, weights in enumerate(members):
         expected = torch.func.functional_call(model, weights, (x[i],), {"task": 1})
@@ -105,21 +193,21 @@ def test_models_stacked_layers_cannot_run_take_vmap() -> None:
     reflect-padded convolution, the ResNet's blocks); train_cohort then takes vmap, and both
     roads train a cohort alike (to float rounding)."""
     cnn = build_model("cnn", (3, 8, 8), 4, 1)
-    assert cohort.stacked_body(cnn) is cnn.body
-    assert cohort.stacked_body(build_model("resnet18", (3, 8, 8), 4, 1)) is None
+    assert cohort_training.stacked_body(cnn) is cnn.body
+    assert cohort_training.stacked_body(build_model("resnet18", (3, 8, 8), 4, 1)) is None
     tanh = copy.deepcopy(cnn)
     tanh.body[1] = torch.nn.Tanh()
-    assert cohort.stacked_body(tanh) is None
+    assert cohort_training.stacked_body(tanh) is None
     reflect = copy.deepcopy(cnn)
     reflect.body[0].padding_mode = "reflect"
-    assert cohort.stacked_body(reflect) is None
+    assert cohort_training.stacked_body(reflect) is None
     config = Config(batch_size=16, local_epochs=1, lr=0.05, momentum=0.9, seed=7, device="cpu")
     members = _members([37, 50, 21])
 
-    def train(model: torch.nn.Module, generic: bool) -> list[cohort.MemberResult]:
-        return cohort.train_cohort(copy.deepcopy(model), members, config=config, task=0,
-                                   round_=1, head=None, device=torch.device("cpu"), mean=MEAN,
-                                   std=STD, generic=generic)
+    def train(model: torch.nn.Module, generic: bool) -> list[cohort_training.MemberResult]:
+        return cohort_training.train_cohort(copy.deepcopy(model), members, config=config, task=0,
+                                            round_=1, head=None, device=torch.device("cpu"),
+                                            mean=MEAN, std=STD, generic=generic)
 
     for model in (cnn, tanh):
         stacked, generic = train(model, False), train(model, True)
@@ -146,20 +234,19 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
     model = build_model("cnn", (3, 8, 8), 4, 2)
     members = _members([37, 50, 21])
     device = torch.device("cuda")
-    first = LocalRound(config=config, model=model, x=members[0][1], y=members[0][2], head=1,
-                       task=1, round=3, partition_id=4, device=device, mean=MEAN, std=STD)
+    regularizer = cohort_training.trainer_regularizers(
+        trainer, _contexts(config, model, members, device))
 
-    def train(graph: bool) -> list[cohort.MemberResult]:
-        return cohort.train_cohort(
+    def train(graph: bool) -> list[cohort_training.MemberResult]:
+        return cohort_training.train_cohort(
             copy.deepcopy(model), members, config=config, task=1, round_=3, head=1,
-            device=device, mean=MEAN, std=STD, cuda_graph=graph,
-            regularizer=lambda p, r: trainer.regularizer(first, p, r))
+            device=device, mean=MEAN, std=STD, cuda_graph=graph, regularizer=regularizer)
 
     eager, graphed = train(False), train(True)
     for e, g in zip(eager, graphed, strict=True):
         assert (g.partition_id, g.steps, g.num_examples) == (e.partition_id, e.steps,
                                                               e.num_examples)
-        assert g.steps == 2 * -(-g.num_examples // 16) > cohort.GRAPH_WARMUP_STEPS
+        assert g.steps == 2 * -(-g.num_examples // 16) > cohort_training.GRAPH_WARMUP_STEPS
         assert g.loss == pytest.approx(e.loss, rel=1e-5)
         for name in e.state:
             torch.testing.assert_close(g.state[name], e.state[name], rtol=1e-4, atol=1e-5)
@@ -182,10 +269,10 @@ def test_cuda_graph_with_dropout_draws_the_eager_masks() -> None:
     model = build_model("mlp", (3, 8, 8), 4, 1)
     members = _members([37, 50, 21])
 
-    def train(graph: bool) -> list[cohort.MemberResult]:
-        return cohort.train_cohort(copy.deepcopy(model), members, config=config, task=0,
-                                   round_=1, head=None, device=torch.device("cuda"),
-                                   mean=MEAN, std=STD, cuda_graph=graph)
+    def train(graph: bool) -> list[cohort_training.MemberResult]:
+        return cohort_training.train_cohort(copy.deepcopy(model), members, config=config, task=0,
+                                            round_=1, head=None, device=torch.device("cuda"),
+                                            mean=MEAN, std=STD, cuda_graph=graph)
 
     graphed, again, eager = train(True), train(True), train(False)
     for a, b, e in zip(graphed, again, eager, strict=True):
@@ -208,9 +295,9 @@ def test_sgd_step_is_torch_sgd_and_inactive_members_stay_put() -> None:
     grads = {"w": torch.tensor([[0.5, -1.0], [0.5, -1.0]])}
     buffers: dict = {}
     kw = dict(lr=0.1, momentum=0.5, weight_decay=0.1)
-    cohort.sgd_step(params, grads, buffers, torch.tensor([True, True]), **kw)
+    cohort_training.sgd_step(params, grads, buffers, torch.tensor([True, True]), **kw)
     torch.testing.assert_close(params["w"], torch.tensor([[0.94, 2.08], [0.94, 2.08]]))
-    cohort.sgd_step(params, grads, buffers, torch.tensor([True, False]), **kw)
+    cohort_training.sgd_step(params, grads, buffers, torch.tensor([True, False]), **kw)
     torch.testing.assert_close(params["w"], torch.tensor([[0.8506, 2.1992], [0.94, 2.08]]))
     torch.testing.assert_close(buffers["w"], torch.tensor([[0.894, -1.192], [0.6, -0.8]]))
     # and PyTorch's own SGD agrees on the active member
@@ -237,11 +324,11 @@ def test_a_step_every_member_takes_skips_selecting_and_gives_the_same_bits(
         for t, g in enumerate(grads):
             on = torch.ones(3, dtype=torch.bool)
             if optimizer == "sgd":
-                cohort.sgd_step(params, g, state, on, lr=0.1, momentum=0.9,
-                                weight_decay=0.01, all_active=fast)
+                cohort_training.sgd_step(params, g, state, on, lr=0.1, momentum=0.9,
+                                         weight_decay=0.01, all_active=fast)
             else:
-                cohort.adam_step(params, g, state, torch.full((3,), t + 1), on, lr=0.01,
-                                 weight_decay=0.01, all_active=fast)
+                cohort_training.adam_step(params, g, state, torch.full((3,), t + 1), on, lr=0.01,
+                                          weight_decay=0.01, all_active=fast)
         results.append(params)
     for name in start:
         assert torch.equal(results[0][name], results[1][name]), name
@@ -258,8 +345,8 @@ def test_adam_step_is_torch_adam_per_member_step_count() -> None:
     for active in ([True, True], [True, False], [True, False]):
         on = torch.tensor(active)
         steps += on
-        cohort.adam_step(params, {"w": grad.expand(2, 2)}, moments, steps, on, lr=0.01,
-                         weight_decay=0.0)
+        cohort_training.adam_step(params, {"w": grad.expand(2, 2)}, moments, steps, on, lr=0.01,
+                                  weight_decay=0.0)
     for member, n_steps in ((0, 3), (1, 1)):
         w = torch.nn.Parameter(torch.tensor([1.0, -1.0]))
         opt = torch.optim.Adam([w], lr=0.01)
@@ -271,14 +358,14 @@ def test_adam_step_is_torch_adam_per_member_step_count() -> None:
 
 def test_stack_step_masks_short_and_finished_members() -> None:
     batches = [[torch.tensor([4, 0, 2]), torch.tensor([1, 3])], [torch.tensor([1, 0])]]
-    index, mask = cohort.stack_step(batches, 1, 3)
+    index, mask = cohort_training.stack_step(batches, 1, 3)
     assert index.tolist() == [[1, 3, 0], [0, 0, 0]]
     assert mask.tolist() == [[True, True, False], [False, False, False]]
 
 
 def test_member_batches_are_the_clients_own_draws() -> None:
     gen = torch.Generator().manual_seed(5)
-    batches = cohort.member_batches(5, 2, 2, gen)
+    batches = cohort_training.member_batches(5, 2, 2, gen)
     again = torch.Generator().manual_seed(5)
     first, second = torch.randperm(5, generator=again), torch.randperm(5, generator=again)
     assert [b.tolist() for b in batches[0]] == [first[:2].tolist(), first[2:4].tolist(),
@@ -289,7 +376,7 @@ def test_member_batches_are_the_clients_own_draws() -> None:
 def test_batch_norm_is_refused() -> None:
     model = build_model("resnet18", (3, 8, 8), 2, 1)
     with pytest.raises(ValueError, match="cohort training cannot batch BatchNorm2d"):
-        cohort.check_batchable(model.train())
+        cohort_training.check_batchable(model.train())
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -313,7 +400,7 @@ def test_cohort_messages_out_and_member_replies_back(flower_identity: None) -> N
                                     protocol.ARRAYS: ArrayRecord()}),
                         dst_node_id=100 + pid, message_type=MessageType.TRAIN)
                 for pid in (3, 0, 4, 1, 2)]
-    cohorts = cohort.form_cohorts(messages, node_to_pid, 2)
+    cohorts = cohort_wire.form_cohorts(messages, node_to_pid, 2)
     assert [leader.metadata.dst_node_id for leader, _ in cohorts] == [100, 102, 104]
     assert [list(leader.content[protocol.CONFIG][protocol.COHORT]) for leader, _ in cohorts] \
         == [[0, 1], [2, 3], [4]]
@@ -324,7 +411,7 @@ def test_cohort_messages_out_and_member_replies_back(flower_identity: None) -> N
                         f"{protocol.METRICS}.1": MetricRecord({"loss": 0.25})})
     replies = [Message(first, reply_to=cohorts[0][0]),
                Message(Error(code=0, reason="boom"), reply_to=cohorts[1][0])]
-    split = cohort.split_cohort_replies(replies, cohorts, node_to_pid)
+    split = cohort_wire.split_cohort_replies(replies, cohorts, node_to_pid)
     assert len(split) == 3
     assert [m.content[protocol.METRICS]["loss"] for m in split[:2]] == [0.5, 0.25]
     assert [m.metadata.src_node_id for m in split[:2]] == [100, 101]
@@ -380,11 +467,11 @@ def test_fot_cohort_reply_holds_each_members_own_sketches(flower_identity: None,
     assert int(together[f"{STATS}.0"]["n"]) == 16
 
 
-def test_weighted_mean_by_hand() -> None:
+def test_stacked_weighted_mean_by_hand() -> None:
     """Rows [1, 2], [3, 4], [5, 6] weighted 1, 0, 3: (1*[1, 2] + 3*[5, 6]) / 4 = [4, 5]."""
     stacked = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                "b": torch.tensor([2.0, 10.0, 6.0])}
-    got = cohort.weighted_mean(stacked, torch.tensor([1.0, 0.0, 3.0]))
+    got = cohort_training.stacked_weighted_mean(stacked, torch.tensor([1.0, 0.0, 3.0]))
     assert got["w"].tolist() == [4.0, 5.0]
     assert got["b"].tolist() == 5.0
 
@@ -548,7 +635,7 @@ def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) 
                                     protocol.ARRAYS: ArrayRecord()}),
                         dst_node_id=100 + pid, message_type=MessageType.TRAIN)
                 for pid in range(3)]
-    cohorts = cohort.form_cohorts(messages, node_to_pid, 3, mean_key=protocol.NUM_EXAMPLES)
+    cohorts = cohort_wire.form_cohorts(messages, node_to_pid, 3, mean_key=protocol.NUM_EXAMPLES)
     assert cohorts[0][0].content[protocol.CONFIG][protocol.COHORT_MEAN_KEY] == "num-examples"
     cohorts[0][0].metadata.__dict__["_message_id"] = "m0"
     reduced = Message(RecordDict({
@@ -557,10 +644,10 @@ def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) 
         protocol.COHORT_MEMBERS: ConfigRecord({protocol.MEMBER_IDS: [0, 2],
                                                protocol.MEMBERS_REJECTED: ["client 1: x"]})}),
         reply_to=cohorts[0][0])
-    split = cohort.split_cohort_replies([reduced], cohorts, node_to_pid)
+    split = cohort_wire.split_cohort_replies([reduced], cohorts, node_to_pid)
     assert split == [reduced]
-    assert cohort.reply_members(reduced) == [0, 2]
-    assert cohort.members_rejected(reduced) == ["client 1: x"]
+    assert cohort_wire.reply_members(reduced) == [0, 2]
+    assert cohort_wire.members_rejected(reduced) == ["client 1: x"]
     # a reply may stand only for distinct members of its own cohort
     for ids, reason in (([0, 7], "a cohort reply names members [0, 7], not distinct members of "
                                  "its cohort [0, 1, 2]"),
@@ -568,7 +655,7 @@ def test_a_reduced_reply_stays_one_reply_for_its_members(flower_identity: None) 
                                  "its cohort [0, 1, 2]"),
                         (["x"], "malformed fedcl.cohort-members record in a cohort reply")):
         reduced.content[protocol.COHORT_MEMBERS] = ConfigRecord({protocol.MEMBER_IDS: ids})
-        split = cohort.split_cohort_replies([reduced], cohorts, node_to_pid)
+        split = cohort_wire.split_cohort_replies([reduced], cohorts, node_to_pid)
         assert len(split) == 1 and split[0].has_error()
         assert split[0].error.reason == reason
         assert split[0].metadata.src_node_id == 100
@@ -610,5 +697,5 @@ def test_cohort_run_equals_per_client_run(tmp_path: Path) -> None:
     diff = math.sqrt(sum(float(((a[n] - b[n]) ** 2).sum()) for n in a))
     update = math.sqrt(sum(float(((a[n] - init[n]) ** 2).sum()) for n in a))
     # local SGD amplifies rounding: per-client training itself, started from weights moved by
-    # 1e-7, lands up to ~1e-2 of the update away on some clients (fedcl/cohort.py)
+    # 1e-7, lands up to ~1e-2 of the update away on some clients (fedcl/cohort_training.py)
     assert diff / update < 0.02, (diff, update)

@@ -7,7 +7,7 @@ import torch
 from fedcl import plugins
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
-from fedcl.training import LocalRound, LocalTrainer
+from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedprox import FedProxParams, FedProxTrainer, proximal_term
 
 
@@ -28,9 +28,9 @@ def test_proximal_pull_keeps_weights_closer_to_global() -> None:
                           ("fedprox", FedProxTrainer(FedProxParams(proximal_mu=10.0)))):
         model = plugins.build_model(cfg, sc)
         start = [p.detach().clone() for p in model.parameters()]
-        trainer.train(LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=0,
-                                 round=1, partition_id=0, device=torch.device("cpu"),
-                                 mean=sc.dataset.mean, std=sc.dataset.std))
+        trainer.train(RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=0,
+                                   round=1, partition_id=0, device=torch.device("cpu"),
+                                   mean=sc.dataset.mean, std=sc.dataset.std))
         distances[name] = sum(float(((p - s) ** 2).sum())
                               for p, s in zip(model.parameters(), start, strict=True))
     assert distances["fedprox"] < 0.5 * distances["fedavg"]

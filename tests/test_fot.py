@@ -16,7 +16,7 @@ from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.strategy import RoundInfo
-from fedcl.training import LocalRound, TrainResult
+from fedcl.training import RoundContext, TrainResult
 from strategies.fedavg import flower_kwargs
 from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 
@@ -117,10 +117,10 @@ def test_client_sketches_only_in_last_round_and_ratio_against_basis() -> None:
     y = torch.randint(0, 3, (20,))
     cfg = Config(batch_size=8)
 
-    def local(last: bool, message: RecordDict | None) -> LocalRound:
-        return LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=0, round=1,
-                          partition_id=0, device=torch.device("cpu"), mean=(0.5,), std=(0.5,),
-                          last_of_task=last, message=message)
+    def local(last: bool, message: RecordDict | None) -> RoundContext:
+        return RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=0, round=1,
+                            partition_id=0, device=torch.device("cpu"), mean=(0.5,), std=(0.5,),
+                            last_of_task=last, message=message)
 
     trainer = FOTTrainer(FOTParams())
     assert trainer.after_training(local(False, None), TrainResult(20, 0.1, 3)).records == {}

@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from fedcl import plugins, protocol
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
-from fedcl.training import LocalRound
-from strategies.prd import COUNTS, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
+from fedcl.training import RoundContext
+from strategies.prd import COUNTS, OLD_MODEL, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -101,10 +101,10 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
     model = plugins.build_model(cfg, sc)
     trainer = PRDTrainer(PRDParams())
     before = model.prototypes.detach().clone()
-    local = LocalRound(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
+    ctx = RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
                        partition_id=0, device=torch.device("cpu"), mean=sc.dataset.mean,
                        std=sc.dataset.std, message=RecordDict())
-    result = trainer.train(local)
+    result = trainer.after_training(ctx, trainer.train(ctx))
     counts = list(result.records[COUNTS]["rows"])
     # task 1 holds classes 2 and 3: their counts are the client's samples of each; task 0's
     # rows (0, 1) count every sample (they only move through the distillation); later classes 0
@@ -118,6 +118,46 @@ def test_trainer_counts_and_no_distillation_on_first_task() -> None:
     assert moved[0] == 0 and moved[4:].abs().sum() == 0
     assert result.num_examples == 40 and result.loss > 0
 
+
+# Recorded from the PRD trainer before it ran on LocalTrainer's loop (x86-64 CPU, torch 2.14):
+# (sum of all weights, sum of their squares, sum of the prototypes, mean loss), each step
+# with SupCon on two augmented views, the prototype loss and the relation distillation
+PINNED = {"sgd": (-272.5140321360059, 493.20613684679375, 0.22477060843993968,
+                  7.063611348470052),
+          "adam": (-80.06592590910077, 496.7831159481259, 0.2122855478501151,
+                   7.26597531636556)}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_trainer_weights_and_loss_are_pinned(optimizer: str) -> None:
+    """Class-IL task 1 with the previous task's model (distillation on), 40 samples, two
+    epochs of batches of 16 (6 steps): the trained weights and the mean loss are the recorded
+    ones. They were equal to the last digit on the machine that recorded them; the tolerance
+    leaves room for another CPU's float kernels, while a changed loss term, weight, batch order
+    or random draw (augmentations, dropout) moves them by far more."""
+    cfg = Config(strategy="prd", scenario="class-il", tasks=5, clients=1, batch_size=16,
+                 local_epochs=2, optimizer=optimizer, lr=0.002 if optimizer == "adam" else 0.05,
+                 momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=1e-4, seed=5)
+    sc = build_scenario(cfg)
+    x, y = sc.train_data(1)
+    x, y = x[:40], y[:40]
+    torch.manual_seed(1)
+    old = plugins.build_model(cfg, sc)
+    torch.manual_seed(2)
+    model = plugins.build_model(cfg, sc)
+    ctx = RoundContext(config=cfg, model=model, x=x, y=y, head=None, task=1, round=4,
+                       partition_id=3, device=torch.device("cpu"), mean=sc.dataset.mean,
+                       std=sc.dataset.std,
+                       message=RecordDict({OLD_MODEL: ArrayRecord(old.state_dict())}))
+    trainer = PRDTrainer(PRDParams())
+    result = trainer.after_training(ctx, trainer.train(ctx))
+    state = model.state_dict()
+    got = (sum(float(v.double().sum()) for v in state.values()),
+           sum(float(v.double().pow(2).sum()) for v in state.values()),
+           float(state["prototypes"].double().sum()), result.loss)
+    assert got == pytest.approx(PINNED[optimizer], rel=1e-6, abs=1e-6)
+    assert result.steps == 6
+    assert list(result.records[COUNTS]["rows"]) == [40, 40, 19, 21, 0, 0, 0, 0, 0, 0]
 
 @pytest.mark.e2e
 def test_prd_run_keeps_no_sample_on_clients(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""Cohort training: several simulated clients trained in one ClientApp call as one batched
-computation (``cohort_size`` > 1).
+"""Cohort training, the client side: several simulated clients trained in one ClientApp call
+as one batched computation (``cohort_size`` > 1).
 
 On a small model a GPU spends a client's round launching kernels, not doing arithmetic, and a
 simulation pays one Flower message and one Ray task per client. A cohort trains K sampled
@@ -13,16 +13,17 @@ batched matmul), followed by one batched optimizer update. A model whose layers
 Each member trains exactly as :meth:`fedcl.training.LocalTrainer.train` would train it alone:
 its own data, its batches drawn from the same seeded generator (:func:`member_batches`), the
 mean cross-entropy over its batch (a ragged last batch is masked, not padded into the mean),
-the same regularizer, and SGD or Adam with PyTorch's update rules (:func:`sgd_step`,
-:func:`adam_step`). A member whose epoch has run out of batches while others go on is frozen
-(its weights and optimizer state are left as they are); parameters the loss does not reach
-(other tasks' heads) are not updated, as PyTorch's optimizers skip them. The results agree with
-per-client training to float rounding (``tests/test_cohort.py`` compares them). Batched
-kernels round differently, and local SGD amplifies rounding: a ReLU or max-pool whose inputs
-nearly tie sends a gradient another way. On Split-MNIST with the CNN, members agree with
-per-client training to ~1e-7 of the update over tens of steps, but over 50 steps of FedProx
-with momentum a perturbation of 1e-7 in the starting weights alone moves per-client training's
-own result by up to 5% of the update; cohort training lands within that spread.
+the same regularizer with its own round context (:func:`trainer_regularizers`), and SGD or Adam
+with PyTorch's update rules (:func:`sgd_step`, :func:`adam_step`). A member whose epoch has run
+out of batches while others go on is frozen (its weights and optimizer state are left as they
+are); parameters the loss does not reach (other tasks' heads) are not updated, as PyTorch's
+optimizers skip them. The results agree with per-client training to float rounding
+(``tests/test_cohort.py`` compares them). Batched kernels round differently, and local SGD
+amplifies rounding: a ReLU or max-pool whose inputs nearly tie sends a gradient another way. On
+Split-MNIST with the CNN, members agree with per-client training to ~1e-7 of the update over
+tens of steps, but over 50 steps of FedProx with momentum a perturbation of 1e-7 in the
+starting weights alone moves per-client training's own result by up to 5% of the update; cohort
+training lands within that spread.
 
 Deviations, by design:
 
@@ -35,19 +36,11 @@ Deviations, by design:
 * a cohort is a simulation device. The leader (the first member's node) loads every member's
   partition from its own data dir, so on a real federation each node must be a cohort of one.
 
-The server side (:func:`form_cohorts`, :func:`split_cohort_replies`) sends one message per
-cohort and splits each cohort reply back into one reply per member, so screening, aggregation
-and strategy payloads see exactly what per-client training gives them.
-
-Where a round's aggregate is only the weighted mean of the replies' arrays (FedAvg, FedProx,
-FOT outside a task's last round: ``ContinualStrategy.cohort_mean_key``) and no unlearning
-method keeps per-client updates, the server asks cohorts to average their members
-themselves: the leader screens each member by the server's own rules
-(:func:`fedcl.validation.stacked_problems`), takes the weighted mean of those that pass on the
-device (:func:`weighted_mean`) and sends one reply standing for them (its members and any
-refused ones named in it: :func:`reply_members`, :func:`members_rejected`). The server's
-weighted average over such replies is the average over the members' own replies (one float
-rounding more), and one model's weights travel instead of K.
+Where the round's aggregate allows it (:mod:`fedcl.cohort_wire`), the leader screens each member
+by the server's own rules (:func:`fedcl.validation.stacked_problems`) and takes the weighted mean
+of those that pass on the device (:func:`stacked_weighted_mean`) to reply once for them
+(:func:`fedcl.client_app.reduced_reply`). The server side of cohorts, forming them and
+splitting their replies, is :mod:`fedcl.cohort_wire`.
 """
 
 from __future__ import annotations
@@ -56,18 +49,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Error, Message, RecordDict
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn import functional as F
 
-from fedcl import protocol
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.models import MLP, ContinualModel, SmallCNN
-from fedcl.training import round_seed
+from fedcl.training import LocalTrainer, RoundContext, round_seed
 
 Regularizer = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor | None]
+"""A member's regularizer: its trained parameters and their values at the round's start (in
+``named_parameters`` order, only those its loss reaches) to a scalar term added to its loss,
+or None (:meth:`fedcl.training.LocalTrainer.regularizer` bound to the member's context)."""
 
 
 @dataclass
@@ -103,10 +97,10 @@ class TrainedCohort:
                 for i, pid in enumerate(self.partition_ids)]
 
     def mean_state(self, weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """The members' weighted mean weights (:func:`weighted_mean`), on the CPU."""
+        """The members' weighted mean weights (:func:`stacked_weighted_mean`), on the CPU."""
         first = next(iter(self.stacked.values()))
         w = torch.tensor(list(weights), dtype=torch.float64)
-        mean = weighted_mean(self.stacked, w.to(first.device))
+        mean = stacked_weighted_mean(self.stacked, w.to(first.device))
         host = to_host({**mean, **self.fixed})
         return {key: host[key] for key in self.keys}
 
@@ -141,7 +135,7 @@ def stack_step(batches: Sequence[Sequence[torch.Tensor]], step: int, batch_size:
     return index, mask
 
 
-def weighted_mean(stacked: dict[str, torch.Tensor], weights: torch.Tensor
+def stacked_weighted_mean(stacked: dict[str, torch.Tensor], weights: torch.Tensor
                   ) -> dict[str, torch.Tensor]:
     """``sum_i w_i x_i / sum_i w_i`` of every stacked floating-point array (member i in row i),
     one matrix-vector product per array: the average FedAvg takes of the members' replies
@@ -218,18 +212,55 @@ def adam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
 
 def trained_parameters(model: nn.Module, x: torch.Tensor, head: int | None,
                        mean: tuple[float, ...], std: tuple[float, ...],
-                       regularizer: Regularizer | None = None) -> set[str]:
-    """The names of the parameters the loss (with the regularizer) reaches with this ``head``,
-    from one sample's forward: what per-client training's optimizer would update."""
+                       regularizers: Sequence[Regularizer] = ()) -> set[str]:
+    """The names of the parameters the loss (with the members' regularizers) reaches with this
+    ``head``, from one sample's forward: what per-client training's optimizer would update."""
     named = list(model.named_parameters())
     loss = model(to_float(x, mean, std), head).sum()
-    if regularizer is not None:
-        params = [p for _, p in named]
+    params = [p for _, p in named]
+    for regularizer in regularizers:
         extra = regularizer(params, [p.detach() for p in params])
         if extra is not None:
             loss = loss + extra
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {name for (name, _), g in zip(named, grads, strict=True) if g is not None}
+
+
+def trainer_regularizers(trainer: LocalTrainer, contexts: Sequence[RoundContext]
+                         ) -> Regularizer | list[Regularizer]:
+    """``trainer``'s :meth:`~fedcl.training.LocalTrainer.regularizer` for a cohort whose
+    members' round contexts are ``contexts``: each member's bound to its own context, or, when
+    the trainer declares that its regularizer does not read the context
+    (``regularizer_reads_context`` False), one for all members. ``reference`` reaches it only
+    where the trainer declares ``uses_round_start_weights``, as in per-client training."""
+
+    def bound(ctx: RoundContext) -> Regularizer:
+        def regularizer(params: list[torch.Tensor], reference: list[torch.Tensor]
+                        ) -> torch.Tensor | None:
+            return trainer.regularizer(ctx, params,
+                                       reference if trainer.uses_round_start_weights else [])
+
+        return regularizer
+
+    if not trainer.regularizer_reads_context:
+        return bound(contexts[0])
+    return [bound(ctx) for ctx in contexts]
+
+
+def member_terms(regularizers: Sequence[Regularizer | None], params: list[torch.Tensor],
+                 reference: list[torch.Tensor]) -> torch.Tensor:
+    """Every member's regularizer term, ``[K]``: member i's regularizer called on row i of
+    every stacked parameter ``[K, ...]`` and of its reference, 0 for a member without one.
+    ``unbind`` gives the rows, so the backward pass puts each parameter's K gradients together
+    in one stack."""
+    rows = [p.unbind(0) for p in params]
+    ref_rows = [r.unbind(0) for r in reference]
+    terms = []
+    for i, regularizer in enumerate(regularizers):
+        term = None if regularizer is None else regularizer([r[i] for r in rows],
+                                                            [r[i] for r in ref_rows])
+        terms.append(params[0].new_zeros(()) if term is None else term)
+    return torch.stack(terms)
 
 
 def check_batchable(model: nn.Module) -> None:
@@ -393,7 +424,7 @@ def run_steps(step: Callable[[torch.Tensor, torch.Tensor, bool], None], indices:
 def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]], *,
                  config: Config, task: int, round_: int, head: int | None,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
-                 regularizer: Regularizer | None = None,
+                 regularizer: Regularizer | Sequence[Regularizer] | None = None,
                  cuda_graph: bool | None = None, generic: bool = False) -> list[MemberResult]:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation (:func:`train_stacked`); each member's result on the CPU."""
@@ -405,13 +436,19 @@ def train_cohort(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, to
 def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, torch.Tensor]],
                   *, config: Config, task: int, round_: int, head: int | None,
                   device: torch.device, mean: tuple[float, ...], std: tuple[float, ...],
-                  regularizer: Regularizer | None = None,
+                  regularizer: Regularizer | Sequence[Regularizer] | None = None,
                   cuda_graph: bool | None = None, generic: bool = False) -> TrainedCohort:
     """Train every ``(partition_id, x, y)`` member from ``model``'s weights, as one batched
     computation; ``x`` are uint8 images and ``y`` head targets, as for one client (on
     ``device`` already, or copied there). With ``cuda_graph`` (by default: on CUDA, for up to
     :data:`GRAPH_MAX_MEMBERS` members) the step is captured once in a CUDA graph and replayed
     (:func:`run_steps`). The trained weights stay stacked on ``device``.
+
+    ``regularizer`` adds a term to each member's loss: a sequence holds each member's own (in
+    member order), called for every member every step (:func:`member_terms`); one callable
+    serves every member, called once a step under ``vmap``, and so must not depend on which
+    member it serves. A member's regularizer that gives None at the round's start gives no
+    term all round.
 
     A model :func:`stacked_body` accepts runs through :func:`stacked_forward`, and one backward
     pass of the members' summed losses gives every member its own gradient (members share no
@@ -421,8 +458,12 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     model = model.to(device).train()
     check_batchable(model)
     k = len(members)
+    shared = regularizer if callable(regularizer) else None
+    own = None if regularizer is None or shared is not None else list(regularizer)
+    if own is not None and len(own) != k:
+        raise ValueError(f"{len(own)} regularizers for a cohort of {k} members")
     used = trained_parameters(model, members[0][1][:1].to(device), head, mean, std,
-                              regularizer)
+                              [shared] if shared is not None else own or [])
     start = {name: p.detach() for name, p in model.named_parameters() if name in used}
     params = {name: p.unsqueeze(0).repeat(k, *([1] * p.dim())).clone()
               for name, p in start.items()}
@@ -431,6 +472,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     buffers = {name: b for name, b in model.named_buffers()}
     buffers.update({name: p.detach() for name, p in model.named_parameters() if name not in used})
     names = list(params)
+    start_list = [start[n] for n in names]
+    member_regularizers = None if own is None else [
+        r if r(start_list, start_list) is not None else None for r in own]
+    if member_regularizers is not None and all(r is None for r in member_regularizers):
+        member_regularizers = None
     sizes = [int(y.shape[0]) for _, _, y in members]
     x_all = torch.zeros((k, max(sizes), *members[0][1].shape[1:]), dtype=members[0][1].dtype,
                         device=device)
@@ -453,8 +499,8 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         out = functional_call(model, {**p, **buffers}, (xb,), {"task": head})
         ce = nn.functional.cross_entropy(out, yb, reduction="none")
         loss = (ce * mb).sum() / mb.sum().clamp(min=1.0)
-        if regularizer is not None:
-            extra = regularizer([p[n] for n in names], [ref[n] for n in names])
+        if shared is not None:
+            extra = shared([p[n] for n in names], [ref[n] for n in names])
             if extra is not None:
                 loss = loss + extra
         return loss
@@ -462,8 +508,11 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
     body = None if generic else stacked_body(model)
     if body is None:
         step_fn = vmap(grad_and_value(member_loss), randomness="different")
+        if member_regularizers is not None:
+            step_fn = _with_member_terms(step_fn, names, member_regularizers)
     else:
-        step_fn = _stacked_step(model, body, head, k, names, buffers, regularizer)
+        step_fn = _stacked_step(model, body, head, k, names, buffers, shared,
+                                member_regularizers)
     rows = torch.arange(k, device=device).unsqueeze(1)
     total = torch.zeros(k, device=device)
     steps = torch.zeros(k, dtype=torch.long, device=device)
@@ -512,12 +561,36 @@ def train_stacked(model: nn.Module, members: Sequence[tuple[int, torch.Tensor, t
         steps=[int(n) for n in steps_host])
 
 
+StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def _with_member_terms(step_fn: StepFn, names: list[str],
+                       regularizers: Sequence[Regularizer | None]) -> StepFn:
+    """``step_fn`` (``vmap`` of ``grad_and_value`` of the members' losses) with each member's
+    own regularizer term (:func:`member_terms`) added to its loss and its gradient added to
+    the loss's: the two gradients per-client training's backward pass sums."""
+
+    def step(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
+             mb: torch.Tensor, ref: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        grads, losses = step_fn(params, xb, yb, mb, ref)
+        leaves = [params[n].detach().requires_grad_(True) for n in names]
+        terms = member_terms(regularizers, leaves, [ref[n] for n in names])
+        extra = torch.autograd.grad(terms.sum(), leaves, allow_unused=True)
+        return ({n: grads[n] if g is None else grads[n] + g
+                 for n, g in zip(names, extra, strict=True)}, losses + terms.detach())
+
+    return step
+
+
 def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: int,
                   names: list[str], fixed: dict[str, torch.Tensor],
-                  regularizer: Regularizer | None) -> Callable[..., tuple[dict, torch.Tensor]]:
+                  regularizer: Regularizer | None,
+                  member_regularizers: Sequence[Regularizer | None] | None) -> StepFn:
     """A step function with ``vmap(grad_and_value(member_loss))``'s signature and results
     (each member's gradients and loss) that runs the members through :func:`stacked_forward`
-    and takes one backward pass of their summed losses."""
+    and takes one backward pass of their summed losses (with ``regularizer``, one for all
+    members, vmapped, or each member's own of ``member_regularizers``)."""
     head_module = model.head_for(head)  # type: ignore[operator]
     index = next(i for i, h in enumerate(model.heads) if h is head_module)  # type: ignore[arg-type]
     prefix = f"heads.{index}."
@@ -525,9 +598,9 @@ def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: in
     frozen = {name: t.unsqueeze(0).expand(k, *t.shape) for name, t in fixed.items()
               if name.startswith(("body.", prefix))}
     start = [model.get_parameter(n).detach() for n in names]
-    member_regularizer = None
+    batched_regularizer = None
     if regularizer is not None and regularizer(start, start) is not None:
-        member_regularizer = vmap(regularizer, randomness="different")
+        batched_regularizer = vmap(regularizer, randomness="different")
 
     def step_fn(params: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor,
                 mb: torch.Tensor, ref: dict[str, torch.Tensor]
@@ -536,108 +609,15 @@ def _stacked_step(model: nn.Module, body: nn.Sequential, head: int | None, k: in
         out = stacked_forward(body, prefix, {**frozen, **leaves}, xb)
         ce = F.cross_entropy(out.flatten(0, 1), yb.flatten(), reduction="none").view_as(mb)
         losses = (ce * mb).sum(dim=1) / mb.sum(dim=1).clamp(min=1.0)
-        if member_regularizer is not None:
-            losses = losses + member_regularizer([leaves[n] for n in names],
-                                                 [ref[n] for n in names])
+        if batched_regularizer is not None:
+            losses = losses + batched_regularizer([leaves[n] for n in names],
+                                                  [ref[n] for n in names])
+        elif member_regularizers is not None:
+            losses = losses + member_terms(member_regularizers, [leaves[n] for n in names],
+                                           [ref[n] for n in names])
         grads = torch.autograd.grad(losses.sum(), [leaves[n] for n in names],
                                     allow_unused=True)
         return ({name: torch.zeros_like(leaves[name]) if g is None else g
                  for name, g in zip(names, grads, strict=True)}, losses.detach())
 
     return step_fn
-
-
-# --------------------------------------------------------------------------------------------
-# Messages: one per cohort out, one per member back
-# --------------------------------------------------------------------------------------------
-def member_key(key: str, partition_id: int) -> str:
-    """The name of a member's record in a cohort reply (``arrays.7``)."""
-    return f"{key}.{partition_id}"
-
-
-def form_cohorts(messages: Sequence[Message], node_to_pid: dict[int, int], cohort_size: int,
-                 mean_key: str | None = None) -> list[tuple[Message, list[Message]]]:
-    """Group a round's training messages into cohorts of ``cohort_size`` (in partition order):
-    for each, the message sent to the cohort's first node, with the members' partition ids in
-    its config, and the members' own messages (what each member's reply answers). With
-    ``mean_key`` (the strategy's weighting metric) a cohort may reply with its members'
-    weighted mean (:func:`fedcl.client_app.reduced_reply`)."""
-    ordered = sorted(messages, key=lambda m: node_to_pid[m.metadata.dst_node_id])
-    cohorts = []
-    for start in range(0, len(ordered), cohort_size):
-        group = ordered[start:start + cohort_size]
-        first = group[0]
-        content = RecordDict()
-        for key, record in first.content.items():
-            if key == protocol.CONFIG:
-                record = ConfigRecord(dict(record))
-                record[protocol.COHORT] = [node_to_pid[m.metadata.dst_node_id] for m in group]
-                if mean_key:
-                    record[protocol.COHORT_MEAN_KEY] = mean_key
-            content[key] = record
-        leader = Message(content, dst_node_id=first.metadata.dst_node_id,
-                         message_type=first.metadata.message_type,
-                         group_id=first.metadata.group_id)
-        cohorts.append((leader, group))
-    return cohorts
-
-
-def split_cohort_replies(replies: Sequence[Message],
-                         cohorts: Sequence[tuple[Message, list[Message]]],
-                         node_to_pid: dict[int, int]) -> list[Message]:
-    """One reply per member from the cohort replies. A cohort's error reply stays one error
-    reply (all its members count as failed); a member missing from a cohort reply is failed;
-    a reduced reply (the members' mean, :func:`reply_members`) stays one reply, or becomes an
-    error reply when the members it names are not members of its cohort."""
-    members_of = {leader.metadata.message_id: group for leader, group in cohorts}
-    out: list[Message] = []
-    for reply in replies:
-        group = members_of.get(reply.metadata.reply_to_message_id)
-        if group is None or reply.has_error():
-            out.append(reply)
-            continue
-        if protocol.COHORT_MEMBERS in reply.content:
-            problem = reduced_reply_problem(reply, [node_to_pid[m.metadata.dst_node_id]
-                                                    for m in group])
-            out.append(reply if problem is None
-                       else Message(Error(code=0, reason=problem), reply_to=group[0]))
-            continue
-        for member in group:
-            suffix = f".{node_to_pid[member.metadata.dst_node_id]}"
-            content = RecordDict()
-            for key, record in reply.content.items():
-                if key.endswith(suffix):
-                    content[key[:-len(suffix)]] = record
-            if len(content):
-                out.append(Message(content, reply_to=member))
-    return out
-
-
-def reply_members(reply: Message) -> list[int]:
-    """The partition ids a (non-error) train reply stands for: the members averaged into a
-    cohort's reduced reply, else the one client that sent it."""
-    members = reply.content.get(protocol.COHORT_MEMBERS)
-    if members is not None:
-        return [int(q) for q in members[protocol.MEMBER_IDS]]  # type: ignore[union-attr]
-    return [int(reply.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])]  # type: ignore[index]
-
-
-def members_rejected(reply: Message) -> list[str]:
-    """Why a cohort's reduced reply left members out of its mean (screening's reasons)."""
-    members = reply.content.get(protocol.COHORT_MEMBERS)
-    if members is None or protocol.MEMBERS_REJECTED not in members:
-        return []
-    return [str(r) for r in members[protocol.MEMBERS_REJECTED]]  # type: ignore[union-attr]
-
-
-def reduced_reply_problem(reply: Message, cohort_members: Sequence[int]) -> str | None:
-    """Why a cohort's reduced reply cannot stand for the members it names, or None."""
-    try:
-        named = reply_members(reply)
-        members_rejected(reply)
-    except (KeyError, TypeError, ValueError):
-        return f"malformed {protocol.COHORT_MEMBERS} record in a cohort reply"
-    if not named or len(set(named)) != len(named) or not set(named) <= set(cohort_members):
-        return (f"a cohort reply names members {named[:10]}, not distinct members of its cohort "
-                f"{list(cohort_members)[:10]}")
-    return None
