@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedcl.data.scenarios import build_scenario
+    from fedcl.plugins import build_scenario
     from fedcl.progress import LiveDisplay, format_matrix
     from fedcl.run_setup import setup_run
     from fedcl.simulation import simulate

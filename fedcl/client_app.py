@@ -27,7 +27,6 @@ from fedcl.cohort_training import TrainedCohort, train_stacked, trainer_regulari
 from fedcl.cohort_wire import member_key
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
-from fedcl.data.scenarios import Scenario, build_scenario
 from fedcl.erasure import ErasedData, held_positions, parse_erasure, request_split
 from fedcl.training import RoundContext, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
@@ -69,13 +68,6 @@ def _info(context: Context, device: torch.device | None = None,
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
     return info
-
-
-def client_scenario(config: Config, data_dir: str) -> Scenario:
-    """The run's scenario on this client; a plugin dataset is resolved first (imported on this
-    node: SuperNodes need the plugin installed)."""
-    plugins.get_dataset(config.dataset)
-    return build_scenario(config, data_dir)
 
 
 def injected_fault(config: Config, round_: int, partition_id: int) -> bool:
@@ -126,7 +118,7 @@ def run_operation(msg: Message, context: Context) -> Message:
     operation = find_operation(str(cfg[protocol.OP]))
     pid, _ = client_identity(context)
     data_dir = str(context.node_config.get(protocol.NODE_DATA_DIR, config.data_dir))
-    scenario = client_scenario(config, data_dir)
+    scenario = plugins.build_scenario(config, data_dir)
     request = parse_erasure(str(cfg[protocol.OP_REQUEST]))
     before = ErasedData.decode(str(cfg.get(protocol.ERASED_CLASSES, "")))
     tasks = []
@@ -165,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
         return train_cohort(msg, context, config, data_dir,
                             [int(q) for q in cfg_record[protocol.COHORT]], started)
 
-    scenario = client_scenario(config, data_dir)
+    scenario = plugins.build_scenario(config, data_dir)
     x, y = scenario.train_data(task, training_positions(config, scenario, pid, task, data_dir,
                                                         cfg_record))
     model = plugins.build_model(config, scenario)
@@ -239,7 +231,7 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
     cfg_record = msg.content[protocol.CONFIG]
     task = int(cfg_record[protocol.TASK])
     round_ = int(cfg_record[protocol.ROUND])
-    scenario = client_scenario(config, data_dir)
+    scenario = plugins.build_scenario(config, data_dir)
     device = resolve_device(config.device)
     data = [(pid, *member_data(config, scenario, pid, task, data_dir, cfg_record, device))
             for pid in members]

@@ -52,20 +52,19 @@ import inspect
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from fedcl.config import Config
 from fedcl.data.datasets import BUILTIN_DATASETS, DATASETS, DatasetInfo, add_dataset
+from fedcl.data.scenarios import Scenario
+from fedcl.data.scenarios import build_scenario as build_builtin_scenario
 from fedcl.errors import ConfigError
 from fedcl.models import MODELS, ModelSpec
 from fedcl.strategy import ContinualStrategy
 from fedcl.training import LocalTrainer
-
-if TYPE_CHECKING:
-    from fedcl.config import Config
-    from fedcl.data.scenarios import Scenario
 
 __all__ = [
     "BUILTIN_STRATEGIES",
@@ -78,6 +77,7 @@ __all__ = [
     "StrategySpec",
     "UnlearningSpec",
     "build_model",
+    "build_scenario",
     "build_strategy",
     "build_trainer",
     "build_unlearning",
@@ -524,6 +524,13 @@ def build_model(config: Config, scenario: Scenario) -> nn.Module:
         if strategy.model is not None:
             model = strategy.model(params, scenario, model)
     return model
+
+
+def build_scenario(config: Config, data_dir: str | None = None) -> Scenario:
+    """The run's scenario (:func:`fedcl.data.scenarios.build_scenario`) once its dataset is
+    resolved: a plugin dataset is imported first, in this process (each client's too)."""
+    get_dataset(config.dataset)
+    return build_builtin_scenario(config, data_dir)
 
 
 def build_unlearning(config: Config, out_dir: Any = None) -> Any:

@@ -32,7 +32,6 @@ from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
-from fedcl.data.scenarios import build_scenario
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError
 from fedcl.evaluation import Evaluator
@@ -236,7 +235,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     config.run_name = run_name
     out_dir = Path(config.output or Path("outputs") / run_name)
     tracking_uri = resolve_tracking_uri(config)
-    scenario = build_scenario(config)
+    scenario = plugins.build_scenario(config)
     device = resolve_device(config.device)
     evaluator = Evaluator(scenario, config, device)
     schedule = setup.schedule

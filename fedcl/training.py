@@ -17,12 +17,12 @@ from torch import nn
 
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
+from fedcl.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when there is a GPU; ``cuda`` without one is an error."""
-    from fedcl.errors import ConfigError
-
+    """``auto`` picks CUDA when there is a GPU; ``cuda`` without one is a
+    :class:`~fedcl.errors.ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -40,9 +40,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fedcl import protocol, subspace
+from fedcl import plugins, protocol, subspace
 from fedcl.config import Config
+from fedcl.data.datasets import to_float
 from fedcl.errors import ConfigError
+from fedcl.models import MLP
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
 from fedcl.training import LocalTrainer, RoundContext, TrainResult
@@ -104,8 +106,6 @@ class FOTParams:
 
 def sketch_settings(model: torch.nn.Module, params: FOTParams) -> tuple[str, float]:
     """(distribution, width multiple) for ``model``: the paper's per-architecture defaults."""
-    from fedcl.models import MLP
-
     is_mlp = isinstance(model, MLP)
     dist = params.sketch_dist if params.sketch_dist != "auto" else (
         "uniform" if is_mlp else "normal")
@@ -222,8 +222,6 @@ class FOTTrainer(LocalTrainer):
     def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
         if not ctx.last_of_task:
             return result
-        from fedcl.data.datasets import to_float
-
         layers = subspace.projected_layers(ctx.model)
         basis_rec = ctx.message.get(BASIS) if ctx.message is not None else None
         basis = basis_rec.to_torch_state_dict() if basis_rec is not None else {}
@@ -256,13 +254,8 @@ class FOTTrainer(LocalTrainer):
 
 
 def fot_layers(config: Config) -> list[str]:
-    """The projected layers of the run's model."""
-    from fedcl.data.scenarios import build_scenario
-    from fedcl.models import build_model
-
-    scenario = build_scenario(config)
-    model = build_model(config.model, scenario.dataset.input_shape, scenario.classes_per_head,
-                        scenario.num_heads)
+    """The projected layers of the run's model (built as the run builds it)."""
+    model = plugins.build_model(config, plugins.build_scenario(config))
     return subspace.projected_layers(model)
 
 

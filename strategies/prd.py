@@ -34,7 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedcl import prd
+from fedcl import prd, protocol
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
@@ -166,8 +166,6 @@ class PRD(ContinualStrategy, FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-        from fedcl import protocol
-
         assert self._previous is not None
         state = arrays.to_torch_state_dict()
         old = self._previous.to_torch_state_dict()[PROTOTYPES]

@@ -11,19 +11,6 @@ go on with. Work on client data runs on the clients, as named operations of a QU
 
 Methods: ``retrain`` (the exact oracle, also what every other method is judged against),
 ``ssd``, ``federaser``, ``projection``, ``gs-lora``; see each module.
-
-The names below are the registry's old ones, kept while callers move to :mod:`fedcl.plugins`.
 """
 
 from __future__ import annotations
-
-from fedcl.plugins import UnlearningSpec, get_unlearning, unlearning_names
-from fedcl.plugins import build_unlearning as build
-from fedcl.plugins import parse_unlearning_params as parse_params
-from fedcl.plugins import register_unlearning as register
-
-MethodEntry = UnlearningSpec
-get = get_unlearning
-names = unlearning_names
-
-__all__ = ["MethodEntry", "build", "get", "names", "parse_params", "register"]

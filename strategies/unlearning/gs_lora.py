@@ -34,6 +34,7 @@ from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+from fedcl.unlearning_math import weighted_mean
 
 ADAPTERS = "gs-lora.adapters"
 STATS = "gs-lora.stats"
@@ -120,13 +121,22 @@ def gs_lora_loss(model: Any, retain: tuple | None, forget: tuple | None, beta: f
 
 @operation("gs-lora.train")
 def client_train(data: ClientData) -> dict[str, Any]:
+    seed = int(data.settings["gs-lora.seed"]) + data.partition_id
+    # the adapters' dropout draws from torch's global RNG: seeded here, and the caller's state
+    # put back afterwards
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return _client_train(data, seed)
+
+
+def _client_train(data: ClientData, seed: int) -> dict[str, Any]:
     s = data.settings
     peft_model = lora_model(data.model, int(s["gs-lora.rank"]))
     load_adapters(peft_model, data.records[ADAPTERS].to_torch_state_dict())
     peft_model.to(data.device).train()
     opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad],
                            lr=float(s["gs-lora.lr"]))
-    gen = torch.Generator().manual_seed(int(s["gs-lora.seed"]) + data.partition_id)
+    gen = torch.Generator().manual_seed(seed)
     batch = int(s["gs-lora.batch-size"])
     beta, bound, alpha = float(s["gs-lora.beta"]), float(s["gs-lora.bound"]), \
         float(s["gs-lora.alpha"])
@@ -150,8 +160,6 @@ def client_train(data: ClientData) -> dict[str, Any]:
 
 class GSLoRA(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
-        from fedcl.unlearning_math import weighted_mean
-
         prm, config = self.params, job.config
         model = plugins.build_model(config, job.scenario)
         model.load_state_dict(job.arrays.to_torch_state_dict())

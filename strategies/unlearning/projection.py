@@ -32,6 +32,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl import plugins
 from fedcl.client_ops import ClientData, operation
+from fedcl.data.datasets import to_float
+from fedcl.erasure import original_labels, original_test_labels, request_split
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
@@ -100,9 +102,6 @@ def client_gradients(data: ClientData) -> dict[str, Any]:
 
 def test_loss(job: UnlearningJob, arrays: ArrayRecord, classes: set[int]) -> float:
     """The model's mean cross-entropy on the test samples of ``classes`` in the seen tasks."""
-    from fedcl.erasure import original_test_labels
-    from fedcl.training import to_float
-
     scenario, config = job.scenario, job.config
     model = plugins.build_model(config, scenario)
     model.load_state_dict(arrays.to_torch_state_dict())
@@ -125,8 +124,6 @@ def test_loss(job: UnlearningJob, arrays: ArrayRecord, classes: set[int]) -> flo
 
 def forget_classes(job: UnlearningJob) -> set[int]:
     """The classes of the request's data."""
-    from fedcl.erasure import original_labels, request_split
-
     req = job.request
     if req.klass is not None:
         return {req.klass}
