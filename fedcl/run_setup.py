@@ -45,9 +45,10 @@ def setup_run(config: Config) -> RunSetup:
     strategy or unlearning method (with a close match), a parameter they do not have or of the
     wrong type, an erasure request the run cannot carry out (unknown client or class, a point
     outside the stream, a class erased before it is trained), classes that the tasks do not
-    split evenly, or ``cohort_size > 1`` with a batch-norm model or a strategy whose trainer is
-    not batchable; a :class:`~fedcl.plugins.PluginError` (a ConfigError) for a plugin that
-    cannot be loaded. A plugin dataset is made loadable by name in this process.
+    split evenly, a scenario the strategy does not declare in its ``Capabilities``, or
+    ``cohort_size > 1`` with a batch-norm model or a strategy whose trainer is not batchable;
+    a :class:`~fedcl.plugins.PluginError` (a ConfigError) for a plugin that cannot be loaded.
+    A plugin dataset is made loadable by name in this process.
     """
     config.validate()
     dataset = plugins.get_dataset(config.dataset)
@@ -58,6 +59,11 @@ def setup_run(config: Config) -> RunSetup:
     schedule = erasure_schedule(config, dataset.num_classes)
     strategy = plugins.get_strategy(config.strategy)
     strategy_params = plugins.parse_strategy_params(config.strategy, config.strategy_params)
+    capabilities = strategy.build(config, strategy_params).capabilities
+    if config.scenario not in capabilities.scenarios:
+        raise ConfigError(f"strategy {config.strategy!r} is not defined for scenario "
+                          f"{config.scenario!r} (it declares "
+                          f"{', '.join(capabilities.scenarios)})")
     if config.cohort_size > 1:
         if model.batch_norm:
             raise ConfigError(f"cohort_size > 1 cannot train model {config.model!r}: its batch "

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 import torch
 from flwr.serverapp.strategy import FedProx
 
+from fedcl import protocol
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy
 from fedcl.training import LocalTrainer, RoundContext
 from strategies.fedavg import flower_kwargs
+
+PROXIMAL_MU = "proximal-mu"  # Flower's FedProx key in the training messages' config
 
 
 @dataclass(frozen=True)
@@ -32,19 +35,29 @@ class FedProxCL(ContinualStrategy, FedProx):
 
 
 class FedProxTrainer(LocalTrainer):
-    """Cross-entropy plus (mu/2)*||w - w_global||^2, w_global being the round's global model."""
+    """Cross-entropy plus (mu/2)*||w - w_global||^2, w_global being the round's global model.
+
+    mu is the one the server sends with the round (Flower's FedProx puts ``proximal-mu`` in
+    every training message): the strategy's parameter is read in one place, on the server."""
 
     uses_round_start_weights = True
-    regularizer_reads_context = False  # the same term whichever client trains
-
-    def __init__(self, params: FedProxParams) -> None:
-        self.mu = params.proximal_mu
+    regularizer_reads_context = False  # the round's mu: the same whichever member trains
 
     def regularizer(self, ctx: RoundContext, params: list[torch.Tensor],
                     reference: list[torch.Tensor]) -> torch.Tensor | None:
-        if self.mu == 0:
+        mu = round_mu(ctx)
+        if mu == 0:
             return None
-        return proximal_term(params, reference, self.mu)
+        return proximal_term(params, reference, mu)
+
+
+def round_mu(ctx: RoundContext) -> float:
+    """The round's proximal weight, from its training message. Raises ValueError when the
+    message does not carry one (a trainer used outside a FedProx round)."""
+    config = ctx.message.get(protocol.CONFIG) if ctx.message is not None else None
+    if config is None or PROXIMAL_MU not in config:
+        raise ValueError(f"FedProx's client needs the round's '{PROXIMAL_MU}' from the server")
+    return float(config[PROXIMAL_MU])  # type: ignore[arg-type]
 
 
 def proximal_term(params: list[torch.Tensor], reference: list[torch.Tensor],
@@ -56,6 +69,6 @@ def proximal_term(params: list[torch.Tensor], reference: list[torch.Tensor],
 
 @register_strategy("fedprox", "FedAvg with a proximal term (mu/2)||w - w_global||^2 in each "
                    "client's loss (Li et al. 2020).", params=FedProxParams,
-                   trainer=FedProxTrainer)
+                   trainer=lambda _params: FedProxTrainer())
 def build_fedprox(config: Config, params: FedProxParams) -> FedProxCL:
     return FedProxCL(proximal_mu=params.proximal_mu, **flower_kwargs(config))

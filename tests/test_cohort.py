@@ -18,7 +18,7 @@ from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.run_setup import setup_run
 from fedcl.training import LocalTrainer, RoundContext
-from strategies.fedprox import FedProxParams, FedProxTrainer
+from strategies.fedprox import PROXIMAL_MU, FedProxTrainer
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CPU = torch.device("cpu")
@@ -34,10 +34,15 @@ def _members(sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
 def _contexts(config: Config, model: torch.nn.Module,
               members: list[tuple[int, torch.Tensor, torch.Tensor]],
               device: torch.device = CPU) -> list[RoundContext]:
-    """The members' round contexts (task 1, round 3, head 1), as a cohort leader makes them."""
+    """The members' round contexts (task 1, round 3, head 1), as a cohort leader makes them;
+    the round's message carries FedProx's mu = 0.5 (as Flower's FedProx sends it)."""
     return [RoundContext(config=config, model=model, x=x, y=y, head=1, task=1, round=3,
-                         partition_id=pid, device=device, mean=MEAN, std=STD)
+                         partition_id=pid, device=device, mean=MEAN, std=STD,
+                         message=MU_MESSAGE)
             for pid, x, y in members]
+
+
+MU_MESSAGE = RecordDict({protocol.CONFIG: ConfigRecord({PROXIMAL_MU: 0.5})})
 
 
 @pytest.mark.parametrize("variant", ["sgd-momentum", "adam", "fedprox"])
@@ -49,7 +54,7 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
                     seed=7, device="cpu",
                     momentum=0.9 if variant != "adam" else 0.0,
                     weight_decay=1e-3, optimizer="adam" if variant == "adam" else "sgd")
-    trainer = FedProxTrainer(FedProxParams(proximal_mu=0.5)) if variant == "fedprox" \
+    trainer = FedProxTrainer() if variant == "fedprox" \
         else LocalTrainer()
     torch.manual_seed(0)
     model = build_model("cnn", (3, 8, 8), 4, 2)  # two heads: task 1 uses heads[1]
@@ -64,7 +69,8 @@ def test_cohort_training_equals_training_each_client_alone(variant: str) -> None
         alone = copy.deepcopy(model)
         expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1, task=1,
                                               round=3, partition_id=pid,
-                                              device=torch.device("cpu"), mean=MEAN, std=STD))
+                                              device=torch.device("cpu"), mean=MEAN, std=STD,
+                                              message=MU_MESSAGE))
         assert got.steps == expected.steps == 2 * -(-len(y) // 16)
         assert got.num_examples == len(y)
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
@@ -119,7 +125,8 @@ def test_each_member_regularizes_with_its_own_context(generic: bool) -> None:
         alone = copy.deepcopy(model)
         expected = trainer.train(RoundContext(config=config, model=alone, x=x, y=y, head=1,
                                               task=1, round=3, partition_id=pid,
-                                              device=torch.device("cpu"), mean=MEAN, std=STD))
+                                              device=torch.device("cpu"), mean=MEAN, std=STD,
+                                              message=MU_MESSAGE))
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
         for name, value in alone.state_dict().items():
             torch.testing.assert_close(got.state[name], value, rtol=1e-4, atol=1e-5)
@@ -227,7 +234,7 @@ def test_cuda_graph_replay_equals_eager_steps_and_memory_stays_flat(variant: str
     config = Config(batch_size=16, local_epochs=2, lr=0.002 if variant == "adam" else 0.05,
                     seed=7, device="cuda", momentum=0.9 if variant != "adam" else 0.0,
                     weight_decay=1e-3, optimizer="adam" if variant == "adam" else "sgd")
-    trainer = FedProxTrainer(FedProxParams(proximal_mu=0.5)) if variant == "fedprox" \
+    trainer = FedProxTrainer() if variant == "fedprox" \
         else LocalTrainer()
     torch.manual_seed(0)
     model = build_model("cnn", (3, 8, 8), 4, 2)

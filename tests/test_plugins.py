@@ -430,3 +430,30 @@ def test_build_model_weights_unchanged_and_caller_rng_untouched(fields: dict, di
         old = build_architecture(config.model, scenario.dataset.input_shape,
                                  scenario.classes_per_head, scenario.num_heads)
         assert _digest(old) == digest
+
+
+TASK_IL_ONLY = '''
+from fedcl.plugins import register_strategy
+from fedcl.strategy import Capabilities
+from strategies.fedavg import FedAvgCL, flower_kwargs
+
+
+class TaskILOnly(FedAvgCL):
+    capabilities = Capabilities(scenarios=("task-il",), fedavg_aggregate=True)
+
+
+@register_strategy("{name}", "Defined for task-IL only.")
+def build(config, params):
+    return TaskILOnly(**flower_kwargs(config))
+'''
+
+
+def test_a_scenario_the_strategy_does_not_declare_is_refused(plugin_dir: Path) -> None:
+    module, name = _unique("taskilmod"), _unique("taskil")
+    (plugin_dir / f"{module}.py").write_text(TASK_IL_ONLY.format(name=name), encoding="utf-8")
+    ref = f"{module}:build"
+    assert setup_run(Config(strategy=ref, scenario="task-il")).strategy.name == name
+    with pytest.raises(ConfigError) as err:
+        setup_run(Config(strategy=ref, scenario="class-il"))
+    assert str(err.value) == (f"strategy '{ref}' is not defined for scenario 'class-il' "
+                              "(it declares task-il)")
