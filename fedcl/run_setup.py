@@ -9,6 +9,7 @@ calls it before any process starts, so every problem it finds is one line and ex
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from fedcl.data.scenarios import split_classes
 from fedcl.erasure import ErasureRequest, parse_schedule, validate_requests
 from fedcl.errors import ConfigError
 from fedcl.models import ModelSpec
+from fedcl.strategy import Capabilities
 
 __all__ = ["RunSetup", "setup_run"]
 
@@ -59,7 +61,7 @@ def setup_run(config: Config) -> RunSetup:
     schedule = erasure_schedule(config, dataset.num_classes)
     strategy = plugins.get_strategy(config.strategy)
     strategy_params = plugins.parse_strategy_params(config.strategy, config.strategy_params)
-    capabilities = strategy.build(config, strategy_params).capabilities
+    capabilities = declared_capabilities(strategy, config, strategy_params)
     if config.scenario not in capabilities.scenarios:
         raise ConfigError(f"strategy {config.strategy!r} is not defined for scenario "
                           f"{config.scenario!r} (it declares "
@@ -74,6 +76,20 @@ def setup_run(config: Config) -> RunSetup:
                               "clients train their own way; use cohort_size = 1")
     return RunSetup(config, strategy, strategy_params, unlearning, unlearning_params, schedule,
                     dataset, model)
+
+
+def declared_capabilities(strategy: plugins.StrategySpec, config: Config, params: Any
+                          ) -> Capabilities:
+    """What the strategy declares it supports: its server half's ``capabilities``, from an
+    instance built for ``config`` (Flower's notices while building it, such as "federated
+    evaluation will be skipped", stay quiet: the run itself logs them)."""
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    flower_log.setLevel(logging.ERROR)
+    try:
+        return strategy.build(config, params).capabilities
+    finally:
+        flower_log.setLevel(level)
 
 
 def erasure_schedule(config: Config, num_classes: int) -> list[ErasureRequest]:
