@@ -9,7 +9,7 @@ residual representations (``Y = R̂ G`` with a private ``G``; raw activations ne
 client) and the server grows ``U`` from the summed sketches. The math lives in
 :mod:`fedcl.subspace`; this module only wires it into the round loop.
 
-Choices (spec: METHODS.md section 1):
+Choices (against the paper and the authors' public code):
 
 * Aggregation weights are uniform, 1/|S|, as in the authors' code (``weighting = "samples"``
   switches to Flower's sample-count weighting).
