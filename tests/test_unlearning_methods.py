@@ -3,13 +3,15 @@ operations (on real MNIST partitions), and each method's server-side arithmetic.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from torch import nn
 
-from fedcl import plugins
+from fedcl import plugins, protocol
 from fedcl.client_ops import ClientData, TaskData
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
@@ -248,3 +250,52 @@ def test_a_request_for_data_the_client_does_not_hold_is_refused() -> None:
     check_requests_hold_data(config, sc, [parse_erasure(f"client={owner},class=3,after-task=1"),
                                           parse_erasure("class=3,after-task=1")],
                              config.data_dir)
+
+
+def _train_reply(pid: int, value: float, n: int) -> Message:
+    request = Message(content=RecordDict({"config": ConfigRecord({"x": 1})}),
+                      dst_node_id=10 + pid, message_type=MessageType.TRAIN)
+    return Message(RecordDict({
+        protocol.ARRAYS: ArrayRecord({"w": torch.full((2,), value)}),
+        protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: 1.0,
+                                        protocol.UNIT_WEIGHT: 1}),
+        protocol.CLIENT_INFO: ConfigRecord({protocol.PARTITION_ID: pid,
+                                            protocol.NUM_PARTITIONS: 2})}), reply_to=request)
+
+
+class _TwoNodes:
+    def get_node_ids(self) -> list[int]:
+        return [10, 11]
+
+
+def test_federaser_records_through_a_wrapper_of_the_runs_strategy(
+        tmp_path: Path, flower_identity: None) -> None:
+    """FedEraser wraps the run's strategy: every ``interval``-th round and every task's last
+    round, the model the round started from and each reply's arrays and weights go to disk;
+    the wrapped strategy aggregates as before (FedAvg's weighted mean), asks cohorts for
+    one reply per client, and keeps the inner strategy's state."""
+    from fedcl.strategy import RoundInfo
+
+    method = plugins.build_unlearning(
+        Config(unlearning="federaser", unlearning_params={"interval": 2}), tmp_path)
+    inner = plugins.build_strategy(Config(strategy="fedavg"))
+    strategy = method.wrap(inner)
+    assert inner.cohort_mean_key(RoundInfo(0, 1, 3, 1)) == protocol.NUM_EXAMPLES
+    assert strategy.cohort_mean_key(RoundInfo(0, 1, 3, 1)) is None
+    assert strategy.capabilities is inner.capabilities
+    start = ArrayRecord({"w": torch.zeros(2)})
+    for info in (RoundInfo(0, 1, 3, 1), RoundInfo(0, 2, 3, 2), RoundInfo(0, 3, 3, 3)):
+        strategy.configure_round(info, start, ConfigRecord(), _TwoNodes())
+        arrays, _ = strategy.aggregate_train(info.round, [_train_reply(0, 1.0, 30),
+                                                          _train_reply(1, 3.0, 10)])
+        # (30 * 1 + 10 * 3) / 40
+        assert arrays.to_torch_state_dict()["w"].tolist() == [1.5, 1.5]
+    stored = sorted(p.name for p in (tmp_path / "federaser").iterdir())
+    assert stored == ["round_000001.pt", "round_000003.pt"]  # interval 2; round 3 ends the task
+    saved = torch.load(tmp_path / "federaser" / "round_000003.pt", weights_only=False)
+    assert (saved["round"], saved["task"], saved["task_round"]) == (3, 0, 3)
+    assert saved["global"]["w"].tolist() == [0.0, 0.0]
+    assert {pid: c[protocol.NUM_EXAMPLES] for pid, c in saved["clients"].items()} == {
+        0: 30.0, 1: 10.0}
+    assert saved["clients"][1]["state"]["w"].tolist() == [3.0, 3.0]
+    assert strategy.state_dict() == inner.state_dict()
