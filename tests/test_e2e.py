@@ -307,8 +307,11 @@ def test_hanging_or_vanishing_clients_never_hang_the_run(tmp_path: Path, ray_env
     res = run_fedcl("simulate", "--clients", "5", "--tasks", "2", "--rounds-per-task", "2",
                     "--eval-samples-per-task", "200", "--client-fault-rate", "0.3",
                     "--client-fault-mode", mode, "--round-timeout-s", "8", "--output",
-                    str(out), "--experiment", mode, cwd=tmp_path, env=ray_env, timeout=400)
-    assert time.monotonic() - started < 400
+                    str(out), "--experiment", mode, cwd=tmp_path, env=ray_env, timeout=900)
+    # never hangs: 4 rounds, each at most its 8 s timeout plus 30 s of messaging and
+    # evaluation, and 180 s to start and stop Ray and MLflow on a loaded 2-core machine; the
+    # subprocess timeout sits above the bound, so this assertion can fail
+    assert time.monotonic() - started < 4 * (8 + 30) + 180
     if res.returncode == 0:
         s = _summary(out)
         assert sum(r["failures"] for r in s["rounds"]) > 0
