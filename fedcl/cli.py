@@ -388,7 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> int:
     """The ``fedcl`` program: :func:`main` on ``sys.argv``; a run that ends early leaves the
     process at most :data:`EXIT_GRACE_S` to exit (:func:`exit_within`)."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # the reader went away (`fedcl strategies | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice
+        return 0
     if code != 0:
         exit_within(EXIT_GRACE_S, code)
     return code

@@ -39,8 +39,20 @@ from flwr.serverapp import Grid
 
 from fedcl import protocol
 from fedcl.aggregation import weighted_average
+from fedcl.config import Config
 
 SCENARIOS = ("class-il", "task-il", "domain-il")
+
+
+def flower_kwargs(config: Config) -> dict[str, object]:
+    """Settings every fedcl strategy gives Flower's FedAvg family.
+
+    fedcl's server loop samples the round's clients itself (one seeded stream, the same for every
+    strategy) and hands Flower a grid that shows only those; Flower then takes all of them.
+    Evaluation is central, on the server, so federated evaluation is off.
+    """
+    return {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1,
+            "min_evaluate_nodes": 0, "min_available_nodes": 1}
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,8 @@ from fedcl import protocol
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
-from fedcl.strategy import Capabilities, ContinualStrategy
+from fedcl.strategy import Capabilities, ContinualStrategy, flower_kwargs
 from fedcl.training import LocalTrainer, RoundContext
-from strategies.fedavg import flower_kwargs
 
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx key in the training messages' config
 

@@ -46,9 +46,8 @@ from fedcl.data.datasets import to_float
 from fedcl.errors import ConfigError
 from fedcl.models import MLP
 from fedcl.plugins import register_strategy
-from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
+from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo, flower_kwargs
 from fedcl.training import LocalTrainer, RoundContext, TrainResult
-from strategies.fedavg import flower_kwargs
 
 BASIS = "fot.basis"  # ArrayRecord server -> clients: layer name -> U (d x k)
 SKETCH = "fot.sketch"  # ArrayRecord client -> server: layer name -> Y (d x m)

@@ -40,9 +40,8 @@ from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_strategy
-from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo
+from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo, flower_kwargs
 from fedcl.training import LocalTrainer, RoundContext, TrainResult, make_optimizer
-from strategies.fedavg import flower_kwargs
 
 OLD_MODEL = "prd.old-model"  # ArrayRecord server -> clients: previous task's global model
 COUNTS = "prd.counts"  # ConfigRecord client -> server: samples behind each prototype row

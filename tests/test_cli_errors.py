@@ -200,3 +200,13 @@ def test_stopped_run_exits_even_with_a_thread_left_running(tmp_path: Path) -> No
     assert res.returncode == 130, res.stderr
     assert time.monotonic() - started < 60  # the lingering thread would hold it for 300 s
     assert res.stderr == ""
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
+    """`fedcl strategies | head -1`: the pipe closes early; no traceback, status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedcl.cli", "strategies"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"strategies")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b""

@@ -15,9 +15,8 @@ from fedcl import plugins, protocol, subspace
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
-from fedcl.strategy import RoundInfo
+from fedcl.strategy import RoundInfo, flower_kwargs
 from fedcl.training import RoundContext, TrainResult
-from strategies.fedavg import flower_kwargs
 from strategies.fot import BASIS, FOT, SKETCH, STATS, FOTParams, FOTTrainer
 
 pytestmark = pytest.mark.usefixtures("flower_identity")

@@ -73,7 +73,7 @@ class _Grid:
 
 
 def test_prototypes_averaged_per_class_by_samples() -> None:
-    from strategies.fedavg import flower_kwargs
+    from fedcl.strategy import flower_kwargs
 
     strategy = PRD(**flower_kwargs(Config()))
     old = {"w": torch.zeros(2), "prototypes": torch.full((3, 2), 9.0)}

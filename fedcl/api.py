@@ -1,0 +1,42 @@
+"""fedcl's public extension API in one import: what a package needs to bring its own method,
+model, dataset or unlearning method (``docs/writing-a-method.md`` builds one end to end).
+
+Server half of a strategy: :class:`ContinualStrategy` (the seams fedcl's task-stream driver
+calls), :class:`Capabilities` (what it declares it supports), :class:`RoundInfo`,
+:class:`StrategyWrapper`, :func:`flower_kwargs` (the settings fedcl gives a Flower strategy of
+the FedAvg family). Client half: :class:`LocalTrainer` (one training loop with hooks),
+:class:`RoundContext` (what each hook receives), :class:`TrainResult`. Registering:
+:func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
+:func:`register_dataset`, :class:`NoParams`. Unlearning: :class:`UnlearningMethod`,
+:class:`UnlearningJob`, :class:`ClientData` and :func:`operation` (the client half). Errors:
+:class:`ConfigError` (a bad parameter: one line, exit 2). Wire keys: :mod:`fedcl.protocol`.
+"""
+
+from __future__ import annotations
+
+from fedcl import protocol
+from fedcl.client_ops import ClientData, operation
+from fedcl.errors import ConfigError
+from fedcl.plugins import (
+    NoParams,
+    register_dataset,
+    register_model,
+    register_strategy,
+    register_unlearning,
+)
+from fedcl.strategy import (
+    Capabilities,
+    ContinualStrategy,
+    RoundInfo,
+    StrategyWrapper,
+    flower_kwargs,
+)
+from fedcl.training import LocalTrainer, RoundContext, TrainResult
+from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
+
+__all__ = [
+    "Capabilities", "ClientData", "ConfigError", "ContinualStrategy", "LocalTrainer",
+    "NoParams", "RoundContext", "RoundInfo", "StrategyWrapper", "TrainResult", "UnlearningJob",
+    "UnlearningMethod", "flower_kwargs", "operation", "protocol", "register_dataset",
+    "register_model", "register_strategy", "register_unlearning",
+]
