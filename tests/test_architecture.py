@@ -49,3 +49,12 @@ def test_no_function_local_imports_of_fedcl_modules() -> None:
         if found := local_imports(path):
             offenders[rel] = found
     assert offenders == {}
+
+
+def test_ruff_finds_nothing() -> None:
+    """The lint rules of pyproject.toml hold for the package, the tests, the benchmarks and
+    the example plugin."""
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise",
+                          "fedcl", "strategies", "tests", "benchmarks", "examples"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
