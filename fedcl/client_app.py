@@ -282,9 +282,10 @@ def reduced_reply(msg: Message, context: Context, config: Config,
     weighting metric) of the members that pass the server's reply screening
     (:func:`fedcl.validation.stacked_problems`), with metrics that FedAvg's weighted averages
     turn into exactly what the members' own replies would give: ``mean_key`` summed, every
-    other metric averaged with those weights. The members it stands for, and why any were
-    left out, are in its ``cohort-members`` record. None (reply per member) when no member is
-    left, or the weighting metric is not one the members report."""
+    other metric averaged with those weights. The members it stands for, why any were left
+    out, and those with no sample left (erased), are in its ``cohort-members`` record. None
+    (a reply per member) when no member is left, or the weighting metric is not one the
+    members report."""
     metrics = [reply_metrics(TrainResult(num_examples=n, loss=loss, steps=steps))
                for n, loss, steps in zip(trained.num_examples, trained.losses, trained.steps,
                                          strict=True)]
@@ -295,6 +296,8 @@ def reduced_reply(msg: Message, context: Context, config: Config,
         trained.stacked, reference, trained.num_examples,
         {key: [float(m[key]) for m in metrics] for key in metrics[0]},  # type: ignore[arg-type]
         config.max_update_norm_ratio)
+    # a member left without samples by erasures is not a fault: named apart, not averaged
+    empty = [i for i, n in enumerate(trained.num_examples) if n == 0]
     kept = [i for i, problem in enumerate(problems)
             if problem is None and float(metrics[i][mean_key]) > 0]  # type: ignore[arg-type]
     if not kept:
@@ -309,9 +312,11 @@ def reduced_reply(msg: Message, context: Context, config: Config,
         reduced[key] = sum(metrics[i][key] for i in kept)  # type: ignore[misc]
     members = ConfigRecord({protocol.MEMBER_IDS: [trained.partition_ids[i] for i in kept]})
     rejected = [f"client {trained.partition_ids[i]}: {problem}"
-                for i, problem in enumerate(problems) if problem is not None]
+                for i, problem in enumerate(problems) if problem is not None and i not in empty]
     if rejected:
         members[protocol.MEMBERS_REJECTED] = rejected
+    if empty:
+        members[protocol.MEMBERS_EMPTY] = [trained.partition_ids[i] for i in empty]
     content = RecordDict({protocol.ARRAYS: ArrayRecord(trained.mean_state(weights)),
                           protocol.METRICS: reduced,
                           protocol.CLIENT_INFO: _info(context, device, trained.partition_ids[0],

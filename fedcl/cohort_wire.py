@@ -95,7 +95,16 @@ def reply_members(reply: Message) -> list[int]:
     members = reply.content.get(protocol.COHORT_MEMBERS)
     if members is not None:
         return [int(q) for q in members[protocol.MEMBER_IDS]]  # type: ignore[union-attr]
-    return [int(reply.content[protocol.CLIENT_INFO][protocol.PARTITION_ID])]  # type: ignore[index]
+    return [protocol.reply_partition_id(reply)]
+
+
+def members_empty(reply: Message) -> list[int]:
+    """The members of a cohort's reduced reply that had no sample left to train on (not
+    averaged, not faults)."""
+    members = reply.content.get(protocol.COHORT_MEMBERS)
+    if members is None or protocol.MEMBERS_EMPTY not in members:
+        return []
+    return [int(q) for q in members[protocol.MEMBERS_EMPTY]]  # type: ignore[union-attr]
 
 
 def members_rejected(reply: Message) -> list[str]:
@@ -109,7 +118,7 @@ def members_rejected(reply: Message) -> list[str]:
 def reduced_reply_problem(reply: Message, cohort_members: Sequence[int]) -> str | None:
     """Why a cohort's reduced reply cannot stand for the members it names, or None."""
     try:
-        named = reply_members(reply)
+        named = reply_members(reply) + members_empty(reply)
         members_rejected(reply)
     except (KeyError, TypeError, ValueError):
         return f"malformed {protocol.COHORT_MEMBERS} record in a cohort reply"

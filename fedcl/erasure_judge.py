@@ -54,7 +54,10 @@ class ErasureJudge:
         model's ``forget_acc``, ``retain_acc``, ``test_acc`` (in [0, 1]) and ``mia`` (share of
         forget samples judged members), the same for the oracle under ``oracle``, and
         ``distance_to_oracle`` (``weights``: relative L2 distance; ``cka_forget``,
-        ``cka_retain``: linear CKA of the penultimate features). ``p``: the run before the
+        ``cka_retain``: linear CKA of the penultimate features). Where the clients keep no
+        training sample of the tasks seen (every class of them erased), ``retain_acc``,
+        ``mia`` and ``cka_retain`` are None: there is nothing to measure them on. ``p``: the
+        run before the
         request; ``before``/``after``: what was erased before it and with it. Raises
         :class:`UnlearningFailed` when no training sample is left to judge forgetting on."""
         config, scenario = self.config, self.scenario
@@ -85,7 +88,8 @@ class ErasureJudge:
             "weights": relative_distance(arrays.to_torch_state_dict(),
                                          oracle_arrays.to_torch_state_dict()),
             "cka_forget": linear_cka(model.pop("_f_forget"), oracle.pop("_f_forget")),
-            "cka_retain": linear_cka(model.pop("_f_retain"), oracle.pop("_f_retain"))}
+            "cka_retain": (linear_cka(model.pop("_f_retain"), oracle.pop("_f_retain"))
+                           if retain else None)}
         return {"request": req.to_text(), "kind": req.kind, "method": config.unlearning,
                 "round": p.global_round, **model, "oracle": oracle,
                 "distance_to_oracle": distance}
@@ -108,12 +112,14 @@ class ErasureJudge:
                 total += len(y)
                 ents[name].append(prediction_entropy(logits).cpu())
                 feats[name].append(feat.cpu())
-            out[f"{name}_acc"] = correct / total if total else 0.0
-        out["mia"] = entropy_mia(torch.cat(ents["retain"]).numpy(),
-                                 torch.cat(ents["test"]).numpy(),
-                                 torch.cat(ents["forget"]).numpy())
+            out[f"{name}_acc"] = correct / total if total else None
+        # the attack is fitted on retain-train samples (members) against test samples
+        out["mia"] = (entropy_mia(torch.cat(ents["retain"]).numpy(),
+                                  torch.cat(ents["test"]).numpy(),
+                                  torch.cat(ents["forget"]).numpy())
+                      if ents["retain"] and ents["test"] else None)
         out["_f_forget"] = torch.cat(feats["forget"])
-        out["_f_retain"] = torch.cat(feats["retain"])
+        out["_f_retain"] = torch.cat(feats["retain"]) if feats["retain"] else None
         return out
 
     @torch.no_grad()

@@ -51,6 +51,7 @@ HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ra
 COHORT_MEMBERS = "fedcl.cohort-members"
 MEMBER_IDS = "partition-ids"  # the members averaged into the reply's arrays
 MEMBERS_REJECTED = "rejected"  # "client N: reason" for members left out by screening
+MEMBERS_EMPTY = "empty"  # members with no sample left to train on (not a fault)
 
 # Node config keys (Flower's simulation engine sets the first two; deployments set all three).
 NODE_PARTITION_ID = "partition-id"
@@ -69,3 +70,14 @@ def reply_partition_id(reply: Message) -> int:
     the one place the server reads a reply's identity. Raises KeyError when it is missing
     (the reply screening refuses such replies first)."""
     return int(reply.content[CLIENT_INFO][PARTITION_ID])  # type: ignore[index]
+
+
+def is_empty_reply(reply: Message) -> bool:
+    """Whether ``reply`` comes from a client with no sample of the task left to train on
+    (every one erased): its ``num-examples`` is exactly 0. Such a client is not a fault; it
+    has nothing to contribute this round."""
+    metrics = reply.content.get(METRICS)
+    try:
+        return metrics is not None and float(metrics[NUM_EXAMPLES]) == 0  # type: ignore[index,arg-type]
+    except (KeyError, TypeError, ValueError):
+        return False

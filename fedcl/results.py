@@ -25,7 +25,9 @@
                        ``wc_acc`` (worst-case accuracy, De Lange et al. 2023), ``train_loss``
                        (mean client loss), ``clients`` (replies aggregated), ``failures``
                        (sampled clients that failed, did not answer or were rejected),
-                       ``rejected`` (replies refused by ``fedcl.validation``), ``seconds``
+                       ``rejected`` (replies refused by ``fedcl.validation``), ``empty``
+                       (sampled clients with no sample of the task left after erasures: they
+                       send no update and are not failures), ``seconds``
                        (since the previous round ended, its MLflow logging and checkpoint
                        included), ``ended_at`` (Unix time), ``client_gpu_peak_mb`` and
                        ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
@@ -96,6 +98,7 @@ class RoundRecord:
     back: list[int] = field(default_factory=list)  # partition ids reconnected since then
     sampled: list[int] = field(default_factory=list)  # partition ids sampled for the round
     replies: int | None = None  # train replies aggregated (a cohort's mean counts once)
+    empty: int = 0  # sampled clients with no sample left to train on (erased): not failures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

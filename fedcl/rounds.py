@@ -22,7 +22,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcl import protocol
-from fedcl.cohort_wire import form_cohorts, members_rejected, reply_members, split_cohort_replies
+from fedcl.cohort_wire import (
+    form_cohorts,
+    members_empty,
+    members_rejected,
+    reply_members,
+    split_cohort_replies,
+)
 from fedcl.config import Config, sample_size
 from fedcl.erasure import ErasedData
 from fedcl.errors import RunAborted, RunCancelled
@@ -262,6 +268,8 @@ class RoundOutcome:
     train_metrics: Any  # the strategy's aggregated metrics (a MetricRecord), None if none
     clients: list[int]  # the partition ids aggregated (a cohort's reduced reply stands for all
     # its members)
+    empty: list[int] = field(default_factory=list)  # sampled clients with no sample left to
+    # train on (erased): neither aggregated nor counted as failures
 
 
 def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config: Config,
@@ -276,8 +284,15 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
     for the global model without training it. Cohorts may reply with their members' weighted
     mean where the strategy allows it this round (its ``cohort_mean_key``).
 
-    Raises :class:`~fedcl.errors.RunAborted` when fewer than ``min_train_clients`` replies
-    pass the screening, :class:`~fedcl.errors.RunCancelled` on cancel."""
+    A client left without samples by erasures replies with ``num-examples`` 0: it is counted
+    in :attr:`RoundOutcome.empty`, not as a failure or a rejection, and not aggregated; a
+    round where no sampled client holds data keeps the model (the strategy still takes the
+    replies' payloads).
+
+    Raises :class:`~fedcl.errors.RunAborted` when fewer than ``min_train_clients`` clients
+    answer usably (an update or "no data"), naming how many were sampled, answered, rejected
+    (first reasons), failed (first error) and a hint; :class:`~fedcl.errors.RunCancelled` on
+    cancel."""
     train_config = ConfigRecord({
         protocol.RUN_CONFIG_JSON: config_json, protocol.TASK: info.task,
         protocol.ROUND: info.round, protocol.TASK_ROUND: info.task_round,
@@ -298,35 +313,73 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         replies = send_and_receive(grid, messages, config.round_timeout_s, cancel)
     if clock:
         clock("clients")
-    ok, rejected = screen_replies([m for m in replies if not m.has_error()], arrays,
+    pid = protocol.reply_partition_id
+    answered = [m for m in replies if not m.has_error()]
+    empty_replies = [m for m in answered if protocol.is_empty_reply(m) and _has_id(m)
+                     and pid(m) in pids]
+    ok, rejected = screen_replies([m for m in answered if m not in empty_replies], arrays,
                                   config.max_update_norm_ratio)
     if clock:
         clock("screen")
     rejected += [reason for m in ok for reason in members_rejected(m)]
-    pid = protocol.reply_partition_id
     ok = sorted((m for m in ok if pid(m) in pids), key=pid)
     clients = sorted(q for m in ok for q in reply_members(m))
+    empty = sorted({pid(m) for m in empty_replies} | {q for m in ok for q in members_empty(m)})
     if rejected:
         log.warning("round %d: rejected %d replies: %s", info.round, len(rejected),
                     "; ".join(rejected[:5]))
-    if len(clients) < config.min_train_clients:
-        reasons = [m.error.reason for m in replies if m.has_error()]
-        detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
-        raise RunAborted(
-            f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
-            f": {len(clients)} of {len(pids)} clients replied, fewer than "
-            f"min_train_clients={config.min_train_clients}{detail}")
-    if ok and all(int(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) == 0 for m in ok):
-        # every sampled client's data of the task is erased: nothing to learn this round
+    if len(clients) + len(empty) < config.min_train_clients:
+        raise RunAborted(round_stop_reason(info, replay, pids, replies, clients, empty,
+                                           rejected, config.min_train_clients))
+    failures = len(pids) - len(clients) - len(empty)
+    if not clients:
+        # no sampled client holds data of the task any more (erased): nothing to learn
         log.warning("round %d: the sampled clients hold no samples after erasures", info.round)
-        strategy.take_payloads(ok)
-        return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), None, clients)
+        strategy.take_payloads(empty_replies)
+        return RoundOutcome(arrays, [], rejected, failures, None, clients, empty)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
     if new_arrays is not None:
         arrays = keep_dtypes(new_arrays, arrays)
     if clock:
         clock("aggregate")
-    return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), train_metrics, clients)
+    return RoundOutcome(arrays, ok, rejected, failures, train_metrics, clients, empty)
+
+
+def _has_id(reply: Message) -> bool:
+    try:
+        protocol.reply_partition_id(reply)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def round_stop_reason(info: RoundInfo, replay: bool, pids: list[int], replies: list[Message],
+                      clients: list[int], empty: list[int], rejected: list[str],
+                      min_train_clients: int) -> str:
+    """The one line a round that cannot go on stops the run with: how many clients were
+    sampled, sent an update, hold no data, were rejected (first reasons), failed (first
+    error) or did not answer, and a hint where the reasons suggest one."""
+    errors = [error_line(m.error.reason) for m in replies if m.has_error()]
+    silent = len(pids) - len(clients) - len(empty) - len(rejected) - len(errors)
+    parts = [f"{len(clients)} of {len(pids)} sampled clients sent a usable update"]
+    if empty:
+        parts.append(f"{len(empty)} hold no data")
+    if rejected:
+        parts.append(f"{len(rejected)} rejected ({'; '.join(rejected[:2])})")
+    if errors:
+        parts.append(f"{len(errors)} failed (first error: {errors[0]})")
+    if silent > 0:
+        parts.append(f"{silent} did not answer within round_timeout_s")
+    text = " ".join(rejected).lower()
+    hint = ""
+    if "non-finite" in text or " nan" in text or " inf" in text:
+        hint = "; NaN or infinite values: a smaller learning rate (lr) may help"
+    elif "update norm" in text:
+        hint = ("; updates far from the global model: a smaller lr, or a larger "
+                "max_update_norm_ratio")
+    where = " (replayed for an erasure)" if replay else ""
+    return (f"round {info.round} (task {info.task}){where}: {', '.join(parts)}; fewer than "
+            f"min_train_clients={min_train_clients}{hint}")
 
 
 __all__ = ["CLIENT_STARTUP_TIMEOUT_S", "PhaseClock", "Roster", "RoundOutcome", "SampledGrid",

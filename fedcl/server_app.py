@@ -194,7 +194,7 @@ class LiveRun(TaskStreamDriver):
             task=info.task, round=info.round, task_round=info.task_round, acc_per_task=acc,
             avg_acc=float(np.mean(acc[:info.task + 1])), min_acc=min_acc, wc_acc=wc_acc,
             train_loss=None if loss is None else float(loss),
-            clients=len(outcome.clients), replies=len(outcome.ok),
+            clients=len(outcome.clients), replies=len(outcome.ok), empty=len(outcome.empty),
             failures=outcome.failures, rejected=len(outcome.rejected),
             connected=len(connected), lost=lost, back=back, sampled=pids,
             seconds=time.monotonic() - self.t0, ended_at=time.time(), phases=clock.phases,

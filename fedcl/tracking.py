@@ -3,8 +3,8 @@
 One MLflow run per simulation. Params: the whole config (strategy parameters as
 ``strategy_params.<name>``). Metrics per round (step = round over the run): ``acc_task_<j>``,
 ``avg_acc``, ``min_acc``, ``wc_acc``, ``train_loss``, ``round_seconds``, ``clients``,
-``failures``, ``rejected`` (and ``client_gpu_peak_mb``, ``client_gpu_reserved_mb`` with GPU
-clients). At the end: ``acc``, ``forgetting``, ``forgetting_at_task_end``,
+``failures``, ``rejected``, ``empty`` (and ``client_gpu_peak_mb``, ``client_gpu_reserved_mb``
+with GPU clients). At the end: ``acc``, ``forgetting``, ``forgetting_at_task_end``,
 ``bwt``, ``fwt``, ``wall_time_s``. Artifacts: config.toml, summary.json, accuracy_matrix.csv,
 accuracy_matrix.png and accuracy_per_round.png. Tags: ``fedcl.strategy``, ``fedcl.scenario``,
 ``fedcl.dataset``.
@@ -159,7 +159,7 @@ class Tracker:
         values.update(avg_acc=record.avg_acc, min_acc=record.min_acc, wc_acc=record.wc_acc,
                       train_loss=record.train_loss, round_seconds=record.seconds,
                       clients=record.clients, failures=record.failures,
-                      rejected=record.rejected, task=record.task,
+                      rejected=record.rejected, empty=record.empty, task=record.task,
                       client_gpu_peak_mb=record.client_gpu_peak_mb,
                       client_gpu_reserved_mb=record.client_gpu_reserved_mb,
                       client_compute_s=record.client_compute_s,

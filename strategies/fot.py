@@ -31,6 +31,7 @@ Choices (against the paper and the authors' public code):
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ from fedcl.models import MLP
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo, flower_kwargs
 from fedcl.training import LocalTrainer, RoundContext, TrainResult
+
+log = logging.getLogger("fedcl")
 
 BASIS = "fot.basis"  # ArrayRecord server -> clients: layer name -> U (d x k)
 SKETCH = "fot.sketch"  # ArrayRecord client -> server: layer name -> Y (d x m)
@@ -167,7 +170,13 @@ class FOT(ContinualStrategy, FedAvg):
         # a client left without samples by erasures sends no sketch
         sketches = [p for p in self.payloads.values() if SKETCH in p]
         if not sketches:
-            raise RuntimeError("FOT: no client sent a sketch in the task's last round")
+            # no client of the task's last round holds data of it any more (erased): the
+            # task adds no direction; the run goes on with the basis it has
+            log.warning("FOT: no client of task %d's last round holds data; its subspace "
+                        "adds nothing to the basis", task)
+            self.history.append({layer: int(U.shape[1]) for layer, U in self.basis.items()})
+            self.eps = min(self.eps + self.params.eps_inc, 1 - 1e-6)
+            return arrays
         counts = [int(p[STATS]["n"]) for p in sketches]
         for layer in self.layers:
             started = time.perf_counter()

@@ -124,12 +124,13 @@ def test_every_client_failing_stops_with_one_line_and_failed_run(tmp_path: Path,
     assert res.returncode == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("fedcl: error: round 1 (task 0): 0 of 3 clients replied")
-    assert "injected fault" in lines[0]
+    assert lines[0].startswith("fedcl: error: round 1 (task 0): 0 of 3 sampled clients sent a "
+                               "usable update, 3 failed (first error: ")
+    assert "injected fault" in lines[0] and "fewer than min_train_clients=1" in lines[0]
     assert not (tmp_path / "out" / "summary.json").exists()
     runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults")
     assert [r["status"] for r in runs] == ["FAILED"]
-    assert "0 of 3 clients replied" in runs[0]["tags"]["fedcl.error"]
+    assert "0 of 3 sampled clients sent a usable update" in runs[0]["tags"]["fedcl.error"]
 
 
 def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_env: dict,
@@ -320,6 +321,6 @@ def test_hanging_or_vanishing_clients_never_hang_the_run(tmp_path: Path, ray_env
             assert max(r["seconds"] for r in s["rounds"]) < 8 + 30
     else:  # too few replies left: one clear line, and the MLflow run is FAILED
         lines = res.stderr.strip().splitlines()
-        assert len(lines) == 1 and "clients replied, fewer than min_train_clients" in lines[0]
+        assert len(lines) == 1 and "sampled clients sent a usable update" in lines[0]
         runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", mode)
         assert [r["status"] for r in runs] == ["FAILED"]

@@ -141,3 +141,28 @@ def test_a_failing_unlearning_keeps_the_model_and_marks_the_run(tmp_path: Path,
     assert progress["erased_classes"] == [] and len(progress["matrix"]) == 1
     assert all(bool(torch.isfinite(v).all()) for v in progress["arrays"].values()
                if v.is_floating_point())
+
+
+def test_clients_left_without_data_are_not_faults(tmp_path: Path, ray_env: dict) -> None:  # noqa: F811
+    """One shard per client and one client sampled per round: erasing task 0's two classes at
+    its round 2 leaves the sampled client (and everyone) without task 0 data. That round, and
+    the oracle's replay of round 1 for the second request, keep the model and go on: the
+    empty clients are counted apart, never as failures or rejections."""
+    out = tmp_path / "out"
+    res = run_fedcl("simulate", "--clients", "4", "--tasks", "5", "--rounds-per-task", "2",
+                    "--fraction-train", "0.25", "--partition", "shards", "--shards-per-client",
+                    "1", "--seed", "0", "--eval-samples-per-task", "100", "--erase",
+                    "class=0,task=0,round=2", "--erase", "class=1,task=0,round=2",
+                    "--output", str(out), "--experiment", "empty", cwd=tmp_path, env=ray_env)
+    assert res.returncode == 0, res.stderr
+    s = json.loads((out / "summary.json").read_text())
+    second = s["rounds"][1]
+    assert (second["clients"], second["empty"], second["failures"], second["rejected"]) == (
+        0, 1, 0, 0)
+    assert second["train_loss"] is None  # nobody trained: the model went on unchanged
+    assert all(r["failures"] == 0 and r["rejected"] == 0 for r in s["rounds"])
+    assert [e["request"] for e in s["erasures"]] == ["class=0,task=0,round=2",
+                                                     "class=1,task=0,round=2"]
+    assert len(s["accuracy_matrix"]) == 5
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "empty")
+    assert runs[0]["status"] == "FINISHED" and runs[0]["metrics"]["empty"] == 0.0

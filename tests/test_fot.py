@@ -104,9 +104,17 @@ def test_end_task_grows_basis_from_summed_sketches(tmp_path: Path) -> None:
     assert torch.allclose(sent, U.float())
 
 
-def test_end_task_without_sketches_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="no client sent a sketch"):
-        _fot().end_task(0, ArrayRecord({"fc.weight": torch.zeros(2, 4)}))
+def test_end_task_without_sketches_keeps_the_basis(caplog: pytest.LogCaptureFixture) -> None:
+    """No client of the task's last round holds data any more (all erased): the task adds no
+    direction, eps still grows, the run goes on."""
+    fot = _fot(eps_inc=0.01)
+    fot.basis = {"fc": torch.eye(4)[:, :1]}
+    arrays = ArrayRecord({"fc.weight": torch.zeros(2, 4)})
+    with caplog.at_level("WARNING", logger="fedcl"):
+        assert fot.end_task(1, arrays) is arrays
+    assert fot.basis["fc"].shape == (4, 1) and fot.history == [{"fc": 1}]
+    assert fot.eps == pytest.approx(FOTParams().eps + 0.01)
+    assert "no client of task 1's last round holds data" in caplog.text
 
 
 def test_client_sketches_only_in_last_round_and_ratio_against_basis() -> None:

@@ -164,3 +164,21 @@ def test_array_view_reads_what_numpy_reads_without_copying(make) -> None:  # typ
     np.testing.assert_array_equal(view, expected)
     if original.size:
         assert not view.flags.writeable  # a view of the message's bytes, not a copy
+
+
+def test_a_round_that_stops_names_what_happened() -> None:
+    """`--lr 1e6`: all four replied and all were rejected for a NaN loss; the stop line says
+    so and hints at the learning rate, instead of "0 of 4 replied"."""
+    from fedcl.rounds import round_stop_reason
+    from fedcl.strategy import RoundInfo
+
+    line = round_stop_reason(RoundInfo(0, 1, 2, 1), False, [0, 1, 2, 3], [], [], [],
+                             ["metric train-loss is nan"] * 4, 1)
+    assert line == ("round 1 (task 0): 0 of 4 sampled clients sent a usable update, 4 "
+                    "rejected (metric train-loss is nan; metric train-loss is nan); fewer than "
+                    "min_train_clients=1; NaN or infinite values: a smaller learning rate (lr) "
+                    "may help")
+    line = round_stop_reason(RoundInfo(1, 2, 2, 4), True, [0, 1, 2], [], [], [2], [], 2)
+    assert line == ("round 4 (task 1) (replayed for an erasure): 0 of 3 sampled clients sent "
+                    "a usable update, 1 hold no data, 2 did not answer within round_timeout_s; "
+                    "fewer than min_train_clients=2")

@@ -58,9 +58,11 @@ def partition_positions(labels: np.ndarray, num_partitions: int, method: str, *,
     hint = {"dirichlet": "; a larger dirichlet_alpha, fewer clients or partition = 'iid' may fit",
             "shards": "; fewer shards_per_client or fewer clients may fit"}.get(method, "")
     try:
-        # flwr-datasets warns on every failed Dirichlet draw; the outcome is what matters
+        # flwr-datasets warns on every failed Dirichlet draw, and its shard partitioner uses
+        # an Arrow sort option that pyarrow 25 deprecates: the outcome is what matters
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
             # read the column as Arrow: Python rows would cost seconds per task
             return [part.load_partition(i).with_format("arrow")["pos"].to_numpy()
                     .astype(np.int64) for i in range(num_partitions)]
