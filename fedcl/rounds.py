@@ -26,8 +26,8 @@ from fedcl.cohort_wire import form_cohorts, members_rejected, reply_members, spl
 from fedcl.config import Config, sample_size
 from fedcl.erasure import ErasedData
 from fedcl.errors import RunAborted, RunCancelled
-from fedcl.strategy import ContinualStrategy, RoundInfo
-from fedcl.validation import screen_replies
+from fedcl.strategy import ContinualStrategy, RoundInfo, strategy_label
+from fedcl.validation import model_problem, screen_replies
 
 log = logging.getLogger("fedcl")
 # How often the server asks for replies: each reply waits half of it on average, and a round
@@ -312,6 +312,8 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
     if len(clients) < config.min_train_clients:
         reasons = [m.error.reason for m in replies if m.has_error()]
         detail = f"; first error: {error_line(reasons[0])}" if reasons else ""
+        if rejected:  # they replied, but screening refused what they sent
+            detail += f"; {len(rejected)} replies rejected, first: {rejected[0]}"
         raise RunAborted(
             f"round {info.round} (task {info.task}){' of the retrain oracle' if replay else ''}"
             f": {len(clients)} of {len(pids)} clients replied, fewer than "
@@ -322,8 +324,14 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         strategy.take_payloads(ok)
         return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), None, clients)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
-    if new_arrays is not None:
-        arrays = keep_dtypes(new_arrays, arrays)
+    if new_arrays is not None:  # None: Flower's "no aggregate", the model stays
+        fitted = (keep_dtypes(new_arrays, arrays) if isinstance(new_arrays, ArrayRecord)
+                  else new_arrays)
+        problem = model_problem(fitted, arrays)
+        if problem is not None:
+            raise RunAborted(f"{strategy_label(strategy)}'s aggregate_train of round "
+                             f"{info.round} (task {info.task}) returned {problem}")
+        arrays = fitted
     if clock:
         clock("aggregate")
     return RoundOutcome(arrays, ok, rejected, len(pids) - len(clients), train_metrics, clients)
