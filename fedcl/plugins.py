@@ -485,6 +485,10 @@ def register_dataset(name: str, summary: str, *, num_classes: int) -> Callable[[
     :class:`~fedcl.data.datasets.DatasetInfo` as ``load.fedcl_spec``. Raises ``ValueError`` when
     ``name`` is taken by another function."""
 
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise TypeError(f"num_classes of dataset {name!r} must be a positive int, got "
+                        f"{num_classes!r}")
+
     def deco(load: F) -> F:
         spec = DatasetInfo(name, summary, num_classes, load)
         _DATASETS.add(spec, load)

@@ -659,7 +659,12 @@ def test_a_plugin_that_exits_at_import_is_one_line(plugin_dir: Path,
      "params of strategy 'ok-name' must be a dataclass type"),
     (lambda: plugins.register_unlearning("ok-name", "x", params=object()),
      "params of unlearning method 'ok-name' must be a dataclass type"),
-], ids=["colon", "empty", "space", "int", "model-colon", "params-dict", "params-instance"])
+    (lambda: plugins.register_dataset("ok-name", "x", num_classes="4"),
+     "num_classes of dataset 'ok-name' must be a positive int, got '4'"),
+    (lambda: plugins.register_dataset("ok-name", "x", num_classes=0),
+     "num_classes of dataset 'ok-name' must be a positive int, got 0"),
+], ids=["colon", "empty", "space", "int", "model-colon", "params-dict", "params-instance",
+        "classes-str", "classes-zero"])
 def test_bad_registrations_are_refused_at_import(registries: None, decorator: Any,
                                                  message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=f"^{message}"):
