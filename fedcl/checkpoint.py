@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord
 from fedcl.config import Config, config_from_dict
 from fedcl.errors import FedclError
 from fedcl.results import RoundRecord
+from fedcl.strategy import strategy_label
 
 if TYPE_CHECKING:
     from fedcl.strategy import ContinualStrategy
@@ -71,7 +72,19 @@ def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Co
                "ray_session_dir": _ray_session_dir(), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left
+        if not isinstance(err, Exception) or isinstance(err, OSError):
+            raise
+        # fedcl's own part is tensors, numbers and strings: what fails is a strategy's or an
+        # unlearning method's state_dict()
+        text = str(err).strip().splitlines()
+        raise FedclError(f"cannot write checkpoint {path}: {type(err).__name__}: "
+                         f"{text[0] if text else ''} (the state_dict() of the "
+                         f"{strategy_label(strategy)} and of the unlearning method must "
+                         "hold only tensors, numbers, strings, lists and dicts)") from err
     os.replace(tmp, path)
 
 

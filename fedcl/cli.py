@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedcl.plugins import build_scenario
+    from fedcl.plugins import build_model, build_scenario
     from fedcl.progress import LiveDisplay, format_matrix
     from fedcl.run_setup import setup_run
     from fedcl.simulation import simulate
@@ -199,7 +199,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
     resolve_device(config.device)
-    build_scenario(config)  # fail on missing data before any process starts
+    scenario = build_scenario(config)  # fail on missing data before any process starts
+    build_model(config, scenario)  # ... and on a model plugin that cannot be built
     from fedcl.data.partition import client_positions
 
     for task in range(config.tasks):  # and on a partition that cannot be made (the clients

@@ -50,6 +50,9 @@ import importlib
 import importlib.metadata
 import inspect
 import textwrap
+import traceback
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -61,9 +64,9 @@ from fedcl.config import Config
 from fedcl.data.datasets import BUILTIN_DATASETS, DATASETS, DatasetInfo, add_dataset
 from fedcl.data.scenarios import Scenario
 from fedcl.data.scenarios import build_scenario as build_builtin_scenario
-from fedcl.errors import ConfigError
+from fedcl.errors import ConfigError, FedclError
 from fedcl.models import MODELS, ModelSpec
-from fedcl.strategy import ContinualStrategy
+from fedcl.strategy import Capabilities, ContinualStrategy
 from fedcl.training import LocalTrainer
 
 __all__ = [
@@ -131,11 +134,15 @@ class NoParams:
 
 
 def typed_params(params_type: type, values: Mapping[str, Any], owner: str) -> Any:
-    """``params_type`` (a dataclass whose fields have defaults) from plain values.
+    """``params_type`` (a dataclass) from plain values.
 
-    Ints are accepted for float fields. Raises a one-line :class:`ConfigError` naming
-    ``owner`` (e.g. ``"strategy 'fedprox'"``) for an unknown key or a value of the wrong type;
-    the dataclass's ``check()`` runs when it has one (and raises its own ConfigError).
+    Each value must be of its field's annotated type (``float``, ``int``, ``bool``, ``str``,
+    or one of them ``| None``; the default's type where the annotation cannot be read); ints
+    are accepted for float fields. Raises a one-line :class:`ConfigError` naming ``owner``
+    (e.g. ``"strategy 'fedprox'"``) for an unknown key, a value of the wrong type, a field
+    without a default that is not given, or parameters that the dataclass refuses: its
+    ``check()`` runs when it has one (a ConfigError it raises is kept as it is, any other
+    exception from ``check()`` or ``__post_init__`` becomes a ConfigError with its message).
     """
     known = {f.name: f for f in dataclasses.fields(params_type)}
     kwargs: dict[str, Any] = {}
@@ -144,19 +151,56 @@ def typed_params(params_type: type, values: Mapping[str, Any], owner: str) -> An
             listing = ", ".join(known) or "none"
             raise ConfigError(f"unknown parameter '{key}' for {owner} (its parameters: "
                               f"{listing})")
-        default = known[key].default
-        typ = type(default) if default is not dataclasses.MISSING else str
+        typ = _param_type(params_type, known[key])
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
             raise ConfigError(f"parameter '{key}' of {owner} must be {typ.__name__}, "
                               f"got {value!r}")
         kwargs[key] = value
-    params = params_type(**kwargs)
-    check = getattr(params, "check", None)
-    if check is not None:
-        check()
+    required = [name for name, f in known.items() if name not in kwargs
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ConfigError(f"parameter '{required[0]}' of {owner} has no default and must be "
+                          "given")
+    try:
+        params = params_type(**kwargs)
+        check = getattr(params, "check", None)
+        if check is not None:
+            check()
+    except ConfigError:
+        raise
+    except Exception as err:  # the method's own refusal, in its own words, on one line
+        raise ConfigError(f"parameters of {owner} refused: {one_line(err)}") from None
     return params
+
+
+def _param_type(params_type: type, fld: dataclasses.Field[Any]) -> type:
+    """The type a parameter's value must have: its annotation (``X | None`` read as ``X``),
+    else the type of its default, else ``str``."""
+    try:
+        hint: Any = typing.get_type_hints(params_type).get(fld.name)
+    except Exception:  # an annotation naming what the module imports only for type checkers
+        hint = None
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    origin = typing.get_origin(hint)
+    if isinstance(origin, type):  # tuple[int, int] -> tuple
+        return origin
+    if isinstance(hint, type):
+        return hint
+    if fld.default is not dataclasses.MISSING and fld.default is not None:
+        return type(fld.default)
+    return str
+
+
+def one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when the message is empty)."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -179,7 +223,10 @@ def param_docs(params_type: type) -> list[ParamDoc]:
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            try:
+                default = repr(f.default_factory())
+            except Exception:  # listing the parameters must not fail on a plugin's factory
+                default = f"{getattr(f.default_factory, '__name__', 'factory')}()"
         else:
             default = ""
         out.append(ParamDoc(f.name, typ, default, docs.get(f.name, "")))
@@ -255,13 +302,19 @@ class _Registry(Generic[S]):
 
     def add(self, spec: S, build: Callable[..., Any]) -> None:
         name: str = spec.name  # type: ignore[attr-defined]
+        if not isinstance(name, str) or not name or ":" in name or not name.isprintable() \
+                or any(ch.isspace() for ch in name):
+            raise ValueError(f"{self.kind} name {name!r} is not a name: give a non-empty string "
+                             "without spaces or ':' (':' marks a package.module:Name reference)")
         builtin = self.builtins.get(name)
         if builtin is not None and builtin != f"{build.__module__}:{build.__qualname__}":
             raise ValueError(f"{self.kind} '{name}' is a built-in name; register yours under "
                              "another")
         known = self.functions.get(name)
         if known is not None and not _same_function(known, build):
-            raise ValueError(f"{self.kind} '{name}' registered twice")
+            raise ValueError(f"{self.kind} '{name}' registered twice (by "
+                             f"{known.__module__}.{known.__qualname__} and "
+                             f"{build.__module__}.{build.__qualname__})")
         self.registered[name] = spec
         self.functions[name] = build
         self.resolved.pop(name, None)
@@ -324,10 +377,13 @@ def _load(label: str, module: str, attr: str | None) -> Any:
     starting with ``label``."""
     try:
         obj: Any = importlib.import_module(module)
-    except Exception as err:  # a plugin may fail any way at import: say how, on one line
-        reason = str(err).splitlines()[0] if str(err) else ""
-        if not isinstance(err, ImportError):
-            reason = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
+    except (Exception, SystemExit) as err:  # a plugin may fail any way at import: one line
+        if isinstance(err, SystemExit):  # a script's argparse or sys.exit() at module level
+            reason = f"the module exits when imported (SystemExit: {err.code!r})"
+        elif isinstance(err, ImportError):
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        else:
+            reason = one_line(err)
         raise PluginError(f"{label}: cannot import {module}: {reason}") from None
     for part in attr.split(".") if attr else ():
         if not hasattr(obj, part):
@@ -355,6 +411,13 @@ _DATASETS: _Registry[DatasetInfo] = _Registry(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _check_params_type(params: Any, owner: str) -> None:
+    """Refuse, when a plugin registers, a ``params`` that is not a dataclass type."""
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        raise TypeError(f"params of {owner} must be a dataclass type (see "
+                        f"fedcl.plugins.NoParams), got {params!r}")
+
+
 def register_strategy(name: str, summary: str, *, params: type = NoParams,
                       trainer: Callable[[Any], LocalTrainer] | None = None,
                       model: Callable[[Any, Scenario, nn.Module], nn.Module] | None = None
@@ -368,6 +431,8 @@ def register_strategy(name: str, summary: str, *, params: type = NoParams,
     needs more. The decorated function is returned unchanged, its :class:`StrategySpec` attached
     as ``build.fedcl_spec``. Raises ``ValueError`` when ``name`` is taken by another function.
     """
+
+    _check_params_type(params, f"strategy {name!r}")
 
     def deco(build: F) -> F:
         spec = StrategySpec(name, summary, params, build, trainer or _plain_trainer, model)
@@ -384,6 +449,8 @@ def register_unlearning(name: str, summary: str, *, params: type = NoParams
     (``--unlearning NAME``, parameters ``[unlearning_params]``). The function is returned
     unchanged with its :class:`UnlearningSpec` as ``build.fedcl_spec``. Raises ``ValueError``
     when ``name`` is taken by another function."""
+
+    _check_params_type(params, f"unlearning method {name!r}")
 
     def deco(build: F) -> F:
         spec = UnlearningSpec(name, summary, params, build)
@@ -417,6 +484,10 @@ def register_dataset(name: str, summary: str, *, num_classes: int) -> Callable[[
     :class:`fedcl.data.datasets.Dataset`). The function is returned unchanged with its
     :class:`~fedcl.data.datasets.DatasetInfo` as ``load.fedcl_spec``. Raises ``ValueError`` when
     ``name`` is taken by another function."""
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise TypeError(f"num_classes of dataset {name!r} must be a positive int, got "
+                        f"{num_classes!r}")
 
     def deco(load: F) -> F:
         spec = DatasetInfo(name, summary, num_classes, load)
@@ -493,16 +564,58 @@ def parse_unlearning_params(name: str, values: Mapping[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Building a run's parts
 # ---------------------------------------------------------------------------------------------
+def built(label: str, what: str, expected: type, build: Callable[..., Any], *args: Any
+          ) -> Any:
+    """``build(*args)``, which a plugin wrote: an exception it raises (other than fedcl's own
+    one-line errors) or a result that is not an ``expected`` is a one-line
+    :class:`PluginError` starting with ``label`` and naming ``what`` failed and where."""
+    try:
+        obj = build(*args)
+    except FedclError:
+        raise
+    except Exception as err:
+        raise PluginError(f"{label}: its {what} failed: {one_line(err)}{raised_at(err)}"
+                          ) from err
+    if not isinstance(obj, expected):
+        name = ("torch.nn.Module" if expected is nn.Module
+                else f"{expected.__module__}.{expected.__qualname__}")
+        raise PluginError(f"{label}: its {what} returned {type(obj).__name__}, not a {name}")
+    return obj
+
+
+def raised_at(err: BaseException) -> str:
+    """`` (raised at FILE:LINE in FUNCTION)``: the innermost frame of ``err``'s traceback, or
+    the empty string when it has none."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (raised at {last.filename}:{last.lineno} in {last.name})"
+
+
 def build_strategy(config: Config) -> ContinualStrategy:
-    """The server half of ``config.strategy`` with its typed ``config.strategy_params``."""
+    """The server half of ``config.strategy`` with its typed ``config.strategy_params``.
+    Raises a one-line :class:`PluginError` when its build function fails or returns something
+    other than a :class:`~fedcl.strategy.ContinualStrategy`."""
     spec = get_strategy(config.strategy)
-    return spec.build(config, parse_strategy_params(config.strategy, config.strategy_params))
+    params = parse_strategy_params(config.strategy, config.strategy_params)
+    strategy: ContinualStrategy = built(f"strategy {config.strategy!r}", "build function",
+                                        ContinualStrategy, spec.build, config, params)
+    if not isinstance(strategy.capabilities, Capabilities):
+        raise PluginError(f"strategy {config.strategy!r}: its capabilities are "
+                          f"{type(strategy.capabilities).__name__}, not a "
+                          "fedcl.strategy.Capabilities")
+    return strategy
 
 
 def build_trainer(config: Config) -> LocalTrainer:
-    """The client half of ``config.strategy`` (a :class:`fedcl.training.LocalTrainer`)."""
+    """The client half of ``config.strategy`` (a :class:`fedcl.training.LocalTrainer`); refused
+    as :func:`build_strategy`."""
     spec = get_strategy(config.strategy)
-    return spec.trainer(parse_strategy_params(config.strategy, config.strategy_params))
+    params = parse_strategy_params(config.strategy, config.strategy_params)
+    trainer: LocalTrainer = built(f"strategy {config.strategy!r}", "trainer", LocalTrainer,
+                                  spec.trainer, params)
+    return trainer
 
 
 def build_model(config: Config, scenario: Scenario) -> nn.Module:
@@ -519,10 +632,12 @@ def build_model(config: Config, scenario: Scenario) -> nn.Module:
               if strategy.model is not None else None)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(config.seed)
-        model = spec.build(scenario.dataset.input_shape, scenario.classes_per_head,
-                           scenario.num_heads)
+        model = built(f"model {config.model!r}", "build function", nn.Module, spec.build,
+                      scenario.dataset.input_shape, scenario.classes_per_head,
+                      scenario.num_heads)
         if strategy.model is not None:
-            model = strategy.model(params, scenario, model)
+            model = built(f"strategy {config.strategy!r}", "model function", nn.Module,
+                          strategy.model, params, scenario, model)
     return model
 
 
@@ -537,6 +652,7 @@ def build_unlearning(config: Config, out_dir: Any = None) -> Any:
     """The server half of ``config.unlearning`` (an ``UnlearningMethod``) with its typed
     ``config.unlearning_params``; ``out_dir`` is where it may keep files."""
     spec = get_unlearning(config.unlearning)
-    return spec.build(parse_unlearning_params(config.unlearning, config.unlearning_params),
-                      out_dir)
+    params = parse_unlearning_params(config.unlearning, config.unlearning_params)
+    return built(f"unlearning method {config.unlearning!r}", "build function", object,
+                 spec.build, params, out_dir)
 

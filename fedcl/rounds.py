@@ -32,8 +32,8 @@ from fedcl.cohort_wire import (
 from fedcl.config import Config, sample_size
 from fedcl.erasure import ErasedData
 from fedcl.errors import RunAborted, RunCancelled
-from fedcl.strategy import ContinualStrategy, RoundInfo
-from fedcl.validation import screen_replies
+from fedcl.strategy import ContinualStrategy, RoundInfo, strategy_label
+from fedcl.validation import model_problem, screen_replies
 
 log = logging.getLogger("fedcl")
 # How often the server asks for replies: each reply waits half of it on average, and a round
@@ -338,8 +338,14 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         strategy.take_payloads(empty_replies)
         return RoundOutcome(arrays, [], rejected, failures, None, clients, empty)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
-    if new_arrays is not None:
-        arrays = keep_dtypes(new_arrays, arrays)
+    if new_arrays is not None:  # None: Flower's "no aggregate", the model stays
+        fitted = (keep_dtypes(new_arrays, arrays) if isinstance(new_arrays, ArrayRecord)
+                  else new_arrays)
+        problem = model_problem(fitted, arrays)
+        if problem is not None:
+            raise RunAborted(f"{strategy_label(strategy)}'s aggregate_train of round "
+                             f"{info.round} (task {info.task}) returned {problem}")
+        arrays = fitted
     if clock:
         clock("aggregate")
     return RoundOutcome(arrays, ok, rejected, failures, train_metrics, clients, empty)

@@ -61,33 +61,34 @@ def setup_run(config: Config) -> RunSetup:
     schedule = erasure_schedule(config, dataset.num_classes)
     strategy = plugins.get_strategy(config.strategy)
     strategy_params = plugins.parse_strategy_params(config.strategy, config.strategy_params)
-    capabilities = declared_capabilities(strategy, config, strategy_params)
+    capabilities = declared_capabilities(config)
     if config.scenario not in capabilities.scenarios:
         raise ConfigError(f"strategy {config.strategy!r} is not defined for scenario "
                           f"{config.scenario!r} (it declares "
-                          f"{', '.join(capabilities.scenarios)})")
+                          f"{', '.join(capabilities.scenarios) or 'none'})")
+    trainer = plugins.build_trainer(config)  # the clients' half, refused here if it fails
     if config.cohort_size > 1:
         if model.batch_norm:
             raise ConfigError(f"cohort_size > 1 cannot train model {config.model!r}: its batch "
                               "norm keeps running statistics that a batched cohort cannot "
                               "share; use cohort_size = 1 or model mlp/cnn")
-        if not strategy.trainer(strategy_params).batchable:
+        if not trainer.batchable:
             raise ConfigError(f"cohort_size > 1 cannot train strategy {config.strategy!r}: its "
                               "clients train their own way; use cohort_size = 1")
     return RunSetup(config, strategy, strategy_params, unlearning, unlearning_params, schedule,
                     dataset, model)
 
 
-def declared_capabilities(strategy: plugins.StrategySpec, config: Config, params: Any
-                          ) -> Capabilities:
+def declared_capabilities(config: Config) -> Capabilities:
     """What the strategy declares it supports: its server half's ``capabilities``, from an
     instance built for ``config`` (Flower's notices while building it, such as "federated
-    evaluation will be skipped", stay quiet: the run itself logs them)."""
+    evaluation will be skipped", stay quiet: the run itself logs them). A build function that
+    fails or returns no ContinualStrategy is a one-line PluginError here, before any run."""
     flower_log = logging.getLogger("flwr")
     level = flower_log.level
     flower_log.setLevel(logging.ERROR)
     try:
-        return strategy.build(config, params).capabilities
+        return plugins.build_strategy(config).capabilities
     finally:
         flower_log.setLevel(level)
 

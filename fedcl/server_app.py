@@ -33,7 +33,7 @@ from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.erasure import ErasedData, check_requests_hold_data
-from fedcl.errors import FedclError
+from fedcl.errors import FedclError, RunAborted
 from fedcl.evaluation import Evaluator
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.rounds import (
@@ -247,8 +247,14 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     strategy = erasures.method.wrap(plugins.build_strategy(config))
     starting: Future[str] | None = None
     if control.resume is not None:
-        state = checkpoint.restore(control.resume, strategy)
-        erasures.load_state_dict(control.resume.get("unlearning", {}))
+        try:
+            state = checkpoint.restore(control.resume, strategy)
+            erasures.load_state_dict(control.resume.get("unlearning", {}))
+        except FedclError:
+            raise
+        except Exception as err:  # a plugin's load_state_dict that cannot read its own state
+            raise RunAborted(f"cannot resume from the checkpoint: {plugins.one_line(err)}"
+                             f"{plugins.raised_at(err)}") from err
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
     else:
         arrays = ArrayRecord(plugins.build_model(config, scenario).state_dict())
@@ -288,8 +294,19 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     except BaseException as err:
         if starting is not None and starting.exception() is None:
             control.run_id = starting.result()  # the run to mark
-        reason = str(err) if isinstance(err, FedclError) else f"{type(err).__name__}: {err}"
+        failure: BaseException = err
+        if isinstance(err, Exception) and not isinstance(err, FedclError):
+            # a bug, most often in a plugin's hook: one line for the user, naming where it was
+            # raised, and the whole traceback in the run's log
+            log.error("the run failed", exc_info=err)
+            logged = out_dir / "flower.log"
+            where = logged if logged.is_file() else "the ServerApp's log"
+            failure = RunAborted(f"the run failed: {plugins.one_line(err)}"
+                                 f"{plugins.raised_at(err)}; traceback in {where}")
+        reason = str(failure) if isinstance(failure, FedclError) else f"{type(err).__name__}: {err}"
         tracker.fail(reason, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if failure is not err:
+            raise failure from err
         raise
 
 

@@ -91,6 +91,15 @@ class Capabilities:
     previous model) that must be built again without erased data after unlearning; false for
     a strategy whose ``begin_task``/``end_task`` depend on nothing but the global model."""
 
+    def __post_init__(self) -> None:
+        # a plugin's declaration is checked where it is written (at its import), not at the
+        # first run that reads it: "class-il" (a string) would pass `in` checks for "il"
+        if isinstance(self.scenarios, str) or not isinstance(self.scenarios, tuple | list) \
+                or not all(s in SCENARIOS for s in self.scenarios):
+            raise ValueError(f"Capabilities.scenarios must be a tuple of scenario names "
+                             f"({', '.join(SCENARIOS)}), got {self.scenarios!r}")
+        object.__setattr__(self, "scenarios", tuple(self.scenarios))
+
 
 class ContinualStrategy:
     """Continual-learning hooks for a Flower strategy. Defaults do nothing."""
@@ -201,6 +210,14 @@ class ContinualStrategy:
         if arrays is not None:
             arrays = self.after_aggregate(arrays, [m for m in replies if not m.has_error()])
         return arrays, metrics
+
+
+def strategy_label(strategy: ContinualStrategy) -> str:
+    """``strategy <class name>`` of a strategy under any wrappers (FedEraser's recorder), for
+    messages about what it did."""
+    while isinstance(strategy, StrategyWrapper):
+        strategy = strategy.inner
+    return f"strategy {type(strategy).__qualname__}"
 
 
 class StrategyWrapper(ContinualStrategy):

@@ -37,7 +37,9 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord
 
-from fedcl.strategy import ContinualStrategy, RoundInfo
+from fedcl.errors import RunAborted
+from fedcl.strategy import ContinualStrategy, RoundInfo, strategy_label
+from fedcl.validation import model_problem
 
 
 class TaskStreamDriver:
@@ -87,21 +89,32 @@ class TaskStreamDriver:
         for info in rounds:
             if self.open_task != info.task:
                 self.before_task(info.task)
-                self.arrays = self.strategy.begin_task(info.task, self.arrays)
+                self.arrays = self.task_hook("begin_task", info.task)
                 self.open_task = info.task
                 self.task_begun(info.task)
             self.before_round(info)
             self.run_round(info)
             if info.last_of_task:
                 last = self.arrays
-                self.arrays = self.strategy.end_task(info.task, self.arrays)
+                self.arrays = self.task_hook("end_task", info.task)
                 self.open_task = None
                 self.after_task(info.task, last)
             self.after_round(info)
         if then_open is not None and self.open_task != then_open:
-            self.arrays = self.strategy.begin_task(then_open, self.arrays)
+            self.arrays = self.task_hook("begin_task", then_open)
             self.open_task = then_open
         return self.arrays
+
+    def task_hook(self, hook: str, task: int) -> ArrayRecord:
+        """The strategy's ``begin_task`` or ``end_task`` of ``task`` on :attr:`arrays`; the
+        model it returns must fit the model it was given (a one-line
+        :class:`~fedcl.errors.RunAborted` names the hook otherwise)."""
+        arrays = getattr(self.strategy, hook)(task, self.arrays)
+        problem = model_problem(arrays, self.arrays)
+        if problem is not None:
+            raise RunAborted(f"{strategy_label(self.strategy)}.{hook} (task {task}) returned "
+                             f"{problem}")
+        return arrays
 
 
 __all__ = ["TaskStreamDriver"]

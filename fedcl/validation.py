@@ -145,6 +145,27 @@ def array_view(array: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def model_problem(arrays: object, reference: ArrayRecord) -> str | None:
+    """Why ``arrays``, which a strategy returned as the global model (from ``begin_task``,
+    ``end_task`` or its aggregate), cannot replace ``reference``: not an ArrayRecord, other
+    names, shapes or dtypes, or non-finite values; None when it can."""
+    if not isinstance(arrays, ArrayRecord):
+        return f"{type(arrays).__name__}, not an ArrayRecord"
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        return f"arrays that differ from the model's (missing {missing[:3]}, extra {extra[:3]})"
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            return (f"array {key} as {got.dtype}{list(got.shape)}, the model's is "
+                    f"{ref.dtype}{list(ref.shape)}")
+        values = array_view(got)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"non-finite values in array {key}"
+    return None
+
+
 def screen_replies(replies: Iterable[Message], reference: ArrayRecord,
                    max_update_norm_ratio: float) -> tuple[list[Message], list[str]]:
     """The replies fit to aggregate, and the reasons of the rejected ones."""

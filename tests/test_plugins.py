@@ -18,6 +18,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -457,3 +458,263 @@ def test_a_scenario_the_strategy_does_not_declare_is_refused(plugin_dir: Path) -
         setup_run(Config(strategy=ref, scenario="class-il"))
     assert str(err.value) == (f"strategy '{ref}' is not defined for scenario 'class-il' "
                               "(it declares task-il)")
+
+
+# --- what a researcher's plugin gets wrong: one line each, before anything starts ----------
+ODD_PARAMS_MODULE = '''
+from dataclasses import dataclass
+from typing import Optional
+
+from fedcl.plugins import register_strategy
+from strategies.fedavg import FedAvgCL, flower_kwargs
+
+
+@dataclass(frozen=True)
+class OddParams:
+    clip: Optional[float] = None
+    """Clip norm; None: no clipping."""
+    tag: str | None = None
+    mu: float = 0
+    """A float field with an int default."""
+    required: int = 1
+
+    def check(self):
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError("clip must be > 0")
+        assert self.mu < 10, "mu too big"
+
+
+@register_strategy("{name}", "Odd parameters.", params=OddParams)
+def build(config, params):
+    return FedAvgCL(**flower_kwargs(config))
+
+
+@dataclass(frozen=True)
+class NeedsParams:
+    lam: float
+    """No default: must be given."""
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ValueError("lam must be >= 0")
+
+
+@register_strategy("{name}-needs", "A parameter without a default.", params=NeedsParams)
+def build_needs(config, params):
+    return FedAvgCL(**flower_kwargs(config))
+'''
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"clip": 0.5, "tag": "x", "mu": 2}, None),  # Optional and int-default fields take values
+    ({"clip": 1}, None),
+    ({"clip": "big"}, "parameter 'clip' of strategy '{ref}' must be float, got 'big'"),
+    ({"clip": -1.0}, "parameters of strategy '{ref}' refused: ValueError: clip must be > 0"),
+    ({"mu": 11}, "parameters of strategy '{ref}' refused: AssertionError: mu too big"),
+])
+def test_parameters_typed_by_their_annotation_and_refused_in_one_line(
+        plugin_dir: Path, capsys: pytest.CaptureFixture[str], params: dict,
+        message: str | None) -> None:
+    module, name = _unique("oddmod"), _unique("odd")
+    (plugin_dir / f"{module}.py").write_text(ODD_PARAMS_MODULE.format(name=name),
+                                             encoding="utf-8")
+    ref = f"{module}:build"
+    if message is None:
+        typed = setup_run(Config(strategy=ref, strategy_params=params)).strategy_params
+        assert {k: getattr(typed, k) for k in params} == params
+        assert all(type(getattr(typed, k)) is type(v) or isinstance(v, int)
+                   for k, v in params.items())
+        return
+    with pytest.raises(ConfigError) as err:
+        setup_run(Config(strategy=ref, strategy_params=params))
+    assert str(err.value) == message.format(ref=ref)
+    flags = [arg for k, v in params.items() for arg in ("--strategy-param", f"{k}={v}")]
+    code, out, err_line = _cli(["config", "--strategy", ref, *flags], capsys)
+    assert (code, out, err_line) == (2, "", f"fedcl: error: {message.format(ref=ref)}\n")
+
+
+def test_a_parameter_without_default_must_be_given(plugin_dir: Path) -> None:
+    module, _ = _unique("needsmod"), None
+    (plugin_dir / f"{module}.py").write_text(ODD_PARAMS_MODULE.format(name=_unique("odd")),
+                                             encoding="utf-8")
+    ref = f"{module}:build_needs"
+    with pytest.raises(ConfigError) as err:
+        setup_run(Config(strategy=ref))
+    assert str(err.value) == (f"parameter 'lam' of strategy '{ref}' has no default and must "
+                              "be given")
+    assert setup_run(Config(strategy=ref, strategy_params={"lam": 2})).strategy_params.lam == 2.0
+    with pytest.raises(ConfigError, match=r"^parameters of strategy .* refused: ValueError: "
+                                          r"lam must be >= 0$"):
+        setup_run(Config(strategy=ref, strategy_params={"lam": -1}))
+
+
+BROKEN_PARTS_MODULE = '''
+import os
+
+from flwr.serverapp.strategy import FedAvg
+
+from fedcl.plugins import register_dataset, register_model, register_strategy
+from fedcl.strategy import flower_kwargs
+from fedcl.training import LocalTrainer
+from strategies.fedavg import FedAvgCL
+
+
+@register_strategy("{name}-raises", "Its build raises.")
+def build_raises(config, params):
+    raise RuntimeError("no GPU for you")
+
+
+@register_strategy("{name}-none", "Its build returns None.")
+def build_none(config, params):
+    return None
+
+
+@register_strategy("{name}-flower", "A plain Flower FedAvg, without fedcl's hooks.")
+def build_flower(config, params):
+    return FedAvg(**flower_kwargs(config))
+
+
+def bad_trainer(params):
+    raise KeyError("trainer")
+
+
+@register_strategy("{name}-trainer", "Its trainer raises.", trainer=bad_trainer)
+def build_trainer(config, params):
+    return FedAvgCL(**flower_kwargs(config))
+
+
+@register_model("{name}-model")
+def build_model(input_shape, classes_per_head, num_heads):
+    raise RuntimeError("model exploded")
+
+
+@register_model("{name}-nomodel")
+def build_no_model(input_shape, classes_per_head, num_heads):
+    return "not a module"
+
+
+@register_dataset("{name}-data", "Its loader raises.", num_classes=4)
+def load(data_dir, download):
+    raise FileNotFoundError(os.path.join(data_dir, "missing.bin"))
+'''
+
+
+def test_a_plugin_whose_build_fails_is_one_line_before_anything_starts(
+        plugin_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _unique("brokenparts")
+    (plugin_dir / f"{module}.py").write_text(BROKEN_PARTS_MODULE.format(name=_unique("b")),
+                                             encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    where = f"(raised at {plugin_dir / module}.py:"
+    cases = [
+        (["--strategy", f"{module}:build_raises"],
+         f"strategy '{module}:build_raises': its build function failed: RuntimeError: no GPU "
+         f"for you {where}"),
+        (["--strategy", f"{module}:build_none"],
+         f"strategy '{module}:build_none': its build function returned NoneType, not a "
+         "fedcl.strategy.ContinualStrategy"),
+        (["--strategy", f"{module}:build_flower"],
+         f"strategy '{module}:build_flower': its build function returned FedAvg, not a "
+         "fedcl.strategy.ContinualStrategy"),
+        (["--strategy", f"{module}:build_trainer"],
+         f"strategy '{module}:build_trainer': its trainer failed: KeyError: 'trainer' {where}"),
+        (["--model", f"{module}:build_model"],
+         f"model '{module}:build_model': its build function failed: RuntimeError: model "
+         f"exploded {where}"),
+        (["--model", f"{module}:build_no_model"],
+         f"model '{module}:build_no_model': its build function returned str, not a "
+         "torch.nn.Module"),
+        (["--dataset", f"{module}:load"],
+         f"dataset '{module}:load': its loader failed: FileNotFoundError: data/missing.bin"),
+    ]
+    for flags, message in cases:
+        code, out, err = _cli(["simulate", *flags, "--clients", "2", "--tasks", "2"], capsys)
+        assert code == 2 and out == "", (flags, err)
+        assert err.startswith(f"fedcl: error: {message}") and err.count("\n") == 1, err
+        assert list(work.iterdir()) == []  # nothing written, no run made
+
+
+def test_a_plugin_that_exits_at_import_is_one_line(plugin_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A research script with argparse at module level exits when fedcl imports it."""
+    module = _unique("script")
+    (plugin_dir / f"{module}.py").write_text("import sys\nsys.exit(3)\n", encoding="utf-8")
+    code, out, err = _cli(["config", "--strategy", f"{module}:build"], capsys)
+    assert (code, out) == (2, "")
+    assert err == (f"fedcl: error: strategy '{module}:build': cannot import {module}: the "
+                   "module exits when imported (SystemExit: 3)\n")
+
+
+@pytest.mark.parametrize(("decorator", "message"), [
+    (lambda: plugins.register_strategy("a:b", "x"), "strategy name 'a:b' is not a name"),
+    (lambda: plugins.register_strategy("", "x"), "strategy name '' is not a name"),
+    (lambda: plugins.register_strategy("my method", "x"),
+     "strategy name 'my method' is not a name"),
+    (lambda: plugins.register_strategy(7, "x"), "strategy name 7 is not a name"),
+    (lambda: plugins.register_model("a:b"), "model name 'a:b' is not a name"),
+    (lambda: plugins.register_strategy("ok-name", "x", params=dict),
+     "params of strategy 'ok-name' must be a dataclass type"),
+    (lambda: plugins.register_unlearning("ok-name", "x", params=object()),
+     "params of unlearning method 'ok-name' must be a dataclass type"),
+    (lambda: plugins.register_dataset("ok-name", "x", num_classes="4"),
+     "num_classes of dataset 'ok-name' must be a positive int, got '4'"),
+    (lambda: plugins.register_dataset("ok-name", "x", num_classes=0),
+     "num_classes of dataset 'ok-name' must be a positive int, got 0"),
+], ids=["colon", "empty", "space", "int", "model-colon", "params-dict", "params-instance",
+        "classes-str", "classes-zero"])
+def test_bad_registrations_are_refused_at_import(registries: None, decorator: Any,
+                                                 message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=f"^{message}"):
+        decorator()(lambda *args: None)
+
+
+def test_a_name_registered_twice_names_both_functions(registries: None) -> None:
+    def first(config: Config, params: object) -> None: ...
+
+    def second(config: Config, params: object) -> None: ...
+
+    name = _unique("twice")
+    plugins.register_strategy(name, "first")(first)
+    with pytest.raises(ValueError) as err:
+        plugins.register_strategy(name, "second")(second)
+    assert str(err.value) == (
+        f"strategy '{name}' registered twice (by {__name__}."
+        "test_a_name_registered_twice_names_both_functions.<locals>.first and "
+        f"{__name__}.test_a_name_registered_twice_names_both_functions.<locals>.second)")
+
+
+@pytest.mark.parametrize("scenarios", ["class-il", ("class_il",), ["class-il", "bogus"]])
+def test_capabilities_refuse_scenarios_that_are_not_scenario_names(scenarios: object) -> None:
+    from fedcl.strategy import Capabilities
+
+    with pytest.raises(ValueError, match=r"^Capabilities.scenarios must be a tuple of scenario "
+                                         r"names \(class-il, task-il, domain-il\), got "):
+        Capabilities(scenarios=scenarios)  # type: ignore[arg-type]
+    assert Capabilities(scenarios=["task-il"]).scenarios == ("task-il",)  # type: ignore[arg-type]
+
+
+def test_strategies_lists_a_plugin_whose_default_factory_raises(
+        plugin_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module, name = _unique("factorymod"), _unique("factory")
+    (plugin_dir / f"{module}.py").write_text(textwrap.dedent(f'''
+        from dataclasses import dataclass, field
+        from fedcl.plugins import register_strategy
+
+        def widths():
+            raise RuntimeError("needs a GPU")
+
+        @dataclass(frozen=True)
+        class P:
+            widths: list = field(default_factory=widths)
+
+        @register_strategy("{name}", "A factory default.", params=P)
+        def build(config, params):
+            return None
+    '''), encoding="utf-8")
+    _install(plugin_dir, "fedcl.strategies", {name: f"{module}:build"})
+    code, out, err = _cli(["strategies"], capsys)
+    assert code == 0 and err == ""
+    assert "  widths: list = widths()" in out.splitlines()

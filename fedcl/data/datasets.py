@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedcl.errors import DataError
+from fedcl.errors import DataError, FedclError
 
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
@@ -258,7 +258,14 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
-    dataset = info.load(data_dir, download)
+    try:
+        dataset = info.load(data_dir, download)
+    except FedclError:
+        raise
+    except Exception as err:  # a plugin's loader, in its own words, on one line
+        text = str(err).strip()
+        reason = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise DataError(f"dataset '{name}': its loader failed: {reason}") from err
     if not isinstance(dataset, Dataset):
         raise DataError(f"dataset '{name}': its loader returned {type(dataset).__name__}, "
                         "not a fedcl.data.datasets.Dataset")
