@@ -200,10 +200,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     resolve_device(config.device)
     build_scenario(config)  # fail on missing data before any process starts
-    from fedcl.data.partition import client_positions
+    from fedcl.data.partition import check_partitions
 
-    for task in range(config.tasks):  # and on a partition that cannot be made (the clients
-        client_positions(config, 0, task)  # then read every task's from fedcl's cache)
+    check_partitions(config)  # and on a partition that cannot be made (the clients then
+    # read every task's from fedcl's cache)
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)

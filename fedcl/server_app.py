@@ -32,6 +32,7 @@ from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
+from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError
 from fedcl.evaluation import Evaluator
@@ -236,6 +237,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     out_dir = Path(config.output or Path("outputs") / run_name)
     tracking_uri = resolve_tracking_uri(config)
     scenario = plugins.build_scenario(config)
+    check_partitions(config)  # every task's, before anything starts (as `fedcl simulate`)
     device = resolve_device(config.device)
     evaluator = Evaluator(scenario, config, device)
     schedule = setup.schedule
