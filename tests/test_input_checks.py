@@ -155,6 +155,16 @@ def test_a_dataset_loader_that_raises_is_one_line(tmp_path: Path, no_run: list[C
     assert "RuntimeError: the archive is damaged" in line
 
 
+def test_a_data_dir_name_too_long_is_one_line(tmp_path: Path, no_run: list[Config],
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _simulate(["--dataset", "fashion-mnist", "--data-dir", "d" * 300, "--no-download"],
+                       tmp_path, capsys, monkeypatch)
+    line = _assert_one_line_error(result, "dataset 'fashion-mnist' cannot be loaded from "
+                                          "data_dir 'dddd", tmp_path)
+    assert "File name too long" in line and len(line) < 600
+
+
 def test_data_that_cannot_be_cut_into_tasks_is_one_line(tmp_path: Path, no_run: list[Config],
                                                         registries: None,
                                                         capsys: pytest.CaptureFixture[str],

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fedcl.errors import DataError, FedclError
+from fedcl.paths import shown
 
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
@@ -263,8 +264,9 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
     except FedclError:
         raise
     except Exception as err:  # a plugin's loader on data it cannot read
-        raise DataError(f"dataset '{name}' cannot be loaded from data_dir '{data_dir}': "
-                        f"{type(err).__name__}: {_first_line(err)}") from None
+        raise DataError(f"dataset '{name}' cannot be loaded from data_dir "
+                        f"'{shown(data_dir)}': {type(err).__name__}: "
+                        f"{shown(_first_line(err), 300)}") from None
     if not isinstance(dataset, Dataset):
         raise DataError(f"dataset '{name}': its loader returned {type(dataset).__name__}, "
                         "not a fedcl.data.datasets.Dataset")
