@@ -11,6 +11,10 @@ partitioners are seeded from ``(seed, task)``.
 * ``shards``: ``ShardPartitioner``: sort by label, cut ``clients * shards_per_client`` shards and
   give each client ``shards_per_client`` of them (the FOT paper's non-IID split).
 
+A setting that a task's data cannot satisfy (more clients than samples, more shards than
+samples, Dirichlet draws that keep leaving a client empty) is one :class:`DataError` line naming
+the setting and the task; :func:`check_partitions` tries every task before a run starts.
+
 A task's partitions are also kept on disk (:func:`cache_dir`), keyed by the config fields that
 decide them, the task's labels and the flwr-datasets version: a simulated client process reads
 them there instead of importing flwr-datasets (~4 s of imports on a 2-core CPU: its
