@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
@@ -101,9 +102,10 @@ def add_erase_flag(parser: argparse.ArgumentParser) -> None:
                              "added to the config's erasures)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, paths: bool = True) -> Config:
     """Defaults, then ``--config``, then flags; checked by :func:`fedcl.run_setup.setup_run`
-    (one-line :class:`ConfigError` otherwise)."""
+    (one-line :class:`ConfigError` otherwise), with the paths the run would write when
+    ``paths``."""
     config = load_toml(args.config) if args.config else Config()
     overrides: dict[str, Any] = {}
     for name in FIELDS:
@@ -120,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config = config_from_dict(overrides, source="the command line", base=config)
     from fedcl.run_setup import setup_run  # deferred, as every command's modules: pulls torch
 
-    return setup_run(config).config
+    return setup_run(config, paths=paths).config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,17 +196,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues the run with its own config; drop "
                               f"--{given[0].replace('_', '-')}")
         resume = checkpoint.load(args.resume)
-        config = setup_run(checkpoint.config_of(resume)).config
+        config = checkpoint.config_of(resume)
+        folder = Path(args.resume)  # the run goes on in its checkpoint's folder, also when
+        config.output = str(folder if folder.is_dir() else folder.parent)  # that was moved
+        config = setup_run(config, resume=True).config
         checkpoint.stop_leftovers(resume)
     else:
         config = config_from_args(args)
     resolve_device(config.device)
     scenario = build_scenario(config)  # fail on missing data before any process starts
     build_model(config, scenario)  # ... and on a model plugin that cannot be built
-    from fedcl.data.partition import client_positions
+    from fedcl.data.partition import check_partitions
 
-    for task in range(config.tasks):  # and on a partition that cannot be made (the clients
-        client_positions(config, 0, task)  # then read every task's from fedcl's cache)
+    check_partitions(config)  # and on a partition that cannot be made (the clients then
+    # read every task's from fedcl's cache)
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
@@ -286,7 +291,7 @@ def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = config_from_args(args, paths=False)  # printed, maybe for another machine
     if args.flower:
         import tomli_w
 
@@ -307,8 +312,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from fedcl.tracking import OUTBOX_FILE, sync_outbox
 
     run_id, sent = sync_outbox(Path(args.output_dir) / OUTBOX_FILE, args.tracking_uri)

@@ -233,11 +233,18 @@ class Config:
     )
     experiment: str = field(default="fedcl", metadata=_doc("MLflow experiment name."))
     run_name: str | None = field(
-        default=None, metadata=_doc("MLflow run name; unset: <strategy>-<scenario>-<time>.")
+        default=None,
+        metadata=_doc(
+            "MLflow run name (at most 250 characters; without '/' when it names the output "
+            "folder); unset: <strategy>-<scenario>-<time>."
+        ),
     )
     output: str | None = field(
         default=None,
-        metadata=_doc("Folder for summary.json and plots; unset: outputs/<run name>."),
+        metadata=_doc(
+            "Folder for summary.json and plots: a new or empty one (or the one --resume "
+            "continues); unset: outputs/<run name>."
+        ),
     )
 
     # -----------------------------------------------------------------------------------------

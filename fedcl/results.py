@@ -73,6 +73,9 @@ import numpy as np
 
 from fedcl import metrics
 
+#: The summary's file in the output folder.
+SUMMARY_FILE = "summary.json"
+
 
 @dataclass
 class RoundRecord:
@@ -168,7 +171,7 @@ def write_outputs(summary: dict[str, Any], out_dir: Path, config_toml: str) -> l
     os.replace(tmp, path)
     files.append(path)
     files += plot_outputs(summary, out_dir)
-    path = out_dir / "summary.json"
+    path = out_dir / SUMMARY_FILE
     write_atomic(path, json.dumps(_json_safe(summary), indent=2) + "\n")
     files.append(path)
     return files

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +31,7 @@ from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
+from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted
 from fedcl.evaluation import Evaluator
@@ -47,7 +47,7 @@ from fedcl.rounds import (
     send_and_receive,
     train_round,
 )
-from fedcl.run_setup import setup_run
+from fedcl.run_setup import make_output, setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import OUTBOX_FILE, Tracker
@@ -88,11 +88,6 @@ def _in_background(fn: Any, *args: Any) -> Future[Any]:
     future = pool.submit(fn, *args)
     pool.shutdown(wait=False)
     return future
-
-
-def default_run_name(config: Config) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
 
 
 class LiveRun(TaskStreamDriver):
@@ -230,16 +225,18 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     a checkpoint); returns the summary (also written to disk)."""
     control = control or RunControl()
     started = time.monotonic()
-    setup = setup_run(config)  # the same checks as the CLI's, under `flwr run` too
-    run_name = default_run_name(config)
-    config.run_name = run_name
-    out_dir = Path(config.output or Path("outputs") / run_name)
+    # the same checks as the CLI's, under `flwr run` too: names, paths, then the data
+    setup = setup_run(config, resume=control.resume is not None)
+    run_name = config.run_name = setup.run_name
+    out_dir = setup.output
     tracking_uri = resolve_tracking_uri(config)
     scenario = plugins.build_scenario(config)
+    check_partitions(config)  # every task's, before anything starts (as `fedcl simulate`)
     device = resolve_device(config.device)
     evaluator = Evaluator(scenario, config, device)
     schedule = setup.schedule
     check_requests_hold_data(config, scenario, schedule, config.data_dir)  # before any run
+    make_output(out_dir)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)

@@ -17,7 +17,8 @@ from typing import Any
 from fedcl.client_app import app as client_app
 from fedcl.config import Config
 from fedcl.errors import FedclError, RunAborted, RunCancelled
-from fedcl.server_app import RunControl, RunObserver, build_server_app, default_run_name
+from fedcl.run_setup import check_output, default_run_name, make_output, output_folder
+from fedcl.server_app import RunControl, RunObserver, build_server_app
 from fedcl.tracking import terminate_run
 
 # Seconds the driver waits for the ServerApp thread to wind down after a failure or Ctrl-C.
@@ -69,7 +70,9 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
     from flwr.simulation import run_simulation  # deferred: it imports Ray (~1 s)
 
     config.run_name = default_run_name(config)
-    out_dir = Path(config.output or Path("outputs") / config.run_name)
+    out_dir = output_folder(config, config.run_name)
+    check_output(out_dir, resume=resume is not None)  # before flower.log goes there
+    make_output(out_dir)
     config.output = str(out_dir)
     _route_flower_logs(out_dir / "flower.log", verbose)
     control = RunControl(observer=observer, resume=resume)

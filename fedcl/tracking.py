@@ -21,6 +21,12 @@ outbox file for ``fedcl sync``. A resumed run sends the outbox it finds first. M
 original step and timestamp, so a late write is indistinguishable from a timely one. Errors the
 server *answers* with (HTTP 4xx: a request MLflow refuses) are not outages: they fail the run.
 Starting a run needs the server: a wrong URI is reported at once.
+
+**Before the run.** :func:`check_store` checks, without creating anything, the files a local
+store writes: the sqlite file or file store folder, and the artifacts folder of the run's
+experiment (the one it was created with, else ``./mlruns``, MLflow's default for a local
+database); and that the experiment is not deleted. :data:`MAX_RUN_NAME` and
+:data:`MAX_EXPERIMENT_NAME` are MLflow's limits on names.
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from fedcl.errors import FedclError
+from fedcl.errors import ConfigError, FedclError
+from fedcl.paths import check_file, check_folder, quoted, shown
 from fedcl.results import RoundRecord
 
 FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "wall_time_s")
@@ -55,6 +65,14 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+#: MLflow's limits: a run's name (its ``runs.name`` column) and an experiment's name.
+MAX_RUN_NAME = 250
+MAX_EXPERIMENT_NAME = 500
+
+#: Where MLflow keeps the artifacts of a local database's new experiments (relative to the
+#: working folder of the process that creates them).
+DEFAULT_ARTIFACT_ROOT = "mlruns"
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +382,74 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, 
     """(step, value) pairs of one metric of one run, by step."""
     client = _client(tracking_uri)
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the run: the files a local store writes
+# ---------------------------------------------------------------------------------------------
+def local_store(tracking_uri: str) -> tuple[str, Path] | None:
+    """``("sqlite", file)`` or ``("file", folder)`` for a tracking URI that MLflow keeps on
+    this machine; None for a server, an in-memory database or another scheme."""
+    if tracking_uri.startswith("sqlite:"):
+        rest = tracking_uri[len("sqlite:"):]
+        path = rest[3:].split("?", 1)[0] if rest.startswith("///") else ""
+        return None if path in ("", ":memory:") else ("sqlite", Path(path))
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "file":
+        return "file", Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a drive letter)
+        return "file", Path(tracking_uri)
+    return None
+
+
+def _experiment_rows(db: Path, experiment: str) -> list[tuple[str | None, str]]:
+    """(artifact_location, lifecycle_stage) of every experiment named ``experiment`` in the
+    MLflow database ``db``, read without writing to it; [] when it has none (or no tables
+    yet). Raises ConfigError for a file that is not an SQLite database."""
+    try:
+        with sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT artifact_location, lifecycle_stage FROM experiments "
+                                "WHERE name = ?", (experiment,)).fetchall()
+    except sqlite3.OperationalError:  # no MLflow tables yet, or busy: MLflow will tell
+        return []
+    except sqlite3.DatabaseError:
+        raise ConfigError(f"tracking URI: {shown(str(db))} is not an SQLite database") from None
+
+
+def _local_folder(location: str) -> Path | None:
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:
+        return Path(location)
+    return None  # an object store or MLflow's artifact proxy: not this machine's
+
+
+def check_store(tracking_uri: str, experiment: str) -> tuple[Path | None, list[Path]]:
+    """Raise a one-line ConfigError when a local store cannot be written: its sqlite file or
+    file store folder (:func:`fedcl.paths.check_file`, :func:`~fedcl.paths.check_folder`),
+    the artifacts folder of ``experiment`` (or ``./mlruns`` for a new one in a database), or
+    an ``experiment`` that the store holds as deleted. Creates nothing; servers are not
+    contacted (starting the MLflow run reports them). Returns the absolute paths the store
+    will write on this machine: its database file (None for a file store or a server) and
+    its folders."""
+    store = local_store(tracking_uri)
+    if store is None:
+        return None, []
+    kind, path = store
+    if kind == "file":
+        return None, [check_folder(path, f"MLflow store {shown(tracking_uri)}: folder")]
+    db = check_file(path, f"MLflow store {shown(tracking_uri)}: database")
+    rows = _experiment_rows(db, experiment) if db.is_file() else []
+    if rows and all(stage == "deleted" for _, stage in rows):
+        raise ConfigError(f"MLflow experiment {quoted(experiment)} is deleted in "
+                          f"{shown(tracking_uri)}; restore it or choose another experiment")
+    if not rows:
+        return db, [check_folder(DEFAULT_ARTIFACT_ROOT, "MLflow artifacts folder")]
+    folders = []
+    for location, stage in rows:
+        folder = _local_folder(location or "") if stage != "deleted" and location else None
+        if folder is not None:
+            folders.append(check_folder(folder, "MLflow artifacts folder of experiment "
+                                                f"{quoted(experiment)}"))
+    return db, folders

@@ -536,7 +536,8 @@ def test_dirichlet_alpha_skew() -> None:
 def test_too_many_partitions() -> None:
     with pytest.raises(DataError) as err:
         partition_positions(np.arange(5) % 2, 6, "iid", seed=0)
-    assert str(err.value) == "cannot split 5 samples across 6 clients"
+    assert str(err.value) == ("partition 'iid' cannot split 5 training samples across 6 "
+                              "clients; fewer clients may fit")
 
 
 def test_unknown_partition() -> None:

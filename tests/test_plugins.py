@@ -628,7 +628,8 @@ def test_a_plugin_whose_build_fails_is_one_line_before_anything_starts(
          f"model '{module}:build_no_model': its build function returned str, not a "
          "torch.nn.Module"),
         (["--dataset", f"{module}:load"],
-         f"dataset '{module}:load': its loader failed: FileNotFoundError: data/missing.bin"),
+         f"dataset '{module}:load' cannot be loaded from data_dir 'data': FileNotFoundError: "
+         "data/missing.bin"),
     ]
     for flags, message in cases:
         code, out, err = _cli(["simulate", *flags, "--clients", "2", "--tasks", "2"], capsys)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fedcl.errors import DataError, FedclError
+from fedcl.paths import shown
 
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
@@ -252,8 +253,8 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
     """Load ``name`` (a key of :data:`DATASETS`) into memory; cached per process.
 
     Raises :class:`~fedcl.errors.DataError` for an unknown name, missing or unreadable files,
-    a loader that returns something else than a :class:`Dataset` of ``num_classes`` classes,
-    or labels outside ``0..num_classes - 1``.
+    a loader that raises (its error on one line), a loader that returns something else than a
+    :class:`Dataset` of ``num_classes`` classes, or labels outside ``0..num_classes - 1``.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
@@ -262,10 +263,10 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
         dataset = info.load(data_dir, download)
     except FedclError:
         raise
-    except Exception as err:  # a plugin's loader, in its own words, on one line
-        text = str(err).strip()
-        reason = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-        raise DataError(f"dataset '{name}': its loader failed: {reason}") from err
+    except Exception as err:  # a plugin's loader on data it cannot read
+        raise DataError(f"dataset '{name}' cannot be loaded from data_dir "
+                        f"'{shown(data_dir)}': {type(err).__name__}: "
+                        f"{shown(_first_line(err), 300)}") from None
     if not isinstance(dataset, Dataset):
         raise DataError(f"dataset '{name}': its loader returned {type(dataset).__name__}, "
                         "not a fedcl.data.datasets.Dataset")
@@ -277,6 +278,11 @@ def load_dataset(name: str, data_dir: str = "data", download: bool = False) -> D
     if found > info.num_classes or (len(train) and int(train.y.min()) < 0):
         raise DataError(f"{name}: labels outside 0..{info.num_classes - 1}")
     return dataset
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else "(no message)"
 
 
 @functools.lru_cache(maxsize=32)

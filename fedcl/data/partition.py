@@ -11,6 +11,10 @@ partitioners are seeded from ``(seed, task)``.
 * ``shards``: ``ShardPartitioner``: sort by label, cut ``clients * shards_per_client`` shards and
   give each client ``shards_per_client`` of them (the FOT paper's non-IID split).
 
+A setting that a task's data cannot satisfy (more clients than samples, more shards than
+samples, Dirichlet draws that keep leaving a client empty) is one :class:`DataError` line naming
+the setting and the task; :func:`check_partitions` tries every task before a run starts.
+
 A task's partitions are also kept on disk (:func:`cache_dir`), keyed by the config fields that
 decide them, the task's labels and the flwr-datasets version: a simulated client process reads
 them there instead of importing flwr-datasets (~4 s of imports on a 2-core CPU: its
@@ -35,40 +39,62 @@ from fedcl.errors import DataError
 
 def partition_positions(labels: np.ndarray, num_partitions: int, method: str, *, seed: int,
                         alpha: float = 0.5, shards_per_partition: int = 2) -> list[np.ndarray]:
-    """Positions (into ``labels``) of every partition, in partition-id order."""
+    """Positions (into ``labels``) of every partition, in partition-id order, none empty.
+
+    Whatever flwr-datasets' partitioner makes of a setting the labels cannot satisfy (more
+    clients than samples, Dirichlet draws that leave a client empty, more shards than samples,
+    which its ``ShardPartitioner`` meets with a ``ZeroDivisionError``) becomes one
+    :class:`DataError` line naming the setting."""
     import datasets
     from flwr_datasets import partitioner as fp
 
-    if num_partitions > len(labels):
-        raise DataError(f"cannot split {len(labels)} samples across {num_partitions} clients")
-    ds = datasets.Dataset.from_dict({"label": np.asarray(labels, dtype=np.int64),
-                                     "pos": np.arange(len(labels), dtype=np.int64)})
-    if method == "iid":
-        part: fp.Partitioner = fp.IidPartitioner(num_partitions)
-        ds = ds.shuffle(seed=seed)
-    elif method == "dirichlet":
-        part = fp.DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
-                                       min_partition_size=1, seed=seed)
-    elif method == "shards":
-        part = fp.ShardPartitioner(num_partitions, partition_by="label",
-                                   num_shards_per_partition=shards_per_partition, seed=seed)
-    else:
+    n = len(labels)
+    if method not in ("iid", "dirichlet", "shards"):
         raise DataError(f"unknown partition '{method}'")
-    part.dataset = ds
-    hint = {"dirichlet": "; a larger dirichlet_alpha, fewer clients or partition = 'iid' may fit",
-            "shards": "; fewer shards_per_client or fewer clients may fit"}.get(method, "")
+    setting = {"iid": "", "dirichlet": f" (dirichlet_alpha {alpha})",
+               "shards": f" (shards_per_client {shards_per_partition})"}[method]
+    failed = (f"partition '{method}'{setting} cannot split {n} training samples across "
+              f"{num_partitions} clients")
+    hint = {"iid": "; fewer clients may fit",
+            "dirichlet": "; a larger dirichlet_alpha, fewer clients or partition = 'iid' may fit",
+            "shards": "; fewer shards_per_client or fewer clients may fit"}[method]
+    if num_partitions > n:
+        raise DataError(f"{failed}{hint}")
     try:
+        ds = datasets.Dataset.from_dict({"label": np.asarray(labels, dtype=np.int64),
+                                         "pos": np.arange(n, dtype=np.int64)})
+        if method == "iid":
+            part: fp.Partitioner = fp.IidPartitioner(num_partitions)
+            ds = ds.shuffle(seed=seed)
+        elif method == "dirichlet":
+            part = fp.DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
+                                           min_partition_size=1, seed=seed)
+        else:
+            part = fp.ShardPartitioner(num_partitions, partition_by="label",
+                                       num_shards_per_partition=shards_per_partition, seed=seed)
+        part.dataset = ds
         # flwr-datasets warns on every failed Dirichlet draw, and its shard partitioner uses
         # an Arrow sort option that pyarrow 25 deprecates: the outcome is what matters
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
             # read the column as Arrow: Python rows would cost seconds per task
-            return [part.load_partition(i).with_format("arrow")["pos"].to_numpy()
-                    .astype(np.int64) for i in range(num_partitions)]
-    except ValueError as err:
-        raise DataError(f"{method} partition failed for {num_partitions} clients "
-                        f"({len(labels)} samples): {str(err).rstrip('.')}{hint}") from None
+            parts = [part.load_partition(i).with_format("arrow")["pos"].to_numpy()
+                     .astype(np.int64) for i in range(num_partitions)]
+    except Exception as err:  # the partitioner's own refusal, or its arithmetic failing
+        reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__
+        if not isinstance(err, ValueError):
+            reason = f"{type(err).__name__}: {reason}"
+        reason = f"flwr-datasets: {reason}"
+        shards = num_partitions * shards_per_partition
+        if method == "shards" and shards > n:
+            reason = (f"{num_partitions} x {shards_per_partition} = {shards} shards are more "
+                      f"than the samples ({reason})")
+        raise DataError(f"{failed}: {reason}{hint}") from None
+    empty = next((i for i, p in enumerate(parts) if len(p) == 0), None)
+    if empty is not None:
+        raise DataError(f"{failed}: client {empty} would get no sample{hint}")
+    return parts
 
 
 def cache_dir() -> Path:
@@ -116,10 +142,13 @@ def _task_partitions(config_key: str, task: int, data_dir: str) -> list[np.ndarr
     path = _cache_file(config_key, task, labels)
     parts = _read_cached(path, config.clients)
     if parts is None:
-        parts = partition_positions(labels, config.clients, config.partition,
-                                    seed=config.seed * 1000 + task,
-                                    alpha=config.dirichlet_alpha,
-                                    shards_per_partition=config.shards_per_client)
+        try:
+            parts = partition_positions(labels, config.clients, config.partition,
+                                        seed=config.seed * 1000 + task,
+                                        alpha=config.dirichlet_alpha,
+                                        shards_per_partition=config.shards_per_client)
+        except DataError as err:
+            raise DataError(f"task {task}: {err}") from None
         _write_cached(path, parts)
     return parts
 
@@ -135,6 +164,14 @@ def _partition_key(config: Config) -> str:
                    dirichlet_alpha=config.dirichlet_alpha,
                    shards_per_client=config.shards_per_client, download=config.download)
     return keep.to_json()
+
+
+def check_partitions(config: Config, data_dir: str | None = None) -> None:
+    """Partition every task of the run as its clients will (and keep the partitions in the
+    cache for them): a setting that some task's data cannot satisfy raises one
+    :class:`DataError` line naming the setting and the task, before anything starts."""
+    for task in range(config.tasks):
+        client_positions(config, 0, task, data_dir)
 
 
 def client_positions(config: Config, partition_id: int, task: int,

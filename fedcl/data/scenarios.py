@@ -22,7 +22,7 @@ import torch
 
 from fedcl.config import Config
 from fedcl.data.datasets import Dataset, load_dataset
-from fedcl.errors import ConfigError
+from fedcl.errors import ConfigError, DataError, FedclError
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,17 @@ def _cached_scenario(dataset: str, data_dir: str, download: bool, kind: str, tas
 
 
 def build_scenario(config: Config, data_dir: str | None = None) -> Scenario:
-    """The scenario a config describes; cached per process (clients share one copy)."""
-    return _cached_scenario(config.dataset, data_dir or config.data_dir, config.download,
-                            config.scenario, config.tasks, config.domain_shift,
-                            config.task_order_seed, config.seed)
+    """The scenario a config describes; cached per process (clients share one copy). Data
+    that cannot be cut into the tasks (a plugin dataset's images not N x C x H x W, say)
+    raises one :class:`DataError` line."""
+    try:
+        return _cached_scenario(config.dataset, data_dir or config.data_dir, config.download,
+                                config.scenario, config.tasks, config.domain_shift,
+                                config.task_order_seed, config.seed)
+    except FedclError:
+        raise
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        raise DataError(f"dataset '{config.dataset}' cannot be cut into {config.tasks} "
+                        f"{config.scenario} tasks: {type(err).__name__}: "
+                        f"{lines[0] if lines else '(no message)'}") from None
