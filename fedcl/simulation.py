@@ -32,9 +32,8 @@ from fedcl.tracking import terminate_run
 
 # Seconds the ServerApp gets to end its run after a failure or a signal ...
 SHUTDOWN_GRACE_S = 30.0
-# ... and then, after a signal, Flower's engine and Ray to shut down (about 5 s: Ray gives
-# each of its services 1 s to handle a SIGTERM they block, see fedcl.signals.shielded_children)
-# before what is left of them is killed.
+# ... and then, after a signal, Flower's engine and Ray to shut down (a few seconds) before
+# what is left of them is killed.
 ENGINE_GRACE_S = 15.0
 # Seconds between the main thread's looks at the engine.
 POLL_S = 0.25
@@ -47,6 +46,8 @@ RUNTIME_ENV_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED"
 
 # Ray's documented switch for its C++ failure-signal handler (see _import_engine).
 RAY_FAILURE_HANDLER_OFF = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+# Where Ray tears down the processes of a node it started (see _hasten_ray_teardown).
+RAY_NODE_FILE = os.path.join("ray", "_private", "node.py")
 
 
 def _route_flower_logs(log_file: Path | None, verbose: bool) -> None:
@@ -129,6 +130,7 @@ class _Engine(threading.Thread):
         self.session_dir: str | None = None
         self.ray_up = threading.Event()
         self.error: BaseException | None = None
+        self.hastened = False  # see _hasten_ray_teardown
 
     def run(self) -> None:
         try:
@@ -172,7 +174,7 @@ def _run(config: Config, observer: RunObserver | None, verbose: bool,
         if signals.received is not None:
             control.stop_reason = str(Terminated(signals.received))
             control.cancel.set()
-            _wind_down(control, engine, signals)
+            _wind_down(control, engine, signals, owner)
         elif engine is not None and engine.error is not None:
             control.cancel.set()
             if control.started.is_set():
@@ -218,10 +220,28 @@ def _watch(engine: _Engine, signals: TerminationSignals, owner: OutputOwner) -> 
             signals.reinstall()  # should Ray have taken SIGTERM after all
             owner.note_session(engine.session_dir)
         owner.note_processes()
+        _hasten_ray_teardown(engine, owner)
 
 
-def _wind_down(control: RunControl, engine: _Engine | None, signals: TerminationSignals
-               ) -> None:
+def _hasten_ray_teardown(engine: _Engine, owner: OutputOwner) -> None:
+    """Once the engine thread is inside Ray's own teardown of its processes
+    (``ray._private.node.Node.kill_all_processes``, which ``ray.shutdown`` runs after the
+    driver has disconnected from them), kill them at once: Ray sends each a SIGTERM and waits
+    1 s for it, and Ray's processes block SIGTERM (:func:`fedcl.signals.shielded_children`).
+    Ray then finds them gone and moves on. Should Ray's teardown look otherwise, this finds
+    nothing and Ray takes its time."""
+    frame = None if engine.hastened else sys._current_frames().get(engine.ident or -1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "kill_all_processes" and code.co_filename.endswith(RAY_NODE_FILE):
+            engine.hastened = True
+            owner.stop_started()
+            return
+        frame = frame.f_back
+
+
+def _wind_down(control: RunControl, engine: _Engine | None, signals: TerminationSignals,
+               owner: OutputOwner) -> None:
     """After a signal: the ServerApp, if it started, ends its run (it sees ``control.cancel``
     while it waits for clients), then Flower's engine stops and Ray shuts down; each within
     its grace, and at once when the signal is repeated (``signals.hurried``)."""
@@ -234,6 +254,7 @@ def _wind_down(control: RunControl, engine: _Engine | None, signals: Termination
     deadline = time.monotonic() + ENGINE_GRACE_S
     while engine.is_alive() and not signals.hurried and time.monotonic() < deadline:
         engine.join(POLL_S)
+        _hasten_ray_teardown(engine, owner)
 
 
 def _stop_detail(control: RunControl, out_dir: Path) -> str:
