@@ -17,8 +17,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
+from fedcl.config import (
+    FIELDS,
+    PARAM_TABLES,
+    Config,
+    config_from_dict,
+    field_type,
+    load_toml,
+    resolve_tracking_uri,
+)
 from fedcl.errors import ConfigError, FedclError, Terminated
+from fedcl.processes import OutputOwner
 from fedcl.signals import TerminationSignals
 
 
@@ -185,8 +194,8 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     once, one during the run stops it (:func:`fedcl.simulation.simulate`)."""
     signals = signals or TerminationSignals()
     resume: dict[str, Any] | None = None
-    config = None
-    owner = None
+    config: Config | None = None
+    owner: OutputOwner | None = None
     try:
         from fedcl.plugins import build_scenario  # (imports take seconds: inside the try)
         from fedcl.progress import LiveDisplay, format_matrix
@@ -248,25 +257,23 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     return 0
 
 
-def _claim(folder: str, resume: dict[str, Any] | None, signals: TerminationSignals) -> Any:
+def _claim(folder: str, resume: dict[str, Any] | None, signals: TerminationSignals
+           ) -> OutputOwner:
     """Own the output folder (refused while another run that lives owns it), then stop what
     a killed previous owner left running."""
-    from fedcl.processes import OutputOwner
-
     with signals.held():
         owner = OutputOwner.claim(folder)
     owner.stop_leftovers([(resume or {}).get("ray_session_dir")])
     return owner
 
 
-def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None, config: Any,
-                          owner: Any) -> Terminated:
+def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None,
+                          config: Config | None, owner: OutputOwner | None) -> Terminated:
     """A signal before the simulation started: a resumed run's MLflow run, left RUNNING by
     the process that was killed, is marked FAILED once this one owns the folder."""
     if resume is None or owner is None or config is None:
         return Terminated(stop.signum, " before the run started")
-    from fedcl.config import resolve_tracking_uri
-    from fedcl.tracking import terminate_run
+    from fedcl.tracking import terminate_run  # deferred: it imports mlflow
 
     detail = ""
     try:
