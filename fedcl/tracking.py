@@ -345,11 +345,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def terminate_run(tracking_uri: str, run_id: str, status: str = "FAILED") -> None:
-    """Mark a run as ended from outside the ServerApp (the CLI after Ctrl-C)."""
+def terminate_run(tracking_uri: str, run_id: str, status: str = "FAILED",
+                  reason: str | None = None) -> str:
+    """Mark a run as ended from outside the ServerApp (after a signal, a backend failure)
+    unless it already ended; returns its status afterwards."""
     client = _client(tracking_uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)
+    current = str(client.get_run(run_id).info.status)
+    if current != "RUNNING":
+        return current
+    if reason:
+        client.set_tag(run_id, "fedcl.error", reason[:5000])
+    client.set_tag(run_id, "fedcl.status", status.lower())
+    client.set_terminated(run_id, status)
+    return status
 
 
 def run_status(tracking_uri: str, run_id: str) -> str:
