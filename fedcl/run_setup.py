@@ -193,7 +193,8 @@ def check_output(output: Path, *, resume: bool = False) -> None:
     if not output.is_dir():
         return
     owner = live_owner(output)
-    if owner is not None:
+    # under `fedcl simulate` the ServerApp runs in the process that holds the lock: its own
+    if owner is not None and owner.get("pid") != os.getpid():
         raise OutputInUse(f"{shown(str(output))} belongs to a run that is still going (pid "
                           f"{owner.get('pid', 'unknown')}); stop that run or choose another "
                           "output folder")
