@@ -35,7 +35,13 @@ from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.evaluation import Evaluator
-from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
+from fedcl.results import (
+    RoundRecord,
+    build_summary,
+    client_state_entry,
+    stability_metrics,
+    write_outputs,
+)
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
     PhaseClock,
@@ -180,10 +186,7 @@ class LiveRun(TaskStreamDriver):
         for m in outcome.ok:
             info_rec = m.content[protocol.CLIENT_INFO]
             for q in reply_members(m):  # a cohort's members report its leader's state
-                p.client_state[q] = {
-                    "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
-                             if k],
-                    "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
+                p.client_state[q] = client_state_entry(info_rec)
         p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
         acc = self.evaluator(p.arrays)
         clock("evaluate")
@@ -261,6 +264,10 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             raise RunAborted(f"cannot resume from the checkpoint: {plugins.one_line(err)}"
                              f"{plugins.raised_at(err)}") from err
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
+        if plugins.build_trainer(config).keeps_client_store:
+            log.warning("resuming: the clients' stores (replay buffers) lived in the stopped "
+                        "run's client processes and start empty; the rest of the run differs "
+                        "from an uninterrupted one")
     else:
         arrays = ArrayRecord(plugins.build_model(config, scenario).state_dict())
         state = RunState(arrays=arrays, baseline=evaluator(arrays))
