@@ -19,12 +19,14 @@ import pytest
 from fedcl import processes
 from fedcl.errors import OutputInUse, Terminated
 from fedcl.processes import OutputOwner
+from fedcl.run_setup import check_output
 from fedcl.signals import TerminationSignals
 from tests.conftest import ROOT, alive, wait_until_gone
 
 HOLDER = textwrap.dedent("""
     import subprocess, sys, time
     from fedcl.processes import OutputOwner
+from fedcl.run_setup import check_output
     owner = OutputOwner.claim(sys.argv[1])
     child = subprocess.Popen(["sleep", "300"])  # a process the run started
     owner.note_processes(force=True)
@@ -39,6 +41,36 @@ def _hold(folder: Path) -> tuple[subprocess.Popen[str], psutil.Process]:
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None
     return proc, psutil.Process(int(proc.stdout.readline()))
+
+
+def test_a_folder_a_live_run_owns_is_refused_by_the_output_check(tmp_path: Path) -> None:
+    """Before any claim, a new run (or a resume) on a folder whose lock a live run holds is
+    told so, even where the folder also holds that run's checkpoint; the owner itself (its
+    ServerApp checks the folder it runs in) and folders without a live holder pass."""
+    out = tmp_path / "out"
+    assert processes.live_owner(out) is None  # no folder, no lock: nothing made
+    assert not out.exists()
+    holder, child = _hold(out)
+    try:
+        (out / "checkpoint.pt").write_bytes(b"")
+        assert processes.live_owner(out)["pid"] == holder.pid
+        for resume in (False, True):
+            with pytest.raises(OutputInUse) as refused:
+                check_output(out, resume=resume)
+            assert str(refused.value) == (f"{out} belongs to a run that is still going (pid "
+                                          f"{holder.pid}); stop that run or choose another "
+                                          "output folder")
+        holder.kill()
+        holder.wait(30)
+        assert processes.live_owner(out) is None
+        check_output(out, resume=True)  # a killed run's folder is resumed
+        owner = OutputOwner.claim(out)
+        assert processes.live_owner(out) is None  # this process's own claim
+        assert owner.stop_leftovers() == 1
+        owner.release()
+    finally:
+        holder.kill()
+        child.kill()
 
 
 def test_a_live_owner_keeps_the_folder_and_a_killed_one_frees_it(tmp_path: Path) -> None:
