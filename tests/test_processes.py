@@ -26,7 +26,6 @@ from tests.conftest import ROOT, alive, wait_until_gone
 HOLDER = textwrap.dedent("""
     import subprocess, sys, time
     from fedcl.processes import OutputOwner
-from fedcl.run_setup import check_output
     owner = OutputOwner.claim(sys.argv[1])
     child = subprocess.Popen(["sleep", "300"])  # a process the run started
     owner.note_processes(force=True)
