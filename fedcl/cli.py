@@ -26,7 +26,7 @@ from fedcl.config import (
     load_toml,
     resolve_tracking_uri,
 )
-from fedcl.errors import ConfigError, FedclError, Terminated
+from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
 from fedcl.processes import OutputOwner
 from fedcl.signals import TerminationSignals
 
@@ -201,7 +201,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         from fedcl.data.partition import check_partitions  # (imports take seconds: inside
         from fedcl.plugins import build_model, build_scenario  # the try)
         from fedcl.progress import LiveDisplay, format_matrix
-        from fedcl.run_setup import default_run_name, output_folder, setup_run
+        from fedcl.run_setup import setup_run
         from fedcl.simulation import simulate
         from fedcl.training import resolve_device
 
@@ -227,9 +227,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         check_partitions(config)  # and on a partition that cannot be made (the clients then
         # read every task's from fedcl's cache)
         if owner is None:
-            config.run_name = default_run_name(config)
-            config.output = str(output_folder(config, config.run_name))
-            owner = _claim(config.output, None, signals)
+            owner = _claim_new(config, signals)
     except Terminated as stop:
         raise _stopped_before_start(stop, resume, config, owner) from None
     # the live display writes to its own copy of the terminal: while the simulation runs,
@@ -266,6 +264,38 @@ def _claim(folder: str, resume: dict[str, Any] | None, signals: TerminationSigna
         owner = OutputOwner.claim(folder)
     owner.stop_leftovers([(resume or {}).get("ray_session_dir")])
     return owner
+
+
+def _claim_new(config: Config, signals: TerminationSignals) -> OutputOwner:
+    """Own the output folder of a new run. A folder named by the user is the user's: a live
+    owner there is refused. A derived one (``outputs/<strategy>-<scenario>-<UTC second>``,
+    no run_name and no output given) may be taken by a run started in the same second (a
+    sweep started with ``&``): the next free ``-2``, ``-3``, ... is used instead, and the
+    run's name follows it."""
+    from fedcl.run_setup import check_output, default_run_name, output_folder
+
+    derived = not config.run_name and not config.output
+    base = default_run_name(config)
+    for attempt in range(1, 100):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        folder = output_folder(config, name)
+        try:
+            if derived:
+                check_output(folder)  # not claimed if it is another run's already
+            owner = _claim(str(folder), None, signals)
+            try:
+                if derived:
+                    check_output(folder)  # ... nor if another run made it meanwhile
+            except FedclError:
+                owner.release()
+                raise
+        except (ConfigError, OutputInUse):
+            if not derived or attempt == 99:
+                raise
+            continue
+        config.run_name, config.output = name, str(folder)
+        return owner
+    raise AssertionError("unreachable")
 
 
 def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None,

@@ -31,6 +31,8 @@ database); and that the experiment is not deleted. :data:`MAX_RUN_NAME` and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -38,7 +40,7 @@ import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -52,6 +54,9 @@ FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "w
 
 #: Where a run keeps what it could not send yet (in its output folder).
 OUTBOX_FILE = "mlflow_outbox.jsonl"
+
+#: Seconds a run waits for other runs to finish setting up the same local store.
+STORE_LOCK_TIMEOUT_S = 300.0
 
 #: Seconds between attempts to reach an unreachable tracking server.
 RETRY_EVERY_S = 5.0
@@ -89,7 +94,65 @@ def _client(tracking_uri: str) -> Any:
 
     # no mlflow.set_tracking_uri(): it also sets $MLFLOW_TRACKING_URI for every process
     # started afterwards, which would steer their runs into this store
-    return MlflowClient(tracking_uri=tracking_uri)
+    with store_lock(tracking_uri):  # MLflow makes a new local store's tables on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold, across processes, the lock of a local store (an ``flock`` on the nearest existing
+    folder of its sqlite file or file store; nothing is created); a server's store holds its
+    own. MLflow makes a new sqlite store's tables (and migrates an old one) on first use, and
+    two processes doing so at once fail ("table ... already exists"): runs started together
+    on one store take turns at this step only. Raises FedclError after ``timeout_s``."""
+    store = local_store(tracking_uri)
+    if store is None:
+        yield
+        return
+    folder = store[1].absolute().parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this process cannot open: MLflow will say what is wrong
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FedclError(f"MLflow store {shown(tracking_uri)}: another process "
+                                     f"held its set-up for {timeout_s:.0f} s") from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock: go on unlocked
+                break
+        yield
+    finally:
+        os.close(fd)  # closing frees the lock
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, made if the store lacks it. Runs started together
+    may both find it missing: the one whose create fails takes the other's."""
+    for attempt in range(2):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise FedclError(f"MLflow experiment '{name}' is deleted; "
+                                 "restore it or choose another name")
+            return str(exp.experiment_id)
+        try:
+            return str(client.create_experiment(name))
+        except Exception:
+            if attempt:  # not made by another run: the store's own refusal
+                raise
+    raise AssertionError("unreachable")
 
 
 def flatten_params(config: dict[str, Any]) -> dict[str, str]:
@@ -129,14 +192,7 @@ class Tracker:
 
         try:
             client = _client(self.tracking_uri)
-            exp = client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                exp_id = client.create_experiment(self.experiment)
-            elif exp.lifecycle_stage == "deleted":
-                raise FedclError(f"MLflow experiment '{self.experiment}' is deleted; "
-                                 "restore it or choose another name")
-            else:
-                exp_id = exp.experiment_id
+            exp_id = _experiment_id(client, self.experiment)
             tags = {"fedcl.strategy": config["strategy"], "fedcl.scenario": config["scenario"],
                     "fedcl.dataset": config["dataset"], "mlflow.runName": self.run_name}
             run = client.create_run(exp_id, run_name=self.run_name, tags=tags)

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedcl import processes
+from fedcl import cli, processes, run_setup
+from fedcl.config import Config
 from fedcl.errors import OutputInUse, Terminated
 from fedcl.processes import OutputOwner
 from fedcl.run_setup import check_output
@@ -159,3 +160,30 @@ def test_held_sections_end_before_the_signal_is_raised(signals: TerminationSigna
     os.kill(os.getpid(), signal.SIGINT)  # held for good: recorded only
     time.sleep(0.1)
     assert signals.received == signal.SIGHUP
+
+
+def test_a_derived_output_folder_taken_in_the_same_second_moves_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs started together derive the same ``outputs/<strategy>-<scenario>-<second>``: a
+    later one takes the next free ``-2``, ``-3``, ... (a finished run's folder and a live
+    run's are passed over, untouched); a folder the user named is refused instead."""
+    monkeypatch.chdir(tmp_path)
+    base = "fedavg-class-il-20261201-000000"
+    monkeypatch.setattr(run_setup, "default_run_name",
+                        lambda config: config.run_name or base)
+    finished = tmp_path / "outputs" / base
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}\n", encoding="utf-8")
+    holder, child = _hold(tmp_path / "outputs" / f"{base}-2")
+    try:
+        config = Config()
+        owner = cli._claim_new(config, TerminationSignals())
+        assert (config.run_name, config.output) == (f"{base}-3", f"outputs/{base}-3")
+        assert sorted(p.name for p in finished.iterdir()) == ["summary.json"]
+        owner.release()
+        named = Config(output=f"outputs/{base}-2")
+        with pytest.raises(OutputInUse):
+            cli._claim_new(named, TerminationSignals())
+    finally:
+        holder.kill()
+        child.kill()
