@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     for name in args.only:
         t0 = time.monotonic()
         run_out = out / name
+        shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
         cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--config",
                str(ROOT / "simulations" / f"{name}.toml"), "--rounds-per-task",
                str(args.rounds_per_task), "--output", str(run_out), *shlex.split(args.extra)]

@@ -9,6 +9,7 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -26,7 +27,7 @@ from fedcl.config import (
     load_toml,
     resolve_tracking_uri,
 )
-from fedcl.errors import ConfigError, FedclError, Terminated
+from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
 from fedcl.processes import OutputOwner
 from fedcl.signals import TerminationSignals
 
@@ -91,7 +92,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (see simulations/)")
     for name, fld in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        helptext = fld.metadata.get("help", "")
+        helptext = fld.metadata.get("help", "") + _default_text(fld)
         typ, optional = field_type(name)
         if typ is dict:  # strategy_params -> --strategy-param KEY=VALUE (repeatable)
             parser.add_argument(flag.removesuffix("s"), dest=name, action="append",
@@ -104,6 +105,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             conv = _optional(typ, flag[2:]) if optional else _scalar(typ, flag[2:])
             parser.add_argument(flag, dest=name, type=conv, default=argparse.SUPPRESS,
                                 metavar=typ.__name__.upper(), help=helptext)
+
+
+def _default_text(fld: dataclasses.Field[Any]) -> str:
+    """`` (default: X)`` for a config field's help; nothing where there is no fixed default
+    (its help says what happens when it is not given)."""
+    if fld.default is not dataclasses.MISSING:
+        value: Any = fld.default
+    elif fld.default_factory is not dataclasses.MISSING:
+        value = fld.default_factory()
+    else:
+        return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    if value is None or value == "" or value == {} or value == []:
+        return ""
+    return f" (default: {value})".replace("%", "%%")  # argparse formats help with %
 
 
 def add_erase_flag(parser: argparse.ArgumentParser) -> None:
@@ -147,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run whose output folder is DIR (from its checkpoint)")
 
     cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
-    cmp_.add_argument("--experiment", required=True, help="MLflow experiment name")
+    cmp_.add_argument("--experiment", default=Config().experiment,
+                      help="MLflow experiment name (default: %(default)s, where fedcl "
+                           "simulate logs unless told otherwise)")
     cmp_.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                            "sqlite:///mlflow.db)")
-    cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                      help="table (for reading), json or csv (for scripts); "
+                           "default: %(default)s")
     cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
 
     sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "
@@ -201,7 +222,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         from fedcl.data.partition import check_partitions  # (imports take seconds: inside
         from fedcl.plugins import build_model, build_scenario  # the try)
         from fedcl.progress import LiveDisplay, format_matrix
-        from fedcl.run_setup import default_run_name, output_folder, setup_run
+        from fedcl.run_setup import setup_run
         from fedcl.simulation import simulate
         from fedcl.training import resolve_device
 
@@ -227,9 +248,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         check_partitions(config)  # and on a partition that cannot be made (the clients then
         # read every task's from fedcl's cache)
         if owner is None:
-            config.run_name = default_run_name(config)
-            config.output = str(output_folder(config, config.run_name))
-            owner = _claim(config.output, None, signals)
+            owner = _claim_new(config, signals)
     except Terminated as stop:
         raise _stopped_before_start(stop, resume, config, owner) from None
     # the live display writes to its own copy of the terminal: while the simulation runs,
@@ -266,6 +285,38 @@ def _claim(folder: str, resume: dict[str, Any] | None, signals: TerminationSigna
         owner = OutputOwner.claim(folder)
     owner.stop_leftovers([(resume or {}).get("ray_session_dir")])
     return owner
+
+
+def _claim_new(config: Config, signals: TerminationSignals) -> OutputOwner:
+    """Own the output folder of a new run. A folder named by the user is the user's: a live
+    owner there is refused. A derived one (``outputs/<strategy>-<scenario>-<UTC second>``,
+    no run_name and no output given) may be taken by a run started in the same second (a
+    sweep started with ``&``): the next free ``-2``, ``-3``, ... is used instead, and the
+    run's name follows it."""
+    from fedcl.run_setup import check_output, default_run_name, output_folder
+
+    derived = not config.run_name and not config.output
+    base = default_run_name(config)
+    for attempt in range(1, 100):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        folder = output_folder(config, name)
+        try:
+            if derived:
+                check_output(folder)  # not claimed if it is another run's already
+            owner = _claim(str(folder), None, signals)
+            try:
+                if derived:
+                    check_output(folder)  # ... nor if another run made it meanwhile
+            except FedclError:
+                owner.release()
+                raise
+        except (ConfigError, OutputInUse):
+            if not derived or attempt == 99:
+                raise
+            continue
+        config.run_name, config.output = name, str(folder)
+        return owner
+    raise AssertionError("unreachable")
 
 
 def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None,

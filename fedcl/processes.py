@@ -249,7 +249,9 @@ def live_owner(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:  # held (BlockingIOError), or a lock this file system refuses
-        return _read(fd) or {"pid": "unknown"}
+        record = _read(fd) or {"pid": "unknown"}
+        # this process's own claim (the ServerApp checks the folder of the run it is in)
+        return None if record.get("pid") == os.getpid() else record
     finally:
         os.close(fd)  # closing drops a lock taken here
     return None

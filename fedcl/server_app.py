@@ -141,6 +141,7 @@ class LiveRun(TaskStreamDriver):
 
     def save_checkpoint(self) -> None:
         p = self.state
+        self.tracker.persist()  # what a resume from this checkpoint must still send
         checkpoint.save(self.ckpt, p, self.strategy, self.config, self.control.run_id,
                         p.wall_time_before_s + time.monotonic() - self.started,
                         extra={"unlearning": self.erasures.state_dict()})
@@ -203,6 +204,7 @@ class LiveRun(TaskStreamDriver):
             failures=outcome.failures, rejected=len(outcome.rejected),
             connected=len(connected), lost=lost, back=back, sampled=pids,
             seconds=time.monotonic() - self.t0, ended_at=time.time(), phases=clock.phases,
+            tracking_wait_s=self.tracker.take_waited(), tracking_queued=self.tracker.pending,
             **client_reports(outcome.ok))
         p.records.append(record)
         self.tracker.log_round(record)

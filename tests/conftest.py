@@ -172,13 +172,21 @@ class MlflowServer:
         self.stop()
         raise RuntimeError("mlflow server did not answer within the timeout")
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (SIGSTOP) or continue the server: frozen, it still takes connections but never
+        answers, as behind a network black hole."""
+        import signal
+
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         import signal
 
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # (also a frozen one)
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)

@@ -335,3 +335,29 @@ def test_hanging_or_vanishing_clients_never_hang_the_run(tmp_path: Path, ray_env
         assert len(lines) == 1 and "sampled clients sent a usable update" in lines[0]
         runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", mode)
         assert [r["status"] for r in runs] == ["FAILED"]
+
+
+def test_runs_started_together_on_one_store_all_finish(tmp_path: Path, ray_env: dict) -> None:
+    """A seed sweep started with ``&`` in an empty folder: every run starts (MLflow makes the
+    new store's tables once), gets an output folder of its own although their derived names
+    fall in the same second, and finishes in the one store."""
+    env = {**os.environ, **ray_env}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "fedcl.cli", "simulate", *TINY,
+                               "--seed", str(seed), "--experiment", "sweep"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2, 3)]
+    ends = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, ends, strict=True):
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "sweep")
+    assert sorted(r["status"] for r in runs) == ["FINISHED"] * 3
+    folders = sorted((tmp_path / "outputs").iterdir())
+    assert len(folders) == 3
+    summaries = [_summary(folder) for folder in folders]
+    assert sorted(s["config"]["seed"] for s in summaries) == [1, 2, 3]
+    assert sorted(s["mlflow_run_id"] for s in summaries) == sorted(r["run_id"] for r in runs)
+    # each run is named after its folder
+    assert sorted(s["config"]["run_name"] for s in summaries) == [f.name for f in folders]

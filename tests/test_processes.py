@@ -16,9 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedcl import processes
+from fedcl import cli, processes, run_setup
+from fedcl.config import Config
 from fedcl.errors import OutputInUse, Terminated
 from fedcl.processes import OutputOwner
+from fedcl.run_setup import check_output
 from fedcl.signals import TerminationSignals
 from tests.conftest import ROOT, alive, wait_until_gone
 
@@ -39,6 +41,36 @@ def _hold(folder: Path) -> tuple[subprocess.Popen[str], psutil.Process]:
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout is not None
     return proc, psutil.Process(int(proc.stdout.readline()))
+
+
+def test_a_folder_a_live_run_owns_is_refused_by_the_output_check(tmp_path: Path) -> None:
+    """Before any claim, a new run (or a resume) on a folder whose lock a live run holds is
+    told so, even where the folder also holds that run's checkpoint; the owner itself (its
+    ServerApp checks the folder it runs in) and folders without a live holder pass."""
+    out = tmp_path / "out"
+    assert processes.live_owner(out) is None  # no folder, no lock: nothing made
+    assert not out.exists()
+    holder, child = _hold(out)
+    try:
+        (out / "checkpoint.pt").write_bytes(b"")
+        assert processes.live_owner(out)["pid"] == holder.pid
+        for resume in (False, True):
+            with pytest.raises(OutputInUse) as refused:
+                check_output(out, resume=resume)
+            assert str(refused.value) == (f"{out} belongs to a run that is still going (pid "
+                                          f"{holder.pid}); stop that run or choose another "
+                                          "output folder")
+        holder.kill()
+        holder.wait(30)
+        assert processes.live_owner(out) is None
+        check_output(out, resume=True)  # a killed run's folder is resumed
+        owner = OutputOwner.claim(out)
+        assert processes.live_owner(out) is None  # this process's own claim
+        assert owner.stop_leftovers() == 1
+        owner.release()
+    finally:
+        holder.kill()
+        child.kill()
 
 
 def test_a_live_owner_keeps_the_folder_and_a_killed_one_frees_it(tmp_path: Path) -> None:
@@ -128,3 +160,30 @@ def test_held_sections_end_before_the_signal_is_raised(signals: TerminationSigna
     os.kill(os.getpid(), signal.SIGINT)  # held for good: recorded only
     time.sleep(0.1)
     assert signals.received == signal.SIGHUP
+
+
+def test_a_derived_output_folder_taken_in_the_same_second_moves_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs started together derive the same ``outputs/<strategy>-<scenario>-<second>``: a
+    later one takes the next free ``-2``, ``-3``, ... (a finished run's folder and a live
+    run's are passed over, untouched); a folder the user named is refused instead."""
+    monkeypatch.chdir(tmp_path)
+    base = "fedavg-class-il-20261201-000000"
+    monkeypatch.setattr(run_setup, "default_run_name",
+                        lambda config: config.run_name or base)
+    finished = tmp_path / "outputs" / base
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}\n", encoding="utf-8")
+    holder, child = _hold(tmp_path / "outputs" / f"{base}-2")
+    try:
+        config = Config()
+        owner = cli._claim_new(config, TerminationSignals())
+        assert (config.run_name, config.output) == (f"{base}-3", f"outputs/{base}-3")
+        assert sorted(p.name for p in finished.iterdir()) == ["summary.json"]
+        owner.release()
+        named = Config(output=f"outputs/{base}-2")
+        with pytest.raises(OutputInUse):
+            cli._claim_new(named, TerminationSignals())
+    finally:
+        holder.kill()
+        child.kill()
