@@ -301,16 +301,20 @@ def test_fedderpp_task_il_keeps_logits_with_its_samples(tmp_path: Path,
 @pytest.mark.e2e
 def test_fedewc_domain_il_builds_the_fisher_at_each_task_end(tmp_path: Path,
                                                              ray_env: dict) -> None:  # noqa: F811
-    """FedEWC, Permuted-MNIST (domain-IL), IID: after each task the server holds a Fisher
-    (summary.json strategy_state), and clients keep no state but their counters."""
+    """FedEWC, Permuted-MNIST (domain-IL), IID, its three clients trained as one batched
+    cohort: after each task the server holds a Fisher (summary.json strategy_state), and
+    clients keep no store."""
     s = _run(tmp_path, ray_env, "--strategy", "fedewc", "--scenario", "domain-il",
-             "--partition", "iid", "--strategy-param", "fisher_samples=32")
+             "--partition", "iid", "--strategy-param", "fisher_samples=32",
+             "--cohort-size", "3")
     _check_matrix(s, "fedewc", "domain-il")
+    assert all(r["replies"] == 3 for r in s["rounds"])  # the Fisher comes per member
     state = s["strategy_state"]
     assert [e["task"] for e in state] == [0, 1]
     assert all(e["ewc_fisher_mean"] > 0 and e["ewc_fisher_max"] >= e["ewc_fisher_mean"]
                for e in state)
-    assert all(st["keys"] == [protocol.CLIENT_STATE] for st in s["client_state"].values())
+    for st in s["client_state"].values():  # a cohort's leader keeps not even its counters
+        assert protocol.STORE not in st["keys"] and "buffer_samples" not in st
 
 
 @pytest.mark.e2e
@@ -339,3 +343,21 @@ def test_a_class_erasure_leaves_no_erased_sample_in_any_buffer(tmp_path: Path,
     for state in s["client_state"].values():
         assert klass not in state["buffer_classes"]
         assert state["buffer_samples"] == 30
+
+
+@pytest.mark.e2e
+def test_feder_under_flwr_run_keeps_its_buffers_in_the_supernodes_context(
+        tmp_path: Path) -> None:
+    """The same apps under ``flwr run`` (Flower's own runtime): each SuperNode's
+    Context.state carries its client's buffer from round to round (2 rounds a task: the
+    buffer of 10 rows is full, of both tasks' classes), and summary.json reports it."""
+    from tests.test_flwr_run import flwr_run
+
+    s = flwr_run(tmp_path, "clients=3 tasks=2 rounds-per-task=2 eval-samples-per-task=300 "
+                           "strategy='feder' strategy-param.buffer_size=10 "
+                           "strategy-param.buffer_scope='client'")
+    assert s["strategy"] == "feder" and len(s["accuracy_matrix"]) == 2
+    for state in s["client_state"].values():
+        assert state["buffer_samples"] == 10
+        assert state["buffer_bytes"] == 10 * ROW_BYTES
+        assert state["keys"] == [protocol.CLIENT_STATE, protocol.STORE]
