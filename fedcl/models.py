@@ -37,6 +37,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "model_summary",
+    "without_dropout",
 ]
 
 
@@ -303,6 +304,25 @@ def build_model(
             f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}"
         ) from None
     return spec.build(input_shape, num_classes_per_head, num_heads)  # type: ignore[return-value]
+
+
+#: the dropout modules :func:`without_dropout` takes out
+DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout)
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with every dropout module (:data:`DROPOUT_MODULES`) replaced, in place, by
+    ``nn.Identity``; returns ``model``. Dropout holds no parameters or buffers, so the
+    ``state_dict`` keeps its keys and shapes, and eval-mode outputs do not change; train mode
+    stops dropping units. Dropout written as a function call in ``forward`` is not seen."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, DROPOUT_MODULES):
+            setattr(model, name, nn.Identity())
+        else:
+            without_dropout(child)
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -17,6 +17,7 @@ from fedcl.models import (
     build_model,
     count_parameters,
     model_summary,
+    without_dropout,
 )
 
 MNIST = (1, 28, 28)
@@ -251,3 +252,18 @@ def test_gradients_reach_body_and_only_the_selected_head() -> None:
     assert model.heads[1].weight.grad is not None
     assert model.body[0].weight.grad is not None
     assert tuple(model.heads[1].weight.grad.shape) == (3, 256)
+
+
+def test_without_dropout_keeps_state_and_eval_outputs_and_makes_train_mode_deterministic() -> None:
+    torch.manual_seed(0)
+    model = MLP(MNIST, 10)
+    x = _batch(MNIST, 5)
+    model.eval()
+    before_eval = model(x)
+    keys = list(model.state_dict())
+    assert without_dropout(model) is model
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), before_eval)  # eval mode had no dropout anyway
+    model.train()
+    assert torch.equal(model(x), before_eval)  # train mode now drops nothing
