@@ -206,7 +206,8 @@ class Config:
         default="retrain",
         metadata=_doc(
             "How the model forgets an erasure: retrain (the exact oracle: retrain from the "
-            "initial model without the data, same seeds and sampling), ssd, federaser, "
+            "initial model without the data: each round's sampled clients minus the erased ones, "
+            "same seeds), ssd, federaser, "
             "projection or gs-lora (see `fedcl strategies`)."
         ),
     )
