@@ -134,21 +134,30 @@ def average_accuracy(R: npt.ArrayLike) -> float:
 
 
 def forgetting(R: npt.ArrayLike) -> float:
-    """Chaudhry et al. (2018) max-based forgetting.
+    """Max-based forgetting (Chaudhry et al., 2018), the standard definition.
 
-    F = 1/(T-1) sum_{j<T-1} ( max_{l in 0..T-2} R[l, j] - R[T-1, j] ),
-    i.e. best earlier accuracy minus final accuracy. nan when T == 1.
+    F = 1/(T-1) sum_{j<T-1} ( max_{l in j..T-2} R[l, j] - R[T-1, j] ),
+    i.e. the best accuracy on task j at or after its own training (before the last row) minus
+    the final one. Rows before task j was trained do not count: in domain-IL an untrained
+    task's accuracy is well above zero, and a task learnt worse than that would show forgetting
+    it never had. nan when T == 1. :func:`forgetting_at_task_end` is the variant that takes
+    the accuracy right after the task's training instead of the best.
     """
     arr = _as_matrix(R)
     T = arr.shape[0]
     if T == 1:
         return math.nan
-    best_earlier = arr[: T - 1, : T - 1].max(axis=0)
-    return float((best_earlier - arr[T - 1, : T - 1]).mean())
+    # cells of rows before each column's own task are masked out of the max
+    rows = np.arange(T - 1)[:, None]
+    cols = np.arange(T - 1)[None, :]
+    trained = np.where(rows >= cols, arr[: T - 1, : T - 1], -np.inf)
+    best = trained.max(axis=0)
+    return float((best - arr[T - 1, : T - 1]).mean())
 
 
 def forgetting_at_task_end(R: npt.ArrayLike) -> float:
-    """Forgetting w.r.t. accuracy right after learning each task (FOT variant).
+    """Forgetting w.r.t. accuracy right after learning each task (the end-of-task variant,
+    the FOT paper's FGT and De Lange et al.'s FORG).
 
     F_end = 1/(T-1) sum_{j<T-1} ( R[j, j] - R[T-1, j] ). nan when T == 1.
     """

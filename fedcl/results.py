@@ -12,7 +12,9 @@
                        on task j (every cell filled, unseen tasks included)
 ``random_init_accuracy``  accuracy of the initial (untrained) model on each task, FWT's baseline
 ``acc``                mean of the last row (ACC)
-``forgetting``         mean over old tasks of best earlier accuracy minus final (Chaudhry)
+``forgetting``         mean over old tasks of the best accuracy at or after its own training
+                       (before the last row) minus final (Chaudhry; no row from before the
+                       task was trained)
 ``forgetting_at_task_end``  mean over old tasks of accuracy right after its own training minus
                        final (the FOT paper's FGT)
 ``bwt``                backward transfer: mean over old tasks of final minus right-after-training

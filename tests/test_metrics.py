@@ -60,18 +60,39 @@ def test_forgetting_uses_max_over_earlier_rows() -> None:
     assert forgetting(R3) - forgetting_at_task_end(R3) == pytest.approx(0.1)
 
 
-def test_forgetting_max_includes_rows_before_task_was_trained() -> None:
-    # Max runs over ALL rows l = 0..T-2, even l < j (literal Chaudhry def).
+def test_forgetting_max_skips_rows_before_task_was_trained() -> None:
+    # The max runs over rows l = j..T-2 only: a row before task j was trained says nothing
+    # about what was learnt and then lost.
     #   R = [[0.5, 0.9, 0.0],
     #        [0.5, 0.7, 0.0],
     #        [0.4, 0.6, 0.8]]
     # j=0: max(0.5, 0.5) - 0.4 = 0.1
-    # j=1: max(0.9, 0.7) - 0.6 = 0.3  (0.9 comes from row 0, before task1)
-    # forgetting = (0.1 + 0.3) / 2 = 0.2
+    # j=1: max(0.7) - 0.6 = 0.1  (row 0's 0.9, before task 1 was trained, does not count)
+    # forgetting = (0.1 + 0.1) / 2 = 0.1
     # at-task-end: (0.5-0.4) + (0.7-0.6) = 0.2 / 2 = 0.1
     R = [[0.5, 0.9, 0.0], [0.5, 0.7, 0.0], [0.4, 0.6, 0.8]]
-    assert forgetting(R) == pytest.approx(0.2)
+    assert forgetting(R) == pytest.approx(0.1)
     assert forgetting_at_task_end(R) == pytest.approx(0.1)
+
+
+def test_forgetting_on_a_domain_il_matrix_where_the_definitions_differ() -> None:
+    # Domain-IL: one head, so a task is well above chance before it is trained (0.70 for
+    # task 1 after task 0), and task 1 then learns worse than that (0.65).
+    #            task0 task1 task2
+    #   after 0 [ 0.90, 0.70, 0.40 ]
+    #   after 1 [ 0.93, 0.65, 0.45 ]   <- task 0 still improves while task 1 trains
+    #   after 2 [ 0.80, 0.60, 0.95 ]
+    # forgetting (standard: best at or after its own training, before the last row)
+    #   j=0: max(0.90, 0.93) - 0.80 = 0.13
+    #   j=1: max(0.65)       - 0.60 = 0.05           -> mean 0.09
+    # forgetting_at_task_end (right after its own training)
+    #   j=0: 0.90 - 0.80 = 0.10 ; j=1: 0.65 - 0.60 = 0.05 -> mean 0.075
+    # the old reading (best over all earlier rows, untrained ones included) gave
+    #   j=1: max(0.70, 0.65) - 0.60 = 0.10, so a mean of 0.115: 0.025 of false forgetting
+    R = [[0.90, 0.70, 0.40], [0.93, 0.65, 0.45], [0.80, 0.60, 0.95]]
+    assert forgetting(R) == pytest.approx(0.09)
+    assert forgetting_at_task_end(R) == pytest.approx(0.075)
+    assert summarize(R, [0.1, 0.1, 0.1])["forgetting"] == pytest.approx(0.09)
 
 
 def test_forgetting_ignores_last_row_and_last_column() -> None:
