@@ -61,7 +61,8 @@ class LiveDisplay:
 
 
 def format_matrix(summary: dict[str, Any]) -> str:
-    """The accuracy matrix (in %) with ACC, forgetting, BWT and FWT below it."""
+    """The accuracy matrix (in %) with ACC, forgetting, BWT and FWT below it, then plasticity:
+    learning accuracy and intransigence (or why there is none)."""
     matrix = summary["accuracy_matrix"]
     t = len(matrix)
     lines = ["accuracy (%)   " + " ".join(f"task{j:<3d}" for j in range(t))]
@@ -74,4 +75,9 @@ def format_matrix(summary: dict[str, Any]) -> str:
 
     lines.append(f"ACC {fmt('acc')}%   forgetting {fmt('forgetting')}%   BWT {fmt('bwt')}%   "
                  f"FWT {fmt('fwt')}%   wall time {summary['wall_time_s']:.1f} s")
+    intransigence = (f"intransigence {fmt('intransigence')}%"
+                     if summary.get("intransigence") is not None
+                     else "intransigence n/a (no jointly trained reference: "
+                          "set intransigence_reference)")
+    lines.append(f"learning accuracy {fmt('learning_accuracy')}%   {intransigence}")
     return "\n".join(lines)

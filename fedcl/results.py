@@ -19,6 +19,12 @@
                        final (the FOT paper's FGT)
 ``bwt``                backward transfer: mean over old tasks of final minus right-after-training
 ``fwt``                forward transfer: mean over j>=1 of R[j-1, j] minus random-init accuracy
+``learning_accuracy``  mean over tasks of the accuracy right after its own training, R[j, j]
+                       (plasticity; Riemer et al. 2019)
+``intransigence``      mean over tasks of A*_k minus R[k, k], A* the config's
+                       ``intransigence_reference`` (a model trained jointly on tasks 0..k;
+                       Chaudhry et al. 2018); null without one: fedcl does not train it
+``intransigence_per_task``  the same per task; null without a reference
 ``rounds``             one entry per federated round: ``task`` (0-based), ``round`` (1-based,
                        over the run), ``task_round`` (1-based within the task),
                        ``acc_per_task`` (test accuracy on every task after the round),
@@ -74,6 +80,7 @@ from typing import Any
 import numpy as np
 
 from fedcl import metrics
+from fedcl.config import reference_accuracies
 
 #: The summary's file in the output folder.
 SUMMARY_FILE = "summary.json"
@@ -120,7 +127,10 @@ def stability_metrics(curves: list[list[float]], round_task: list[int]
 def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[float]],
                   baseline: list[float], rounds: list[RoundRecord], wall_time_s: float,
                   mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    scores = metrics.summarize(np.array(matrix), np.array(baseline))
+    reference = reference_accuracies(config.get("intransigence_reference") or "")
+    if reference is not None:
+        reference = reference[:len(matrix)]  # a run stopped early has fewer rows
+    scores = metrics.summarize(np.array(matrix), np.array(baseline), reference)
     return {
         "strategy": strategy,
         "scenario": config["scenario"],
@@ -130,6 +140,8 @@ def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[fl
         "accuracy_matrix": matrix,
         "random_init_accuracy": baseline,
         **scores,
+        "intransigence_per_task": (None if reference is None
+                                   else metrics.intransigence_per_task(matrix, reference)),
         "rounds": [r.to_dict() for r in rounds],
         "wall_time_s": wall_time_s,
         "mlflow_run_id": mlflow_run_id,
