@@ -240,6 +240,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
+    for line in erasures.method.check_requests(config, scenario, schedule):
+        log.warning(line)  # a request the method cannot act on (SSD's selection bound)
     # the unlearning method may wrap the run's strategy (FedEraser records client updates)
     strategy = erasures.method.wrap(plugins.build_strategy(config))
     starting: Future[str] | None = None

@@ -9,6 +9,9 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   Dampening", AAAI 2024).
 - :func:`ssd_dampen`: Selective Synaptic Dampening: a parameter whose forget importance exceeds
   ``alpha`` times its full importance is scaled by ``min(lam * I_D / I_f, 1)`` (never up).
+- :func:`ssd_selection_bound`: the largest ``I_f / I_D`` any parameter can have, ``B / B_f``,
+  when the importance on all data averages ``B`` mini-batches of which ``B_f`` are the forget
+  set's: ``alpha`` at or above it selects nothing.
 - :func:`federaser_calibrate`: FedEraser's calibrated step, per tensor: the stored update's
   length along the calibration update's direction (Liu et al., "FedEraser", IWQoS 2021).
 - :func:`project_forget_gradient`: the forget gradient less its component along the retain
@@ -26,6 +29,7 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -73,6 +77,18 @@ def ssd_dampen(params: Tensors, importance_all: Tensors, importance_forget: Tens
         beta = torch.clamp(lam * i_all / torch.where(selected, i_forget, 1.0), max=1.0)
         out[name] = torch.where(selected, beta * theta, theta)
     return out
+
+
+def ssd_selection_bound(batches_all: int, batches_forget: int) -> float:
+    """``B / B_f``: with ``I_D`` the mean of squared gradients over ``B`` mini-batches, ``B_f``
+    of them the forget set's (whose mean is ``I_f``), and the others' squares non-negative,
+    ``I_D >= (B_f / B) I_f`` for every parameter; so ``I_f > alpha I_D`` (SSD's selection)
+    needs ``alpha < B / B_f``, and at ``alpha >= B / B_f`` SSD dampens nothing. ``inf`` when
+    there is no forget batch."""
+    if batches_forget < 0 or batches_all < batches_forget:
+        raise ValueError(f"need 0 <= batches_forget <= batches_all, got {batches_forget} and "
+                         f"{batches_all}")
+    return math.inf if batches_forget == 0 else batches_all / batches_forget
 
 
 def federaser_calibrate(new_global: Tensors, old_update: Tensors, new_update: Tensors
