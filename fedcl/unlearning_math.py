@@ -24,6 +24,9 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   class-balanced logistic regression on the prediction entropy, retain-train samples as
   members and test samples as non-members; returns the share of forget samples judged
   members (lower: more forgotten; the target is the retrained model's value).
+- :func:`mean_lora_update`: the federated average of LoRA adapters as the mean of the
+  clients' products ``B_k A_k`` (what merging each client's adapters would add, averaged), not
+  ``mean(B) mean(A)``.
 - :func:`relative_distance`: relative L2 distance between two sets of weights.
 """
 
@@ -158,6 +161,24 @@ def weighted_mean(parts: list[tuple[float, Tensors]]) -> dict[str, torch.Tensor]
         raise ValueError("nothing to average: no part with a positive weight")
     return {k: sum(w * t[k].double() for w, t in parts) / total  # type: ignore[misc]
             for k in parts[0][1]}
+
+
+def mean_lora_update(parts: list[tuple[float, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]],
+                     scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per adapted layer, ``scale * sum_k w_k B_k A_k / sum_k w_k`` in float64: the weight
+    update that is the weighted mean of the clients' merged LoRA updates. ``parts`` holds one
+    ``(w_k, {layer: (A_k, B_k)})`` per client, ``A`` being ``(r, in)`` and ``B`` ``(out, r)``;
+    ``scale`` is LoRA's ``lora_alpha / r``. Averaging ``A`` and ``B`` separately would merge
+    ``mean(B) mean(A)``, which is not the mean of the products (cross terms ``B_j A_k``)."""
+    total = sum(w for w, _ in parts)
+    if not parts or total <= 0:
+        raise ValueError("nothing to average: no part with a positive weight")
+    out: dict[str, torch.Tensor] = {}
+    for w, layers in parts:
+        for name, (a, b) in layers.items():
+            prod = (w / total) * (b.double() @ a.double())
+            out[name] = out[name] + prod if name in out else prod
+    return {name: scale * value for name, value in out.items()}
 
 
 def relative_distance(a: Tensors, b: Tensors) -> float:
