@@ -17,6 +17,13 @@ To forget, it walks the stored rounds in order from the initial model:
   calibration update, ``newGM_{t+1} = newGM_t + ||oldU|| newU / ||newU||`` per tensor
   (:func:`fedcl.unlearning_math.federaser_calibrate`).
 
+**The paper's current global model, not the code's next one.** fedcl measures the stored update
+of round ``t`` from ``GM_t``, the global model round ``t`` started from, as the paper writes it
+(``oldU = mean_k CM_t,k - GM_t``), and the calibration clients train from ``newGM_t``. The
+authors' public code calibrates with the next global model (``GM_{t+1}``) instead. The two
+differ in the stored update's length, which sets the calibrated step: fedcl follows the paper
+(``tests/test_federaser_calibration.py`` pins it on a hand-made round).
+
 The walk over the stored rounds is a walk of the task-stream driver (:class:`CalibrationWalk`):
 ``begin_task`` before a task's first stored round, ``end_task`` after its last round. The
 strategy that walked the stored rounds is the one the run goes on with. Deviations: the paper
