@@ -143,7 +143,8 @@ class Config:
     # --- model and local training ----------------------------------------------------------
     model: str = field(
         default="mlp",
-        metadata=_doc("mlp (784-400-400, the FOT paper's), cnn (small CNN) or resnet18 (reduced)."),
+        metadata=_doc("mlp (784-400-400), mlp-fot (784-400-400-400, FOT's code), cnn (small "
+                      "CNN) or resnet18 (reduced)."),
     )
     rounds_per_task: int = field(default=3, metadata=_doc("Federated rounds on each task."))
     local_epochs: int = field(default=1, metadata=_doc("Local epochs per round on each client."))
