@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ def main() -> None:
     results = {}
     for name, run_out, cmd in runs:
         t0 = time.monotonic()
+        shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
         res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)

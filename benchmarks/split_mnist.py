@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ def main() -> None:
     rows = []
     for strategy in args.strategies:
         run_out = out / f"{args.scenario}-{strategy}{'-' + args.tag if args.tag else ''}"
+        shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--strategy", strategy,
                "--scenario", args.scenario, "--clients", str(args.clients), "--partition",

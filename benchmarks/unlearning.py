@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def main() -> None:
     for method in args.methods:
         tag = f"-{args.tag}" if args.tag else ""
         run_out = out / f"{args.scenario}-{args.strategy}-{method}{tag}"
+        shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--strategy", args.strategy,
                "--scenario", args.scenario, "--clients", str(args.clients), "--partition",

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord
 
 from fedcl.config import Config, config_from_dict
 from fedcl.errors import FedclError
+from fedcl.processes import ray_session_dir
 from fedcl.results import RoundRecord
 from fedcl.strategy import strategy_label
 
@@ -69,7 +70,7 @@ def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Co
     payload = {"version": VERSION, "config": config.to_dict(), "mlflow_run_id": run_id,
                "progress": fields, "strategy": strategy.state_dict(),
                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-               "ray_session_dir": _ray_session_dir(), **(extra or {})}
+               "ray_session_dir": ray_session_dir(), **(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -117,34 +118,3 @@ def restore(payload: dict[str, Any], strategy: ContinualStrategy) -> RunState:
     torch.set_rng_state(payload["torch_rng"])
     np.random.set_state(payload["numpy_rng"])
     return RunState(**fields)
-
-
-def _ray_session_dir() -> str | None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray._private.worker.global_worker.node.get_session_dir_path())
-    except Exception:
-        pass
-    return None
-
-
-def stop_leftovers(payload: dict[str, Any]) -> int:
-    """Stop the processes of the killed run's Ray session (a ``kill -9`` of ``fedcl simulate``
-    leaves Ray's services and actors behind); returns how many were signalled."""
-    import signal
-
-    session = payload.get("ray_session_dir")
-    if not session:
-        return 0
-    count = 0
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if session in cmdline and int(entry.name) != os.getpid():
-                os.kill(int(entry.name), signal.SIGKILL)
-                count += 1
-        except (OSError, ValueError):
-            continue
-    return count

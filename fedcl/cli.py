@@ -17,8 +17,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fedcl.config import FIELDS, PARAM_TABLES, Config, config_from_dict, field_type, load_toml
-from fedcl.errors import ConfigError, FedclError
+from fedcl.config import (
+    FIELDS,
+    PARAM_TABLES,
+    Config,
+    config_from_dict,
+    field_type,
+    load_toml,
+    resolve_tracking_uri,
+)
+from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
+from fedcl.processes import OutputOwner
+from fedcl.signals import TerminationSignals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,46 +189,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedcl.plugins import build_model, build_scenario
-    from fedcl.progress import LiveDisplay, format_matrix
-    from fedcl.run_setup import setup_run
-    from fedcl.simulation import simulate
-    from fedcl.training import resolve_device
+def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = None) -> int:
+    """Run the simulation. ``signals``, when given, are the process's termination signals,
+    taken over: a signal before the run starts raises :class:`~fedcl.errors.Terminated` at
+    once, one during the run stops it (:func:`fedcl.simulation.simulate`)."""
+    signals = signals or TerminationSignals()
+    resume: dict[str, Any] | None = None
+    config: Config | None = None
+    owner: OutputOwner | None = None
+    try:
+        from fedcl.data.partition import check_partitions  # (imports take seconds: inside
+        from fedcl.plugins import build_model, build_scenario  # the try)
+        from fedcl.progress import LiveDisplay, format_matrix
+        from fedcl.run_setup import setup_run
+        from fedcl.simulation import simulate
+        from fedcl.training import resolve_device
 
-    resume = None
-    if args.resume:
-        from fedcl import checkpoint
+        if args.resume:
+            from fedcl import checkpoint
 
-        given = ([name for name in FIELDS if hasattr(args, name)]
-                 + (["config"] if args.config else []) + (["erase"] if args.erase else []))
-        if given:
-            raise ConfigError(f"--resume continues the run with its own config; drop "
-                              f"--{given[0].replace('_', '-')}")
-        resume = checkpoint.load(args.resume)
-        config = checkpoint.config_of(resume)
-        folder = Path(args.resume)  # the run goes on in its checkpoint's folder, also when
-        config.output = str(folder if folder.is_dir() else folder.parent)  # that was moved
-        config = setup_run(config, resume=True).config
-        checkpoint.stop_leftovers(resume)
-    else:
-        config = config_from_args(args)
-    resolve_device(config.device)
-    scenario = build_scenario(config)  # fail on missing data before any process starts
-    build_model(config, scenario)  # ... and on a model plugin that cannot be built
-    from fedcl.data.partition import check_partitions
-
-    check_partitions(config)  # and on a partition that cannot be made (the clients then
-    # read every task's from fedcl's cache)
+            given = ([name for name in FIELDS if hasattr(args, name)]
+                     + (["config"] if args.config else []) + (["erase"] if args.erase else []))
+            if given:
+                raise ConfigError(f"--resume continues the run with its own config; drop "
+                                  f"--{given[0].replace('_', '-')}")
+            resume = checkpoint.load(args.resume)
+            config = checkpoint.config_of(resume)
+            folder = Path(args.resume)  # the run goes on in its checkpoint's folder, also
+            config.output = str(folder if folder.is_dir() else folder.parent)  # when moved
+            config = setup_run(config, resume=True).config
+            owner = _claim(config.output, resume, signals)  # refused while the run still goes
+        else:
+            config = config_from_args(args)
+        resolve_device(config.device)
+        scenario = build_scenario(config)  # fail on missing data before any process starts
+        build_model(config, scenario)  # ... and on a model plugin that cannot be built
+        check_partitions(config)  # and on a partition that cannot be made (the clients then
+        # read every task's from fedcl's cache)
+        if owner is None:
+            owner = _claim_new(config, signals)
+    except Terminated as stop:
+        raise _stopped_before_start(stop, resume, config, owner) from None
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     display = LiveDisplay(console)
     try:
-        summary = simulate(config, observer=display, verbose=args.verbose, resume=resume)
+        summary = simulate(config, observer=display, verbose=args.verbose, resume=resume,
+                           signals=signals, owner=owner)
     finally:
         display.close()
         console.close()
+    # from here on a signal is only recorded (simulate holds them): the run is over
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
@@ -228,7 +250,71 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"fedcl: warning: MLflow at {summary['mlflow_tracking_uri']} was unreachable at "
               f"the end; what it lacks is kept in {summary['mlflow_outbox']}: send it with "
               f"`fedcl sync {summary['output_dir']}`", file=sys.stderr)
+    if signals.received is not None:
+        raise Terminated(signals.received,
+                         f" after the run finished; results in {summary['output_dir']}")
     return 0
+
+
+def _claim(folder: str, resume: dict[str, Any] | None, signals: TerminationSignals
+           ) -> OutputOwner:
+    """Own the output folder (refused while another run that lives owns it), then stop what
+    a killed previous owner left running."""
+    with signals.held():
+        owner = OutputOwner.claim(folder)
+    owner.stop_leftovers([(resume or {}).get("ray_session_dir")])
+    return owner
+
+
+def _claim_new(config: Config, signals: TerminationSignals) -> OutputOwner:
+    """Own the output folder of a new run. A folder named by the user is the user's: a live
+    owner there is refused. A derived one (``outputs/<strategy>-<scenario>-<UTC second>``,
+    no run_name and no output given) may be taken by a run started in the same second (a
+    sweep started with ``&``): the next free ``-2``, ``-3``, ... is used instead, and the
+    run's name follows it."""
+    from fedcl.run_setup import check_output, default_run_name, output_folder
+
+    derived = not config.run_name and not config.output
+    base = default_run_name(config)
+    for attempt in range(1, 100):
+        name = base if attempt == 1 else f"{base}-{attempt}"
+        folder = output_folder(config, name)
+        try:
+            if derived:
+                check_output(folder)  # not claimed if it is another run's already
+            owner = _claim(str(folder), None, signals)
+            try:
+                if derived:
+                    check_output(folder)  # ... nor if another run made it meanwhile
+            except FedclError:
+                owner.release()
+                raise
+        except (ConfigError, OutputInUse):
+            if not derived or attempt == 99:
+                raise
+            continue
+        config.run_name, config.output = name, str(folder)
+        return owner
+    raise AssertionError("unreachable")
+
+
+def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None,
+                          config: Config | None, owner: OutputOwner | None) -> Terminated:
+    """A signal before the simulation started: a resumed run's MLflow run, left RUNNING by
+    the process that was killed, is marked FAILED once this one owns the folder."""
+    if resume is None or owner is None or config is None:
+        return Terminated(stop.signum, " before the run started")
+    from fedcl.tracking import terminate_run  # deferred: it imports mlflow
+
+    detail = ""
+    try:
+        status = terminate_run(resolve_tracking_uri(config), resume["mlflow_run_id"], "FAILED",
+                               str(stop))
+        detail = "; the MLflow run is marked FAILED" if status == "FAILED" else ""
+    except Exception:
+        pass
+    return Terminated(stop.signum,
+                      f"{detail}; `fedcl simulate --resume {config.output}` continues it")
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:
@@ -354,6 +440,7 @@ def one_line(text: str) -> str:
 
 
 EXIT_GRACE_S = 15.0  # the longest a stopped run's process may take to end once fedcl is done
+SIGNAL_EXIT_GRACE_S = 3.0  # ... after a termination signal (whoever sent it waits for the end)
 
 
 def exit_within(seconds: float, code: int) -> None:
@@ -377,15 +464,25 @@ def exit_within(seconds: float, code: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. ``simulate`` takes over SIGINT, SIGTERM and SIGHUP (from the main
+    thread): each ends it with one line and exit status 128 + the signal's number."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    signals = TerminationSignals()
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "simulate":
+            return cmd_simulate(args, signals.install())
         return COMMANDS[args.command](args)
     except FedclError as err:
+        signals.hold()
         print(f"fedcl: error: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
+    except Terminated as stop:
+        signals.hold()
+        print(f"fedcl: {one_line(str(stop))}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
-        print("fedcl: interrupted; the MLflow run is marked FAILED", file=sys.stderr)
+        print("fedcl: interrupted", file=sys.stderr)
         return 130
 
 
@@ -397,8 +494,11 @@ def entry() -> int:
     except BrokenPipeError:  # the reader went away (`fedcl strategies | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice
         return 0
+    except Terminated as stop:  # a signal while main reported another ending
+        print(f"fedcl: {one_line(str(stop))}", file=sys.stderr)
+        code = stop.exit_code
     if code != 0:
-        exit_within(EXIT_GRACE_S, code)
+        exit_within(SIGNAL_EXIT_GRACE_S if code > 128 else EXIT_GRACE_S, code)
     return code
 
 

@@ -6,6 +6,8 @@ with a non-zero exit status and no traceback. Everything else is a bug and keeps
 
 from __future__ import annotations
 
+import signal
+
 
 class FedclError(Exception):
     """A problem the user can fix: bad input, missing files, a run that cannot go on."""
@@ -33,3 +35,32 @@ class RunAborted(FedclError):
 
 class RunCancelled(RunAborted):
     """The driver asked the ServerApp to stop (a backend failure or Ctrl-C came first)."""
+
+
+class OutputInUse(FedclError):
+    """The output folder belongs to another run that is still alive."""
+
+    exit_code = 2
+
+
+class Terminated(BaseException):
+    """A termination signal (SIGINT, SIGTERM, SIGHUP) ended the command. Not an ``Exception``,
+    so that no ``except Exception`` on the way swallows it; the CLI prints ``fedcl: <message>``
+    and exits with 128 + the signal's number, as a shell reports a process the signal
+    killed."""
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        super().__init__(signum, detail)
+        self.signum = signum
+        self.detail = detail
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}{self.detail}"

@@ -50,7 +50,12 @@
                        round began: the round samples from these; MLflow metric
                        ``clients_connected``), ``lost`` and ``back`` (partition ids whose node
                        left, or came back, since the previous round: a deployment's SuperNodes),
-                       ``sampled`` (the partition ids sampled for the round)
+                       ``sampled`` (the partition ids sampled for the round),
+                       ``tracking_wait_s`` (seconds the run spent in MLflow logging calls
+                       since the previous round was recorded, that round's logging
+                       included: a background thread sends, so this stays near zero even
+                       when the server is slow, frozen or gone) and ``tracking_queued``
+                       (MLflow operations not sent yet; above zero during an outage)
 ``erasures``           one entry per erasure request (``fedcl.erasure``): ``request``,
                        ``method``, ``round`` (the last round before it), ``forget_acc``,
                        ``retain_acc``, ``test_acc``, ``mia``, ``seconds``, ``oracle`` (the
@@ -111,6 +116,8 @@ class RoundRecord:
     sampled: list[int] = field(default_factory=list)  # partition ids sampled for the round
     replies: int | None = None  # train replies aggregated (a cohort's mean counts once)
     empty: int = 0  # sampled clients with no sample left to train on (erased): not failures
+    tracking_wait_s: float = 0.0  # seconds the run spent in MLflow logging calls (see above)
+    tracking_queued: int = 0  # MLflow operations not sent yet when the round was recorded
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,9 +11,10 @@ calls it before any process starts, and the ServerApp before it starts the run (
 **The output folder** (``output``, else ``outputs/<run name>``) must be a folder this process
 can write, or one it can make, of names and length the file system takes. A run never writes
 into a folder that already holds files, except a folder holding only what ``fedcl simulate``
-itself writes before the run begins (``flower.log``), and the folder of the run that
-``--resume`` continues: one that holds a finished run (``summary.json``), a stopped one
-(``checkpoint.pt``: resume it instead) or anything else is refused.
+itself writes before the run begins (``flower.log``, the lock ``fedcl.lock`` of
+:mod:`fedcl.processes`), and the folder of the run that ``--resume`` continues: one that holds
+a finished run (``summary.json``), a stopped one (``checkpoint.pt``: resume it instead) or
+anything else is refused, and so is a folder whose lock a live run holds, resumed or not.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.datasets import DatasetInfo
 from fedcl.data.scenarios import split_classes
 from fedcl.erasure import ErasureRequest, parse_schedule, validate_requests
-from fedcl.errors import ConfigError
+from fedcl.errors import ConfigError, OutputInUse
 from fedcl.models import ModelSpec
 from fedcl.paths import NAME_MAX, check_folder, name_bytes, quoted, shown
+from fedcl.processes import LOCK_FILE, live_owner
 from fedcl.results import SUMMARY_FILE
 from fedcl.strategy import Capabilities
 from fedcl.tracking import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, check_store
@@ -43,7 +45,7 @@ __all__ = ["RunSetup", "check_names", "check_output", "check_paths", "default_ru
 
 #: What ``fedcl simulate`` writes into the output folder before the run begins: a folder
 #: holding nothing else is the run's own (or that of one that stopped before it began).
-STARTUP_FILES = frozenset({"flower.log"})
+STARTUP_FILES = frozenset({"flower.log", LOCK_FILE})
 
 #: Bytes kept free in the output folder's path for the names fedcl writes inside it
 #: (``federaser/round_00012.pt.tmp``, a strategy's state file, ...).
@@ -188,7 +190,14 @@ def check_output(output: Path, *, resume: bool = False) -> None:
     for the files fedcl writes in it) and holds no files of another run or of anything else
     (the module's docstring says which it takes). Raises one ConfigError line."""
     check_folder(output, "output folder", reserve=OUTPUT_RESERVE)
-    if resume or not output.is_dir():
+    if not output.is_dir():
+        return
+    owner = live_owner(output)
+    if owner is not None:
+        raise OutputInUse(f"{shown(str(output))} belongs to a run that is still going (pid "
+                          f"{owner.get('pid', 'unknown')}); stop that run or choose another "
+                          "output folder")
+    if resume:
         return
     try:
         entries = sorted(os.listdir(output))

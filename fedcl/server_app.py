@@ -33,7 +33,7 @@ from fedcl.cohort_wire import reply_members
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
-from fedcl.errors import FedclError, RunAborted
+from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.evaluation import Evaluator
 from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
 from fedcl.rounds import (
@@ -71,6 +71,7 @@ class RunControl:
     """Shared between the ServerApp thread and whoever drives it (``fedcl simulate``)."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)  # the ServerApp runs
     done: threading.Event = field(default_factory=threading.Event)
     observer: RunObserver | None = None
     summary: dict[str, Any] | None = None
@@ -78,6 +79,12 @@ class RunControl:
     run_id: str | None = None
     tracking_uri: str | None = None
     resume: dict[str, Any] | None = None  # a checkpoint to continue from (fedcl.checkpoint)
+    stop_reason: str | None = None  # why ``cancel`` was set (e.g. "interrupted by SIGTERM")
+
+    def check(self) -> None:
+        """Raise :class:`~fedcl.errors.RunCancelled` once the driver asked the run to stop."""
+        if self.cancel.is_set():
+            raise RunCancelled(self.stop_reason or "run cancelled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +135,7 @@ class LiveRun(TaskStreamDriver):
 
     def save_checkpoint(self) -> None:
         p = self.state
+        self.tracker.persist()  # what a resume from this checkpoint must still send
         checkpoint.save(self.ckpt, p, self.strategy, self.config, self.control.run_id,
                         p.wall_time_before_s + time.monotonic() - self.started,
                         extra={"unlearning": self.erasures.state_dict()})
@@ -193,6 +201,7 @@ class LiveRun(TaskStreamDriver):
             failures=outcome.failures, rejected=len(outcome.rejected),
             connected=len(connected), lost=lost, back=back, sampled=pids,
             seconds=time.monotonic() - self.t0, ended_at=time.time(), phases=clock.phases,
+            tracking_wait_s=self.tracker.take_waited(), tracking_queued=self.tracker.pending,
             **client_reports(outcome.ok))
         p.records.append(record)
         self.tracker.log_round(record)
@@ -245,6 +254,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     # the unlearning method may wrap the run's strategy (FedEraser records client updates)
     strategy = erasures.method.wrap(plugins.build_strategy(config))
     starting: Future[str] | None = None
+    control.check()  # stopped before it began: no MLflow run to make
     if control.resume is not None:
         try:
             state = checkpoint.restore(control.resume, strategy)
@@ -274,6 +284,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                       schedule, control, out_dir / checkpoint.FILE, started)
         run.walk(run.rounds_left(num_tasks),
                  open_task=state.task if state.task_started else None)
+        control.check()  # stopped after its last round: FAILED, resumable, not half written
         p = state
         summary = build_summary(
             strategy=config.strategy, config=config.to_dict(), matrix=p.matrix,
@@ -302,7 +313,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             where = logged if logged.is_file() else "the ServerApp's log"
             failure = RunAborted(f"the run failed: {plugins.one_line(err)}"
                                  f"{plugins.raised_at(err)}; traceback in {where}")
-        reason = str(failure) if isinstance(failure, FedclError) else f"{type(err).__name__}: {err}"
+        reason = (control.stop_reason if isinstance(err, RunCancelled) and control.stop_reason
+                  else str(failure) if isinstance(failure, FedclError)
+                  else f"{type(err).__name__}: {err}")
         tracker.fail(reason, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         if failure is not err:
             raise failure from err
@@ -318,6 +331,7 @@ def build_server_app(config: Config | None = None, control: RunControl | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         ctl = control or RunControl()
+        ctl.started.set()
         try:
             cfg = config if config is not None else Config.from_run_config(context.run_config)
             ctl.summary = run_continual(grid, cfg, ctl)

@@ -3,25 +3,34 @@
 One MLflow run per simulation. Params: the whole config (strategy parameters as
 ``strategy_params.<name>``). Metrics per round (step = round over the run): ``acc_task_<j>``,
 ``avg_acc``, ``min_acc``, ``wc_acc``, ``train_loss``, ``round_seconds``, ``clients``,
-``failures``, ``rejected``, ``empty`` (and ``client_gpu_peak_mb``, ``client_gpu_reserved_mb``
-with GPU clients). At the end: ``acc``, ``forgetting``, ``forgetting_at_task_end``,
-``bwt``, ``fwt``, ``learning_accuracy``, ``intransigence`` (only with a reference),
-``wall_time_s``. Artifacts: config.toml, summary.json, accuracy_matrix.csv,
-accuracy_matrix.png and accuracy_per_round.png. Tags: ``fedcl.strategy``, ``fedcl.scenario``,
+``failures``, ``rejected``, ``empty``, ``tracking_wait_s``, ``tracking_queued`` (and
+``client_gpu_peak_mb``, ``client_gpu_reserved_mb`` with GPU clients). At the end: ``acc``,
+``forgetting``, ``forgetting_at_task_end``, ``bwt``, ``fwt``, ``learning_accuracy``,
+``intransigence`` (only with a reference), ``wall_time_s``. Artifacts: config.toml,
+summary.json, accuracy_matrix.csv, accuracy_matrix.png and accuracy_per_round.png. Tags:
+``fedcl.strategy``, ``fedcl.scenario``,
 ``fedcl.dataset``.
 
 The client is used directly (no fluent API, no global active run), so the tracker is safe to use
 from the ServerApp's thread.
 
-**Outages.** Everything logged after the run starts goes through an outbox: operations are sent
-in order, and when the tracking server cannot be reached they stay queued (and are written to
+**Never in the way.** Everything logged after the run starts is queued and sent, in order, by
+one background thread: the round loop never waits on the server, be it slow, frozen (a
+network black hole: each request waits out MLflow's HTTP timeout) or gone. What the loop did
+spend in logging calls, and what is still queued, are recorded per round
+(``tracking_wait_s``, ``tracking_queued``).
+
+**Outages.** When the tracking server cannot be reached, operations stay queued (and are written to
 ``<output>/mlflow_outbox.jsonl``, so that a kill during the outage loses nothing) while the run
-goes on. Every later call retries (at most every ``retry_every_s``); at the end of the run the
-tracker waits up to ``tracking_wait_s`` for the server, and whatever is still unsent stays in the
+goes on. The sender retries every ``retry_every_s``; at the end of the run the tracker waits
+up to ``tracking_wait_s`` for the server, and whatever is still unsent stays in the
 outbox file for ``fedcl sync``. A resumed run sends the outbox it finds first. Metrics keep their
 original step and timestamp, so a late write is indistinguishable from a timely one. Errors the
 server *answers* with (HTTP 4xx: a request MLflow refuses) are not outages: they fail the run.
 Starting a run needs the server: a wrong URI is reported at once.
+
+**Runs started together** on one local store take turns at setting it up
+(:func:`store_lock`); an experiment two runs make at once is one experiment.
 
 **Before the run.** :func:`check_store` checks, without creating anything, the files a local
 store writes: the sqlite file or file store folder, and the artifacts folder of the run's
@@ -32,14 +41,17 @@ database); and that the experiment is not deleted. :data:`MAX_RUN_NAME` and
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -55,8 +67,15 @@ FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt",
 #: Where a run keeps what it could not send yet (in its output folder).
 OUTBOX_FILE = "mlflow_outbox.jsonl"
 
-#: Seconds between attempts to reach an unreachable tracking server.
+#: Seconds a run waits for other runs to finish setting up the same local store.
+STORE_LOCK_TIMEOUT_S = 300.0
+
+#: Seconds between attempts to reach an unreachable tracking server (at least MIN_RETRY_S).
 RETRY_EVERY_S = 5.0
+MIN_RETRY_S = 0.05
+
+#: Seconds a failing run waits for the server to hear that it failed.
+FAIL_WAIT_S = 10.0
 
 # MLflow's own HTTP retries (7, with exponential back-off: minutes per call) would stall the
 # task loop during an outage; fedcl queues instead, so one quick retry is enough. The user's
@@ -91,7 +110,67 @@ def _client(tracking_uri: str) -> Any:
 
     # no mlflow.set_tracking_uri(): it also sets $MLFLOW_TRACKING_URI for every process
     # started afterwards, which would steer their runs into this store
-    return MlflowClient(tracking_uri=tracking_uri)
+    if local_store(tracking_uri) is None:  # a server sets its store up itself
+        return MlflowClient(tracking_uri=tracking_uri)
+    with store_lock(tracking_uri):  # MLflow makes a new local store's tables on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold, across processes, the lock of a local store (an ``flock`` on the nearest existing
+    folder of its sqlite file or file store; nothing is created); a server's store holds its
+    own. MLflow makes a new sqlite store's tables (and migrates an old one) on first use, and
+    two processes doing so at once fail ("table ... already exists"): runs started together
+    on one store take turns at this step only. Raises FedclError after ``timeout_s``."""
+    store = local_store(tracking_uri)
+    if store is None:
+        yield
+        return
+    folder = store[1].absolute().parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder this process cannot open: MLflow will say what is wrong
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FedclError(f"MLflow store {shown(tracking_uri)}: another process "
+                                     f"held its set-up for {timeout_s:.0f} s") from None
+                time.sleep(0.05)
+            except OSError:  # a file system without flock: go on unlocked
+                break
+        yield
+    finally:
+        os.close(fd)  # closing frees the lock
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, made if the store lacks it. Runs started together
+    may both find it missing: the one whose create fails takes the other's."""
+    for attempt in range(2):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise FedclError(f"MLflow experiment '{name}' is deleted; "
+                                 "restore it or choose another name")
+            return str(exp.experiment_id)
+        try:
+            return str(client.create_experiment(name))
+        except Exception:
+            if attempt:  # not made by another run: the store's own refusal
+                raise
+    raise AssertionError("unreachable")
 
 
 def flatten_params(config: dict[str, Any]) -> dict[str, str]:
@@ -106,7 +185,13 @@ def flatten_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 class Tracker:
-    """Logs one fedcl run to MLflow, queueing what cannot be sent during an outage."""
+    """Logs one fedcl run to MLflow from a background sender, queueing what cannot be sent
+    during an outage (see the module's docstring).
+
+    Starting (:meth:`start`, :meth:`resume`) talks to the server directly; after that every
+    call only queues and returns: one sender thread sends the queue in order, so a server
+    that is slow, frozen or gone never holds the caller up. A request the server refuses
+    (HTTP 4xx) is raised as :class:`FedclError` by the caller's next call."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str,
                  outbox: Path | None = None, retry_every_s: float = RETRY_EVERY_S) -> None:
@@ -117,28 +202,40 @@ class Tracker:
         self.outbox = outbox
         self.retry_every_s = retry_every_s
         self._client: Any = None
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []  # in order; the sender sends the first
+        self._cond = threading.Condition()  # guards everything below and the outbox file
         self._next_try = 0.0
         self._down_since: float | None = None
+        self._sent_while_down = 0
+        self._refused: FedclError | None = None
+        self._sender: threading.Thread | None = None
+        self._stopping = False
+        self._waited = 0.0
 
     @property
     def pending(self) -> int:
         """Operations not yet written to the tracking server."""
-        return len(self._pending)
+        with self._cond:
+            return len(self._pending)
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last attempt to reach the server failed (an outage is going on)."""
+        with self._cond:
+            return self._down_since is not None
+
+    def take_waited(self) -> float:
+        """Seconds the caller spent in this tracker's logging calls since it last asked
+        (queueing, and writing the outbox during an outage), and start counting afresh."""
+        waited, self._waited = self._waited, 0.0
+        return waited
 
     def start(self, config: dict[str, Any]) -> str:
         from mlflow.entities import Param, RunTag
 
         try:
             client = _client(self.tracking_uri)
-            exp = client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                exp_id = client.create_experiment(self.experiment)
-            elif exp.lifecycle_stage == "deleted":
-                raise FedclError(f"MLflow experiment '{self.experiment}' is deleted; "
-                                 "restore it or choose another name")
-            else:
-                exp_id = exp.experiment_id
+            exp_id = _experiment_id(client, self.experiment)
             tags = {"fedcl.strategy": config["strategy"], "fedcl.scenario": config["scenario"],
                     "fedcl.dataset": config["dataset"], "mlflow.runName": self.run_name}
             run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
@@ -153,6 +250,7 @@ class Tracker:
         for i in range(0, len(params), 100):
             client.log_batch(self.run_id, params=params[i:i + 100],
                              tags=[RunTag("fedcl.status", "running")] if i == 0 else [])
+        self._start_sender()
         return self.run_id
 
     def resume(self, run_id: str) -> str:
@@ -167,6 +265,7 @@ class Tracker:
         self._client, self.run_id = client, run.info.run_id
         if self.outbox is not None and self.outbox.exists():
             self._pending = read_outbox(self.outbox, run_id)[1]
+        self._start_sender()
         self._submit({"op": "status", "status": "RUNNING"})
         self._submit({"op": "tag", "key": "fedcl.status", "value": "running"})
         self._submit({"op": "tag", "key": "fedcl.resumed", "value": "true"})
@@ -183,7 +282,9 @@ class Tracker:
                       client_gpu_peak_mb=record.client_gpu_peak_mb,
                       client_gpu_reserved_mb=record.client_gpu_reserved_mb,
                       client_compute_s=record.client_compute_s,
-                      clients_connected=record.connected)
+                      clients_connected=record.connected,
+                      tracking_wait_s=record.tracking_wait_s,
+                      tracking_queued=record.tracking_queued)
         self.log_metrics(values, step=record.round)
 
     def log_metrics(self, values: dict[str, float | None], step: int = 0) -> None:
@@ -195,77 +296,167 @@ class Tracker:
 
     def finish(self, summary: dict[str, Any], files: Iterable[Path],
                wait_s: float = 0.0) -> int:
-        """Final metrics, artifacts, FINISHED; waits up to ``wait_s`` for an unreachable
-        server. Returns the number of operations left unsent (kept in the outbox file)."""
+        """Final metrics, artifacts, FINISHED. Waits until everything is sent, or the server
+        has been found unreachable and ``wait_s`` seconds have passed (a frozen server is
+        found so after MLflow's HTTP timeout). Returns the number of operations left unsent
+        (kept in the outbox file)."""
         self.log_metrics({k: summary.get(k) for k in FINAL_METRICS}, step=0)
         for path in files:
-            self._pending.append({"op": "artifact", "path": str(Path(path).resolve())})
-        self._pending.append({"op": "tag", "key": "fedcl.status", "value": "finished"})
-        self._pending.append({"op": "status", "status": "FINISHED"})
-        deadline = time.monotonic() + wait_s
-        while not self._flush(force=True):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("MLflow at %s unreachable: %d operations kept in %s",
-                            self.tracking_uri, self.pending, self.outbox)
-                break
-            time.sleep(min(self.retry_every_s, left))
+            self._submit({"op": "artifact", "path": str(Path(path).resolve())})
+        self._submit({"op": "tag", "key": "fedcl.status", "value": "finished"})
+        self._submit({"op": "status", "status": "FINISHED"})
+        if not self._drain(time.monotonic() + wait_s, verdict=True):
+            log.warning("MLflow at %s unreachable: %d operations kept in %s",
+                        self.tracking_uri, self.pending, self.outbox)
+        self._stop()
         return self.pending
 
-    def fail(self, reason: str, status: str = "FAILED") -> None:
-        """Mark the run FAILED (or KILLED), keeping everything logged so far."""
+    def fail(self, reason: str, status: str = "FAILED", wait_s: float = FAIL_WAIT_S) -> None:
+        """Mark the run FAILED (or KILLED), keeping everything logged so far; waits at most
+        ``wait_s`` for the server (what is left stays in the outbox)."""
         if self.run_id is None or self._client is None:
             return
-        self._pending.append({"op": "tag", "key": "fedcl.error", "value": reason[:5000]})
-        self._pending.append({"op": "tag", "key": "fedcl.status", "value": status.lower()})
-        self._pending.append({"op": "status", "status": status})
-        try:
-            self._flush(force=True)
-        except Exception:
-            pass
+        with self._cond:
+            self._refused = None  # the run is failing already: say why, if the server hears
+        for op in ({"op": "tag", "key": "fedcl.error", "value": reason[:5000]},
+                   {"op": "tag", "key": "fedcl.status", "value": status.lower()},
+                   {"op": "status", "status": status}):
+            self._submit(op)
+        with contextlib.suppress(FedclError):
+            self._drain(time.monotonic() + wait_s, verdict=False)
+        self._stop()
 
-    # --- the outbox ---------------------------------------------------------------------------
+    def persist(self) -> None:
+        """Write what is still queued to the outbox file (a resumed run sends it first), so
+        that a checkpoint taken now loses nothing to a kill; nothing is written when the
+        queue is empty. An operation sent meanwhile may be sent twice after a kill: MLflow
+        keeps one copy of a metric logged twice with the same step and timestamp, and tags
+        and status are set, not added."""
+        t0 = time.monotonic()
+        with self._cond:
+            if self._pending:
+                self._save_outbox()
+        self._waited += time.monotonic() - t0
+
+    def wait_sent(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for everything queued to be sent; whether it was. Raises
+        the server's refusal of a request."""
+        return self._drain(time.monotonic() + timeout_s, verdict=False)
+
+    # --- the sender -------------------------------------------------------------------------
+    def _start_sender(self) -> None:
+        self._sender = threading.Thread(target=self._send_loop, name="fedcl-mlflow",
+                                        daemon=True)
+        self._sender.start()
+
     def _submit(self, op: dict[str, Any]) -> None:
-        self._pending.append(op)
-        self._flush()
+        t0 = time.monotonic()
+        with self._cond:
+            if self._refused is not None:
+                raise self._refused
+            self._pending.append(op)
+            if self._down_since is not None:  # a kill during the outage loses nothing
+                self._append_outbox(op)
+            self._cond.notify_all()
+        self._waited += time.monotonic() - t0
 
-    def _flush(self, force: bool = False) -> bool:
-        """Send queued operations in order; False when the server could not be reached."""
-        if not self._pending:
-            return True
-        now = time.monotonic()
-        if not force and now < self._next_try:
-            self._save_outbox()
-            return False
-        sent = 0
-        while self._pending:
+    def _drain(self, deadline: float, verdict: bool) -> bool:
+        """Wait for the queue to empty, until ``deadline`` (with ``verdict``: and until an
+        attempt has found the server unreachable). Whether everything was sent."""
+        with self._cond:
+            while self._pending and self._refused is None:
+                if self._sender is None or not self._sender.is_alive():
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 and (not verdict or self._down_since is not None):
+                    break
+                self._cond.wait(max(left, 0.05) if left > 0 else 0.05)
+            if self._refused is not None:
+                raise self._refused
+            return not self._pending
+
+    def _stop(self) -> None:
+        """Stop the sender; what it has not sent goes to the outbox file."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            if self._pending:
+                self._save_outbox()
+        if self._sender is not None and self._sender is not threading.current_thread():
+            self._sender.join(timeout=1.0)  # one stuck on a frozen server is left behind
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    if self._pending:
+                        wait = self._next_try - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._cond.wait(wait)
+                    else:
+                        self._cond.wait()
             try:
-                apply_operation(self._client, self.run_id, self._pending[0])
-            except Exception as err:
-                if not is_outage(err):
-                    raise FedclError(f"MLflow at {self.tracking_uri} refused "
-                                     f"{self._pending[0]['op']}: {_first_line(err)}") from None
+                self._send_first()
+            except FedclError as err:
+                with self._cond:
+                    self._refused = err
+                    self._cond.notify_all()
+                return
+
+    def _send_first(self) -> bool:
+        """Send the oldest queued operation; False when the server could not be reached.
+        One thread at a time: the sender, or ``fedcl sync``'s caller."""
+        with self._cond:
+            op = self._pending[0]
+        try:
+            apply_operation(self._client, self.run_id, op)
+        except Exception as err:
+            if not is_outage(err):
+                raise FedclError(f"MLflow at {self.tracking_uri} refused {op['op']}: "
+                                 f"{_first_line(err)}") from None
+            with self._cond:
                 if self._down_since is None:
-                    self._down_since = now
+                    self._down_since = time.monotonic()
+                    self._sent_while_down = 0
                     if self.run_name:  # a run's tracker says so; `fedcl sync` does not
                         log.warning("MLflow at %s unreachable (%s); queueing",
                                     self.tracking_uri, _first_line(err))
-                self._next_try = time.monotonic() + self.retry_every_s
+                self._next_try = time.monotonic() + max(self.retry_every_s, MIN_RETRY_S)
                 self._save_outbox()
-                return False
+                self._cond.notify_all()
+            return False
+        with self._cond:
             self._pending.pop(0)
-            sent += 1
-        if self._down_since is not None:
-            log.warning("MLflow at %s back after %.0f s; %d queued operations sent",
-                        self.tracking_uri, now - self._down_since, sent)
-            self._down_since = None
-        if self.outbox is not None:
-            self.outbox.unlink(missing_ok=True)
+            if self._down_since is not None:
+                self._sent_while_down += 1
+            if not self._pending:
+                if self._down_since is not None:
+                    log.warning("MLflow at %s back after %.0f s; %d queued operations sent",
+                                self.tracking_uri, time.monotonic() - self._down_since,
+                                self._sent_while_down)
+                    self._down_since = None
+                if self.outbox is not None:
+                    self.outbox.unlink(missing_ok=True)
+            elif self._stopping:  # sent after the outbox was written: not again
+                self._save_outbox()
+            self._cond.notify_all()
         return True
 
     def _save_outbox(self) -> None:
         if self.outbox is not None:
             write_outbox(self.outbox, self.tracking_uri, str(self.run_id), self._pending)
+
+    def _append_outbox(self, op: dict[str, Any]) -> None:
+        if self.outbox is None:
+            return
+        if not self.outbox.exists():
+            self._save_outbox()
+            return
+        with self.outbox.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(op) + "\n")
 
 
 def apply_operation(client: Any, run_id: str | None, op: dict[str, Any]) -> None:
@@ -336,9 +527,10 @@ def sync_outbox(path: Path, tracking_uri: str | None = None) -> tuple[str, int]:
     uri = tracking_uri or header["tracking_uri"]
     tracker = Tracker(uri, "", "", outbox=path, retry_every_s=0.0)
     tracker._client, tracker.run_id, tracker._pending = _client(uri), header["run_id"], list(ops)
-    if not tracker._flush(force=True):
-        raise FedclError(f"MLflow at {uri} is still unreachable; {tracker.pending} operations "
-                         f"kept in {path}")
+    while tracker._pending:  # in this thread: no sender
+        if not tracker._send_first():
+            raise FedclError(f"MLflow at {uri} is still unreachable; {tracker.pending} "
+                             f"operations kept in {path}")
     return header["run_id"], len(ops)
 
 
@@ -347,11 +539,19 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def terminate_run(tracking_uri: str, run_id: str, status: str = "FAILED") -> None:
-    """Mark a run as ended from outside the ServerApp (the CLI after Ctrl-C)."""
+def terminate_run(tracking_uri: str, run_id: str, status: str = "FAILED",
+                  reason: str | None = None) -> str:
+    """Mark a run as ended from outside the ServerApp (after a signal, a backend failure)
+    unless it already ended; returns its status afterwards."""
     client = _client(tracking_uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)
+    current = str(client.get_run(run_id).info.status)
+    if current != "RUNNING":
+        return current
+    if reason:
+        client.set_tag(run_id, "fedcl.error", reason[:5000])
+    client.set_tag(run_id, "fedcl.status", status.lower())
+    client.set_terminated(run_id, status)
+    return status
 
 
 def run_status(tracking_uri: str, run_id: str) -> str:

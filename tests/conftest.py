@@ -78,6 +78,55 @@ def processes_mentioning(text: str) -> list:  # type: ignore[type-arg]
     return found
 
 
+def alive(procs: list) -> list:  # type: ignore[type-arg]
+    """The processes of ``procs`` (psutil) that still run: the same process (psutil checks
+    its start time, against pid reuse) and not a zombie."""
+    import psutil
+
+    left = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return left
+
+
+def ray_session_processes(root: str | Path) -> list:  # type: ignore[type-arg]
+    """Live processes of the Ray sessions under ``root`` (a test's RAY_TMPDIR, or one
+    session's folder), with their children: those that name it on their command line, hold a
+    file open under it or work in it. Ray's agents and workers rename themselves
+    (``ray::RuntimeEnvAgent``), so their command lines alone do not tell."""
+    import psutil
+
+    roots = {str(root).rstrip("/"), os.path.realpath(root)}
+    under = lambda path: any(path == r or path.startswith(r + "/") for r in roots)  # noqa: E731
+    found = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if (any(r in part for part in proc.info["cmdline"] or () for r in roots)
+                    or under(proc.cwd()) or any(under(f.path) for f in proc.open_files())):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return alive(list(found.values()))
+
+
+def wait_until_gone(procs: list, timeout: float = 30) -> list:  # type: ignore[type-arg]
+    """Wait (up to ``timeout``) for ``procs`` to end; returns those still alive."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := alive(procs)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 class MlflowServer:
     """A real ``mlflow server`` (sqlite store, proxied artifacts) that a test can stop (kill -9,
     as a crash would) and start again on the same port and store."""
@@ -123,13 +172,21 @@ class MlflowServer:
         self.stop()
         raise RuntimeError("mlflow server did not answer within the timeout")
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (SIGSTOP) or continue the server: frozen, it still takes connections but never
+        answers, as behind a network black hole."""
+        import signal
+
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         import signal
 
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # (also a frozen one)
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=30)

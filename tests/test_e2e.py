@@ -14,11 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from fedcl import metrics, tracking
+from fedcl import checkpoint, metrics, tracking
 from fedcl.errors import FedclError
-from tests.conftest import processes_mentioning, run_fedcl
+from tests.conftest import alive, ray_session_processes, run_fedcl
 from tests.pinned import assert_pinned
 
 pytestmark = pytest.mark.e2e
@@ -35,15 +36,18 @@ def ray_env():  # type: ignore[no-untyped-def]
     yield {"RAY_TMPDIR": tmp}
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        left = processes_mentioning(tmp)
+        left = ray_session_processes(tmp)
         if not left:
             break
         time.sleep(0.5)
-    left = processes_mentioning(tmp)
+    left = ray_session_processes(tmp)
+    names = []
     for proc in left:
-        proc.kill()
+        with contextlib.suppress(psutil.Error):
+            names.append(proc.name())
+            proc.kill()
     shutil.rmtree(tmp, ignore_errors=True)
-    assert not left, f"processes left running: {[p.info['cmdline'][:3] for p in left]}"
+    assert not left, f"processes left running: {names}"
 
 
 def _summary(out: Path) -> dict:
@@ -224,7 +228,9 @@ def test_ctrl_c_marks_run_failed_and_leaves_nothing(tmp_path: Path, ray_env: dic
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "fedcl: interrupted; the MLflow run is marked FAILED"
+    assert err.strip().splitlines() == [
+        f"fedcl: interrupted by SIGINT; the MLflow run is marked FAILED; "
+        f"`fedcl simulate --resume {tmp_path / 'out'}` continues it"]
     runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "sigint")
     assert [r["status"] for r in runs] == ["FAILED"]
     history = tracking.metric_history(f"sqlite:///{tmp_path / 'mlflow.db'}", runs[0]["run_id"],
@@ -260,6 +266,8 @@ def test_same_seed_same_matrix_and_resume_after_kill_9(tmp_path: Path, ray_env: 
     while time.monotonic() < deadline and not seen:
         seen = "task 2/2  round 1/2" in proc.stdout.readline()
     assert seen, "the run never reached task 2"
+    started = psutil.Process(proc.pid).children(recursive=True)  # Ray's, by pid
+    session = checkpoint.load(tmp_path / "cut")["ray_session_dir"]
     proc.kill()  # SIGKILL mid-task: no handler runs, the MLflow run stays RUNNING
     proc.wait(timeout=30)
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
@@ -269,6 +277,9 @@ def test_same_seed_same_matrix_and_resume_after_kill_9(tmp_path: Path, ray_env: 
 
     res = run_fedcl("simulate", "--resume", str(tmp_path / "cut"), cwd=tmp_path, env=ray_env)
     assert res.returncode == 0, res.stderr
+    # the resume stopped everything the killed run had started (Ray's agents, renamed
+    # `ray::...`, would otherwise live on for a minute)
+    assert alive(started) == [] and ray_session_processes(session) == []
     resumed = _summary(tmp_path / "cut")
     assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
     assert [r["acc_per_task"] for r in resumed["rounds"]] == [
@@ -324,3 +335,29 @@ def test_hanging_or_vanishing_clients_never_hang_the_run(tmp_path: Path, ray_env
         assert len(lines) == 1 and "sampled clients sent a usable update" in lines[0]
         runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", mode)
         assert [r["status"] for r in runs] == ["FAILED"]
+
+
+def test_runs_started_together_on_one_store_all_finish(tmp_path: Path, ray_env: dict) -> None:
+    """A seed sweep started with ``&`` in an empty folder: every run starts (MLflow makes the
+    new store's tables once), gets an output folder of its own although their derived names
+    fall in the same second, and finishes in the one store."""
+    env = {**os.environ, **ray_env}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "fedcl.cli", "simulate", *TINY,
+                               "--seed", str(seed), "--experiment", "sweep"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2, 3)]
+    ends = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (_, err) in zip(procs, ends, strict=True):
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "sweep")
+    assert sorted(r["status"] for r in runs) == ["FINISHED"] * 3
+    folders = sorted((tmp_path / "outputs").iterdir())
+    assert len(folders) == 3
+    summaries = [_summary(folder) for folder in folders]
+    assert sorted(s["config"]["seed"] for s in summaries) == [1, 2, 3]
+    assert sorted(s["mlflow_run_id"] for s in summaries) == sorted(r["run_id"] for r in runs)
+    # each run is named after its folder
+    assert sorted(s["config"]["run_name"] for s in summaries) == [f.name for f in folders]

@@ -317,10 +317,18 @@ def test_paths_the_run_can_write_are_taken(args: list[str], tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _folders(tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
     with pytest.raises(RunStarted):
         _simulate(args, tmp_path, capsys, monkeypatch)
+    # the run starts by claiming its output folder (its lock, fedcl.processes); nothing else
+    # is made before the simulation starts: no MLflow store, no other file
+    [config] = no_run
+    lock = Path(tmp_path, config.output, "fedcl.lock")
+    made = {p for p in tmp_path.rglob("*")} - before
+    assert {p for p in made if p.is_file()} <= {lock}
+    assert all(p == lock or p in lock.parents for p in made), made
     assert not any(tmp_path.joinpath(name).exists()
-                   for name in ("new", "outputs", "store", "out", "mlflow.db", "mlruns"))
+                   for name in ("store", "mlflow.db", "mlruns"))
 
 
 def test_the_server_app_checks_names_and_paths_before_it_starts(

@@ -4,6 +4,8 @@ logged during the outage is lost, and what is still unsent at the end waits for 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,24 @@ def _record(round_: int) -> RoundRecord:
                        clients=3, failures=round_ % 2, rejected=0, seconds=0.1)
 
 
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_outage_mid_run_queues_then_sends_everything(tmp_path: Path, mlflow_server) -> None:
     outbox = tmp_path / tracking.OUTBOX_FILE
     tracker = tracking.Tracker(mlflow_server.uri, "outage", "mid-run", outbox=outbox,
                                retry_every_s=0.0)
     run_id = tracker.start({"strategy": "fedavg", "scenario": "class-il", "dataset": "mnist"})
     tracker.log_round(_record(1))
-    assert tracker.pending == 0 and not outbox.exists()
+    assert tracker.wait_sent(60) and tracker.pending == 0 and not outbox.exists()
 
     mlflow_server.stop()
     tracker.log_round(_record(2))
+    _wait_for(lambda: tracker.unreachable)
     tracker.log_round(_record(3))
     assert tracker.pending == 2
     header, ops = tracking.read_outbox(outbox)
@@ -39,8 +49,8 @@ def test_outage_mid_run_queues_then_sends_everything(tmp_path: Path, mlflow_serv
     assert {m[3] for op in ops for m in op["metrics"]} == {2, 3}
 
     mlflow_server.start()
-    tracker.log_round(_record(4))  # the next call finds the server back and sends the queue
-    assert tracker.pending == 0 and not outbox.exists()
+    tracker.log_round(_record(4))  # the next try finds the server back and sends the queue
+    assert tracker.wait_sent(60) and tracker.pending == 0 and not outbox.exists()
     history = tracking.metric_history(mlflow_server.uri, run_id, "acc_task_0")
     assert history == [(r, pytest.approx(0.5 + r / 100)) for r in (1, 2, 3, 4)]
     failures = tracking.metric_history(mlflow_server.uri, run_id, "failures")
@@ -62,6 +72,7 @@ def test_server_down_at_the_end_keeps_outbox_for_fedcl_sync(tmp_path: Path,
                                retry_every_s=0.0)
     run_id = tracker.start({"strategy": "fot", "scenario": "task-il", "dataset": "mnist"})
     tracker.log_round(_record(1))
+    assert tracker.wait_sent(60)
     mlflow_server.stop()
     tracker.log_round(_record(2))
     unsent = tracker.finish({"acc": 0.5, "forgetting": 0.0}, [], wait_s=0.0)
@@ -92,13 +103,48 @@ def test_server_down_at_the_end_keeps_outbox_for_fedcl_sync(tmp_path: Path,
     assert again.stderr.strip() == f"fedcl: error: no MLflow outbox at {outbox}: nothing to send"
 
 
+def test_a_frozen_server_never_holds_the_round_loop_up(tmp_path: Path, mlflow_server,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes connections but never answers (a network black hole) makes every
+    request wait out MLflow's HTTP timeout; the rounds go on meanwhile (the sender waits, not
+    the loop), say what they waited and what is queued, and everything arrives once the
+    server answers again."""
+    timeout_s = 30.0  # one blocked request alone would take this long
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    outbox = tmp_path / tracking.OUTBOX_FILE
+    tracker = tracking.Tracker(mlflow_server.uri, "outage", "frozen", outbox=outbox)
+    run_id = tracker.start({"strategy": "fedavg", "scenario": "class-il", "dataset": "mnist"})
+    tracker.log_round(_record(1))
+    assert tracker.wait_sent(60)
+    tracker.take_waited()
+    mlflow_server.freeze()
+    try:
+        t0 = time.monotonic()
+        for round_ in range(2, 7):
+            tracker.log_round(_record(round_))
+        spent = time.monotonic() - t0
+        waited = tracker.take_waited()
+        assert spent < timeout_s and waited <= spent  # not one request's wait
+        assert tracker.pending == 5 and not tracker.unreachable  # in flight, not yet failed
+    finally:
+        mlflow_server.freeze(False)
+    assert tracker.wait_sent(120) and tracker.pending == 0
+    history = tracking.metric_history(mlflow_server.uri, run_id, "avg_acc")
+    assert [step for step, _ in history] == [1, 2, 3, 4, 5, 6]
+    assert tracker.finish({"acc": 0.5}, [], wait_s=0.0) == 0
+    assert tracking.run_status(mlflow_server.uri, run_id) == "FINISHED"
+
+
 def test_a_refused_request_is_an_error_not_an_outage(tmp_path: Path, mlflow_server) -> None:
     tracker = tracking.Tracker(mlflow_server.uri, "outage", "refused",
                                outbox=tmp_path / tracking.OUTBOX_FILE)
     tracker.start({"strategy": "fedavg", "scenario": "class-il", "dataset": "mnist"})
     tracker.run_id = "0" * 32  # a run the server does not have: it answers 404
+    tracker.log_metrics({"acc": 0.5}, step=1)
     with pytest.raises(FedclError, match=r"^MLflow at .* refused metrics: "):
-        tracker.log_metrics({"acc": 0.5}, step=1)
+        tracker.wait_sent(60)
+    with pytest.raises(FedclError, match=r"^MLflow at .* refused metrics: "):
+        tracker.log_metrics({"acc": 0.25}, step=2)  # the run's next call fails it
     assert not (tmp_path / tracking.OUTBOX_FILE).exists()
 
 
