@@ -54,10 +54,39 @@ class LiveDisplay:
         else:
             print(text, file=self.stream, flush=True)
 
+    def on_erasure(self, entry: dict[str, Any]) -> None:
+        """One line when a request has been carried out: what, how, and its judged result."""
+        text = format_erasure(entry)
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def format_erasure(entry: dict[str, Any]) -> str:
+    """A carried-out request and its judged result against the retrain oracle, one line:
+    forget, retain and test accuracy and the MIA, each with the oracle's and the gap in
+    points, and the weights' relative distance."""
+    oracle = entry.get("oracle", {})
+    parts = []
+    for key, label in (("forget_acc", "forget"), ("retain_acc", "retain"),
+                       ("test_acc", "test"), ("mia", "MIA")):
+        mine, theirs = entry.get(key), oracle.get(key)
+        if mine is None or theirs is None:
+            parts.append(f"{label} n/a")
+            continue
+        parts.append(f"{label} {100 * mine:.1f}% (oracle {100 * theirs:.1f}%, "
+                     f"{100 * (mine - theirs):+.1f})")
+    distance = entry.get("distance_to_oracle", {}).get("weights")
+    if distance is not None:
+        parts.append(f"weights {distance:.3f} from the oracle's")
+    return (f"erasure '{entry['request']}' carried out by {entry['method']} after round "
+            f"{entry['round']}: " + ", ".join(parts))
 
 
 def format_matrix(summary: dict[str, Any]) -> str:

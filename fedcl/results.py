@@ -9,7 +9,8 @@
 ``num_clients``        clients in the federation
 ``num_tasks``          tasks in the stream
 ``accuracy_matrix``    T x T list; row i = after training task i, column j = test accuracy
-                       on task j (every cell filled, unseen tasks included)
+                       on task j (every cell filled, unseen tasks included), on the classes
+                       not erased everywhere (``erasure_view``)
 ``random_init_accuracy``  accuracy of the initial (untrained) model on each task, FWT's baseline
 ``acc``                mean of the last row (ACC)
 ``forgetting``         mean over old tasks of the best accuracy at or after its own training
@@ -60,7 +61,19 @@
                        ``method``, ``round`` (the last round before it), ``forget_acc``,
                        ``retain_acc``, ``test_acc``, ``mia``, ``seconds``, ``oracle`` (the
                        same for the retrained model), ``distance_to_oracle`` (``weights``,
-                       ``cka_forget``, ``cka_retain``)
+                       ``cka_forget``, ``cka_retain``), ``test_split`` (what the request
+                       changes in the test split: a class erased everywhere leaves it; a
+                       client's data cannot be separated from it), ``forget_curve``
+                       (``round``, ``acc``: the forget set's accuracy right after unlearning,
+                       then after every later round; MLflow ``erasure_<i>_forget_curve``),
+                       ``tasks_seen``
+``erasure_view``       what the accuracy matrix and the end metrics are measured on after
+                       erasures: ``excluded_classes`` (erased everywhere: left out of every
+                       row, so the requested forgetting is not counted as catastrophic
+                       forgetting), ``fully_erased_tasks`` (every class erased: scored on
+                       the full test set) and, when a class was left out,
+                       ``accuracy_matrix_all_classes`` (every class, as measured); the
+                       rounds' ``acc_per_task`` leave a class out from its request on
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -233,6 +246,15 @@ def plot_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         first = next((r["round"] for r in rounds if r["task"] == k), None)
         if first is not None:
             ax.axvline(first - 0.5, color="grey", lw=0.5, ls=":")
+    for i, entry in enumerate(summary.get("erasures") or []):
+        # the request's point, and its forget set's accuracy from then on (dashed)
+        ax.axvline(entry["round"] + 0.5, color="red", lw=0.8, ls="--")
+        ax.annotate(f"erasure {i}", (entry["round"] + 0.5, 98), fontsize=6, color="red",
+                    rotation=90, va="top")
+        curve = entry.get("forget_curve") or []
+        if curve:
+            ax.plot([c["round"] for c in curve], [100 * c["acc"] for c in curve], ls="--",
+                    color="red", lw=1, label=f"forget set {i}")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)

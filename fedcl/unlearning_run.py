@@ -16,7 +16,9 @@ rebuilt from it without the erased data (:meth:`Erasures.rebuild_strategy`), unl
 rebuilt it itself (FedEraser's calibration walks every stored round with a fresh strategy).
 Both walks are walks of the task-stream driver (:mod:`fedcl.stream`). Every request is judged
 against the oracle (:mod:`fedcl.erasure_judge`) and its entry added to summary.json's
-``erasures`` and to MLflow (``erasure_<i>_*``).
+``erasures`` and to MLflow (``erasure_<i>_*``). From then on the run is measured on what was not
+erased (classes erased everywhere leave the test split: :mod:`fedcl.evaluation`), and the
+request's forget-set accuracy is tracked after every round (``forget_curve``).
 """
 
 from __future__ import annotations
@@ -130,9 +132,27 @@ class Erasures:
         self.tracker = tracker
         self.method: UnlearningMethod = plugins.build_unlearning(config, out_dir)
         self.judge = ErasureJudge(config, scenario, evaluator)
+        self.forget_sets: dict[int, list[Any]] = {}  # request index -> its forget samples
 
     def state_dict(self) -> dict[str, Any]:
         return self.method.state_dict()
+
+    def track_forgetting(self, p: RunState, schedule: list[ErasureRequest]) -> None:
+        """After a round: every carried-out request's forget-set accuracy, appended to its
+        entry's ``forget_curve`` and logged to MLflow (``erasure_<i>_forget_curve``, step =
+        round). A resumed run draws the forget sets again from the schedule."""
+        erased = ErasedData()
+        for i, entry in enumerate(p.erasures):
+            if i not in self.forget_sets:
+                seen = entry.get("tasks_seen")
+                self.forget_sets[i] = ([] if seen is None else self.judge.sample_sets(
+                    schedule[i], erased, erased.add(schedule[i]), list(seen))[0])
+            erased = erased.add(schedule[i])
+            acc = self.judge.forget_accuracy(p.arrays, self.forget_sets[i])
+            if acc is None:
+                continue
+            entry.setdefault("forget_curve", []).append({"round": p.global_round, "acc": acc})
+            self.tracker.log_metrics({f"erasure_{i}_forget_curve": acc}, step=p.global_round)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state)
@@ -175,11 +195,14 @@ class Erasures:
             arrays, method_strategy, method_seconds = (oracle_arrays, oracle_strategy,
                                                        oracle_seconds)
         entry = self.judge(req, p, before, after, arrays, oracle_arrays)
+        self.forget_sets[len(p.erasures)] = self.judge.last_forget
         entry["seconds"] = method_seconds
         entry["oracle"]["seconds"] = oracle_seconds
         entry.update(self.method.report())
         p.erased_clients = list(after.clients)
         p.erased_classes = [list(pair) for pair in after.classes]
+        # from now on the run is measured on what was not erased
+        self.judge.evaluator.excluded = after.classes_everywhere()
         p.erasures.append(entry)
         index = len(p.erasures) - 1
         flat = {f"erasure_{index}_{k}": float(v) for k, v in entry.items()

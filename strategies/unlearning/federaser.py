@@ -8,7 +8,9 @@ To forget, it walks the stored rounds in order from the initial model:
 
 * the first stored round (round 1, whose start carries no information about anyone) becomes
   the weighted average of the stored models of the clients that remain (a class erasure
-  calibrates this round too: every stored model saw the class);
+  calibrates this round too: every stored model saw the class; so does a client erasure
+  after a class erasure, whose stored round-1 models saw the erased class and would bring it
+  back);
 * every later stored round ``t``: the round's remaining clients train from the new global model
   ``newGM_t`` for ``ceil(epoch_ratio * local_epochs)`` epochs on their data of that round's task
   (erased classes left out), through the run's own strategy (so FOT projects and, in a task's
@@ -142,7 +144,10 @@ class CalibrationWalk(TaskStreamDriver):
         old_states = [(c[self.weight_key], c["state"]) for c in remaining.values()]
         if not remaining or sum(w for w, _ in old_states) == 0:
             return  # nobody left who trained in this round: nothing to calibrate
-        if info.round == 1 and job.request.kind == "client" and not info.last_of_task:
+        # the round-1 shortcut holds only while no class erasure is in force: the stored models
+        # of round 1 trained on every class, and averaging them would bring an erased class back
+        if (info.round == 1 and job.request.kind == "client" and not job.after.classes
+                and not info.last_of_task):
             mean = weighted_mean(old_states)
             self.arrays = ArrayRecord({k: mean[k].to(v.dtype) for k, v in
                                        self.arrays.to_torch_state_dict().items()})
