@@ -9,6 +9,7 @@ non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -91,7 +92,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file (see simulations/)")
     for name, fld in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        helptext = fld.metadata.get("help", "")
+        helptext = fld.metadata.get("help", "") + _default_text(fld)
         typ, optional = field_type(name)
         if typ is dict:  # strategy_params -> --strategy-param KEY=VALUE (repeatable)
             parser.add_argument(flag.removesuffix("s"), dest=name, action="append",
@@ -104,6 +105,22 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             conv = _optional(typ, flag[2:]) if optional else _scalar(typ, flag[2:])
             parser.add_argument(flag, dest=name, type=conv, default=argparse.SUPPRESS,
                                 metavar=typ.__name__.upper(), help=helptext)
+
+
+def _default_text(fld: dataclasses.Field[Any]) -> str:
+    """`` (default: X)`` for a config field's help; nothing where there is no fixed default
+    (its help says what happens when it is not given)."""
+    if fld.default is not dataclasses.MISSING:
+        value: Any = fld.default
+    elif fld.default_factory is not dataclasses.MISSING:
+        value = fld.default_factory()
+    else:
+        return ""
+    if isinstance(value, bool):
+        return f" (default: {'on' if value else 'off'})"
+    if value is None or value == "" or value == {} or value == []:
+        return ""
+    return f" (default: {value})".replace("%", "%%")  # argparse formats help with %
 
 
 def add_erase_flag(parser: argparse.ArgumentParser) -> None:
@@ -147,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the run whose output folder is DIR (from its checkpoint)")
 
     cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
-    cmp_.add_argument("--experiment", required=True, help="MLflow experiment name")
+    cmp_.add_argument("--experiment", default=Config().experiment,
+                      help="MLflow experiment name (default: %(default)s, where fedcl "
+                           "simulate logs unless told otherwise)")
     cmp_.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                            "sqlite:///mlflow.db)")
-    cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                      help="table (for reading), json or csv (for scripts); "
+                           "default: %(default)s")
     cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
 
     sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "

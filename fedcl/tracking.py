@@ -563,7 +563,7 @@ def fetch_runs(tracking_uri: str, experiment: str) -> list[dict[str, Any]]:
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise FedclError(f"no MLflow experiment named '{experiment}' at {tracking_uri}")
+        raise ConfigError(f"no MLflow experiment named '{experiment}' at {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
                               max_results=10000)
     out = []

@@ -133,7 +133,7 @@ def test_compare_unknown_experiment(tmp_path: Path, capsys: pytest.CaptureFixtur
     db = tmp_path / "x.db"
     result = _in_process(["compare", "--experiment", "nothere", "--tracking-uri",
                           f"sqlite:///{db}"], tmp_path, capsys, monkeypatch)
-    line = _assert_one_line_error(result, "no MLflow experiment", tmp_path, exit_code=None)
+    line = _assert_one_line_error(result, "no MLflow experiment", tmp_path)  # exit 2
     assert "'nothere'" in line
     assert result.stdout == ""
 
@@ -210,3 +210,23 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path: Path) -> None:
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == b""
+
+
+def test_help_shows_each_flags_default(tmp_path: Path) -> None:
+    """Every config flag with a fixed default says it; compare's flags are explained."""
+    from fedcl.config import Config
+    from tests.conftest import run_fedcl
+
+    res = run_fedcl("simulate", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    defaults = Config()
+    for flag, shown in (("--clients", defaults.clients), ("--strategy", defaults.strategy),
+                        ("--lr", defaults.lr), ("--fraction-train", defaults.fraction_train),
+                        ("--experiment", defaults.experiment)):
+        help_of_flag = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {shown})" in help_of_flag, (flag, help_of_flag)
+    cmp_ = run_fedcl("compare", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
+    text = " ".join(cmp_.stdout.split())
+    assert f"MLflow experiment name (default: {defaults.experiment}," in text
+    assert "table (for reading), json or csv (for scripts); default: table" in text
