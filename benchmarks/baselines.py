@@ -107,7 +107,9 @@ def learning_accuracy(matrix: Sequence[Sequence[float]]) -> float:
 def read_row(row: Row, summary: dict[str, Any]) -> Row:
     """Fill ``row`` from a run's summary.json."""
     row.acc, row.forgetting, row.bwt = summary["acc"], summary["forgetting"], summary["bwt"]
-    row.learning_accuracy = learning_accuracy(summary["accuracy_matrix"])
+    la = summary.get("learning_accuracy")  # summary.json has it; older ones do not
+    row.learning_accuracy = la if la is not None else learning_accuracy(
+        summary["accuracy_matrix"])
     states = list(summary.get("client_state", {}).values())
     held = [int(s.get("buffer_bytes", 0)) for s in states]
     row.buffer_bytes_total = sum(held)

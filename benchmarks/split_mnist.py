@@ -51,15 +51,18 @@ def main() -> None:
             print(f"{strategy} failed: {res.stderr.strip()[-500:]}", file=sys.stderr)
             continue
         s = json.loads((run_out / "summary.json").read_text())
-        rows.append((strategy, s["acc"], s["forgetting"], s["bwt"], time.monotonic() - t0))
+        rows.append((strategy, s["acc"], s["forgetting"], s["learning_accuracy"], s["bwt"],
+                     time.monotonic() - t0))
         print(f"{strategy}: ACC {100 * s['acc']:.2f}  forgetting {100 * s['forgetting']:.2f}",
               flush=True)
     print()
     print(f"Split-MNIST {args.scenario}, {args.clients} clients, Dirichlet 0.5, "
           f"{args.rounds_per_task} rounds per task, seed {args.seed} {args.extra}")
-    print(f"{'strategy':<10}{'ACC %':>8}{'forgetting %':>14}{'BWT %':>8}{'wall s':>8}")
-    for strategy, acc, fgt, bwt, wall in rows:
-        print(f"{strategy:<10}{100 * acc:8.2f}{100 * fgt:14.2f}{100 * bwt:8.2f}{wall:8.0f}")
+    print(f"{'strategy':<10}{'ACC %':>8}{'forgetting %':>14}{'LA %':>8}{'BWT %':>8}"
+          f"{'wall s':>8}")
+    for strategy, acc, fgt, la, bwt, wall in rows:
+        print(f"{strategy:<10}{100 * acc:8.2f}{100 * fgt:14.2f}{100 * la:8.2f}{100 * bwt:8.2f}"
+              f"{wall:8.0f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class RunState:
     erasures_done: int = 0  # requests of the schedule carried out so far
     erasures: list[dict[str, Any]] = field(default_factory=list)  # summary.json's `erasures`
     wall_time_before_s: float = 0.0  # wall time of the sessions before this one
+    # per matrix row (and for the initial model), each task's {class: [correct, total]}: the
+    # end metrics are taken on the classes not erased (fedcl.evaluation)
+    matrix_counts: list[list[dict[int, list[int]]]] = field(default_factory=list)
+    baseline_counts: list[dict[int, list[int]]] = field(default_factory=list)
 
 
 def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Config,

@@ -24,12 +24,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("seed", "params", "seed"),
     ("acc", "metrics", "acc"),
     ("forgetting", "metrics", "forgetting"),
+    ("learning_acc", "metrics", "learning_accuracy"),
+    ("intransigence", "metrics", "intransigence"),
     ("bwt", "metrics", "bwt"),
     ("fwt", "metrics", "fwt"),
     ("wall_time_s", "metrics", "wall_time_s"),
     ("run_id", "run", "run_id"),
 )
-PERCENT = {"acc", "forgetting", "bwt", "fwt"}
+PERCENT = {"acc", "forgetting", "learning_acc", "intransigence", "bwt", "fwt"}
 # An erasure's MLflow metrics (``erasure_<i>_<name>``) shown when a run has them, as
 # ``e<i>_<name>``: the method's, the retrained oracle's, and their distance.
 ERASURE_METRICS = ("forget_acc", "retain_acc", "test_acc", "mia", "seconds",

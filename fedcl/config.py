@@ -143,7 +143,8 @@ class Config:
     # --- model and local training ----------------------------------------------------------
     model: str = field(
         default="mlp",
-        metadata=_doc("mlp (784-400-400, the FOT paper's), cnn (small CNN) or resnet18 (reduced)."),
+        metadata=_doc("mlp (784-400-400), mlp-fot (784-400-400-400, FOT's code), cnn (small "
+                      "CNN) or resnet18 (reduced)."),
     )
     rounds_per_task: int = field(default=3, metadata=_doc("Federated rounds on each task."))
     local_epochs: int = field(default=1, metadata=_doc("Local epochs per round on each client."))
@@ -172,6 +173,15 @@ class Config:
         ),
     )
     eval_batch_size: int = field(default=1000, metadata=_doc("Batch size of server evaluation."))
+    intransigence_reference: str = field(
+        default="",
+        metadata=_doc(
+            "Intransigence's reference A*: one accuracy per task in [0, 1], comma-separated, "
+            "A*_k being task k's accuracy of a model trained jointly on tasks 0..k with the "
+            "same split, rounds and optimizer (Chaudhry et al. 2018; fedcl does not train it). "
+            "Empty: intransigence is not reported (null)."
+        ),
+    )
     # --- runtime ---------------------------------------------------------------------------
     seed: int = field(
         default=0,
@@ -206,7 +216,8 @@ class Config:
         default="retrain",
         metadata=_doc(
             "How the model forgets an erasure: retrain (the exact oracle: retrain from the "
-            "initial model without the data, same seeds and sampling), ssd, federaser, "
+            "initial model without the data: each round's sampled clients minus the erased ones, "
+            "same seeds), ssd, federaser, "
             "projection or gs-lora (see `fedcl strategies`)."
         ),
     )
@@ -287,6 +298,11 @@ class Config:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
+        reference = reference_accuracies(self.intransigence_reference)
+        if reference is not None and len(reference) != self.tasks:
+            raise ConfigError(
+                f"intransigence_reference needs one accuracy per task ({self.tasks}), got "
+                f"{len(reference)}")
         if not self.experiment.strip():
             raise ConfigError("experiment must be a non-empty name")
         min_clients, sampled = self.min_train_clients, sample_size(self.clients,
@@ -442,6 +458,25 @@ def load_toml(path: str | os.PathLike[str], base: Config | None = None) -> Confi
         raise ConfigError(f"config file {file} is not UTF-8 text") from None
     return config_from_dict(values, source=str(file), base=base)
 
+
+
+def reference_accuracies(text: str) -> list[float] | None:
+    """``intransigence_reference`` as numbers (None when empty); raises :class:`ConfigError`
+    for anything but comma-separated fractions in [0, 1]."""
+    if not text.strip():
+        return None
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"intransigence_reference: {part.strip()!r} is not a number "
+                              "(comma-separated accuracies in [0, 1])") from None
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise ConfigError(f"intransigence_reference: {value:g} is not an accuracy in "
+                              "[0, 1] (fractions, not percent)")
+        values.append(value)
+    return values
 
 
 def sample_size(available: int, fraction: float) -> int:

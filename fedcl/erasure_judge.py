@@ -7,6 +7,9 @@ seen so far (``forget_acc``), on a seeded subset of the training samples every c
 samples as members and test samples as non-members, the share of forget samples judged
 members); and the distance between the two (relative L2 distance of the weights, linear CKA of
 the penultimate features on forget and retain samples). Maths: :mod:`fedcl.unlearning_math`.
+The entry also says what the request changes in the test split the run is measured on
+(``test_split``) and starts the forget set's accuracy curve (``forget_curve``), which the run
+extends after every later round.
 """
 
 from __future__ import annotations
@@ -29,6 +32,22 @@ from fedcl.unlearning_math import entropy_mia, linear_cka, prediction_entropy, r
 
 class UnlearningFailed(FedclError):
     """An unlearning method failed; the global model before the request stays in force."""
+
+
+def test_split(req: ErasureRequest) -> str:
+    """What a request changes in the test split the run is measured on (summary.json's
+    ``erasures[].test_split``)."""
+    if req.kind == "client":
+        return ("unchanged: test samples belong to no client, so a client's data cannot be "
+                "separated from the test split; the erased client's training samples are "
+                "tracked as forget_curve")
+    if req.client is not None:
+        return (f"unchanged: only client {req.client}'s samples of class {req.klass} are "
+                "erased and the class stays learnable from the others; those samples are "
+                "tracked as forget_curve")
+    return (f"class {req.klass} left out of the test split of every task from now on (and of "
+            "every row of the final accuracy matrix); its erased training samples are tracked "
+            "as forget_curve")
 
 
 class ErasureJudge:
@@ -60,10 +79,34 @@ class ErasureJudge:
         run before the
         request; ``before``/``after``: what was erased before it and with it. Raises
         :class:`UnlearningFailed` when no training sample is left to judge forgetting on."""
-        config, scenario = self.config, self.scenario
         # the tasks whose data the clients have held: those trained so far, and the current
         # one when the request comes at a round of it
         seen = list(range(p.task + 1 if p.task_started else p.task))
+        forget, retain, test = self.sample_sets(req, before, after, seen)
+        self.last_forget = forget  # the forget set, tracked after every later round
+        if not forget:
+            raise UnlearningFailed(f"erasure '{req.to_text()}': no training sample to judge "
+                                   "forgetting on")
+        model = self._scores(arrays, forget, retain, test)
+        oracle = self._scores(oracle_arrays, forget, retain, test)
+        distance = {
+            "weights": relative_distance(arrays.to_torch_state_dict(),
+                                         oracle_arrays.to_torch_state_dict()),
+            "cka_forget": linear_cka(model.pop("_f_forget"), oracle.pop("_f_forget")),
+            "cka_retain": (linear_cka(model.pop("_f_retain"), oracle.pop("_f_retain"))
+                           if retain else None)}
+        return {"request": req.to_text(), "kind": req.kind, "method": self.config.unlearning,
+                "round": p.global_round, **model, "oracle": oracle,
+                "distance_to_oracle": distance, "tasks_seen": seen,
+                "test_split": test_split(req),
+                "forget_curve": [{"round": p.global_round, "acc": model["forget_acc"]}]}
+
+    def sample_sets(self, req: ErasureRequest, before: ErasedData, after: ErasedData,
+                    seen: list[int]) -> tuple[list, list, list]:
+        """(forget, retain, test) of the tasks ``seen``: the request's training samples, a
+        seeded subset of those the clients keep, and the test sets less the classes erased
+        everywhere; each a list of ``(task, x, y)``."""
+        config, scenario = self.config, self.scenario
         gone = sorted(after.classes_everywhere())
         forget, retain, test = [], [], []
         for task in seen:
@@ -79,20 +122,19 @@ class ErasureJudge:
             keep = ~torch.isin(original_test_labels(scenario, task, y).to(y.device),
                                torch.tensor(gone, dtype=y.dtype, device=y.device))
             test.append((task, x[keep], y[keep]))
-        if not forget:
-            raise UnlearningFailed(f"erasure '{req.to_text()}': no training sample to judge "
-                                   "forgetting on")
-        model = self._scores(arrays, forget, retain, test)
-        oracle = self._scores(oracle_arrays, forget, retain, test)
-        distance = {
-            "weights": relative_distance(arrays.to_torch_state_dict(),
-                                         oracle_arrays.to_torch_state_dict()),
-            "cka_forget": linear_cka(model.pop("_f_forget"), oracle.pop("_f_forget")),
-            "cka_retain": (linear_cka(model.pop("_f_retain"), oracle.pop("_f_retain"))
-                           if retain else None)}
-        return {"request": req.to_text(), "kind": req.kind, "method": config.unlearning,
-                "round": p.global_round, **model, "oracle": oracle,
-                "distance_to_oracle": distance}
+        return forget, retain, test
+
+    def forget_accuracy(self, arrays: ArrayRecord, forget: list) -> float | None:
+        """Accuracy of the model ``arrays`` on a request's forget set (``sample_sets``)."""
+        model = self.evaluator.model
+        model.load_state_dict(arrays.to_torch_state_dict())
+        model.eval()
+        correct = total = 0
+        for task, x, y in forget:
+            logits, _ = self._forward(model, x, self.scenario.head_for(task))
+            correct += int((logits.argmax(1) == y.to(logits.device)).sum())
+            total += len(y)
+        return correct / total if total else None
 
     def _scores(self, arrays: ArrayRecord, forget: list, retain: list, test: list
                 ) -> dict[str, Any]:
@@ -138,4 +180,4 @@ class ErasureJudge:
         return torch.cat(logits), torch.cat(feats)
 
 
-__all__ = ["ErasureJudge", "UnlearningFailed"]
+__all__ = ["ErasureJudge", "UnlearningFailed", "test_split"]

@@ -7,6 +7,9 @@ Conventions
 Accuracy matrix ``R`` is a ``T x T`` array with ``R[i, j]`` = test accuracy
 (a fraction in ``[0, 1]``) on task ``j`` after training task ``i`` (0-based).
 
+Plasticity beside stability: learning accuracy (each task's accuracy right after its own
+training) and intransigence (against a jointly trained reference the caller gives).
+
 Stability-gap metrics (De Lange et al., ICLR 2023) work per federated round:
 ``curves`` is an ``n_rounds x T`` array with ``curves[r, k]`` = accuracy on
 task ``k`` after round ``r``, and ``round_task[r]`` is the (0-based) task
@@ -26,6 +29,9 @@ __all__ = [
     "forgetting",
     "forgetting_at_task_end",
     "forward_transfer",
+    "intransigence",
+    "intransigence_per_task",
+    "learning_accuracy",
     "min_acc_per_round",
     "summarize",
     "wc_acc_per_round",
@@ -134,21 +140,30 @@ def average_accuracy(R: npt.ArrayLike) -> float:
 
 
 def forgetting(R: npt.ArrayLike) -> float:
-    """Chaudhry et al. (2018) max-based forgetting.
+    """Max-based forgetting (Chaudhry et al., 2018), the standard definition.
 
-    F = 1/(T-1) sum_{j<T-1} ( max_{l in 0..T-2} R[l, j] - R[T-1, j] ),
-    i.e. best earlier accuracy minus final accuracy. nan when T == 1.
+    F = 1/(T-1) sum_{j<T-1} ( max_{l in j..T-2} R[l, j] - R[T-1, j] ),
+    i.e. the best accuracy on task j at or after its own training (before the last row) minus
+    the final one. Rows before task j was trained do not count: in domain-IL an untrained
+    task's accuracy is well above zero, and a task learnt worse than that would show forgetting
+    it never had. nan when T == 1. :func:`forgetting_at_task_end` is the variant that takes
+    the accuracy right after the task's training instead of the best.
     """
     arr = _as_matrix(R)
     T = arr.shape[0]
     if T == 1:
         return math.nan
-    best_earlier = arr[: T - 1, : T - 1].max(axis=0)
-    return float((best_earlier - arr[T - 1, : T - 1]).mean())
+    # cells of rows before each column's own task are masked out of the max
+    rows = np.arange(T - 1)[:, None]
+    cols = np.arange(T - 1)[None, :]
+    trained = np.where(rows >= cols, arr[: T - 1, : T - 1], -np.inf)
+    best = trained.max(axis=0)
+    return float((best - arr[T - 1, : T - 1]).mean())
 
 
 def forgetting_at_task_end(R: npt.ArrayLike) -> float:
-    """Forgetting w.r.t. accuracy right after learning each task (FOT variant).
+    """Forgetting w.r.t. accuracy right after learning each task (the end-of-task variant,
+    the FOT paper's FGT and De Lange et al.'s FORG).
 
     F_end = 1/(T-1) sum_{j<T-1} ( R[j, j] - R[T-1, j] ). nan when T == 1.
     """
@@ -171,6 +186,34 @@ def backward_transfer(R: npt.ArrayLike) -> float:
         return math.nan
     diag = np.diagonal(arr)[: T - 1]
     return float((arr[T - 1, : T - 1] - diag).mean())
+
+
+def learning_accuracy(R: npt.ArrayLike) -> float:
+    """Learning accuracy (Riemer et al., ICLR 2019): LA = (1/T) sum_j R[j, j], each task's
+    accuracy right after its own training. Plasticity beside forgetting's stability: a method
+    that stops learning shows no forgetting, and a low LA."""
+    arr = _as_matrix(R)
+    return float(np.diagonal(arr).mean())
+
+
+def intransigence_per_task(R: npt.ArrayLike, reference: npt.ArrayLike) -> list[float]:
+    """Intransigence (Chaudhry et al., "Riemannian Walk", ECCV 2018), per task:
+    I_k = reference[k] - R[k, k].
+
+    ``reference[k]`` (A*_k) is the accuracy on task k of a reference model of the same
+    architecture trained *jointly* on the data of tasks 0..k (class-IL: one head over all their
+    classes); federated, the reference of task k is a run that trains tasks 0..k together with
+    the same split, rounds and optimizer. fedcl does not train it: the user gives it. Positive:
+    the continual learner learnt task k worse than the reference (it resists new knowledge)."""
+    arr = _as_matrix(R)
+    ref = _as_baseline(reference, arr.shape[0])
+    return [float(v) for v in ref - np.diagonal(arr)]
+
+
+def intransigence(R: npt.ArrayLike, reference: npt.ArrayLike) -> float:
+    """Mean intransigence over tasks, (1/T) sum_k (reference[k] - R[k, k]): see
+    :func:`intransigence_per_task`."""
+    return float(np.mean(intransigence_per_task(R, reference)))
 
 
 def forward_transfer(R: npt.ArrayLike, baseline: npt.ArrayLike) -> float:
@@ -246,10 +289,12 @@ def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def summarize(R: npt.ArrayLike, baseline: npt.ArrayLike) -> dict[str, float | None]:
+def summarize(R: npt.ArrayLike, baseline: npt.ArrayLike,
+              reference: npt.ArrayLike | None = None) -> dict[str, float | None]:
     """All end-of-sequence metrics in one dict (nan -> None).
 
-    Keys: "acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt".
+    Keys: "acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "learning_accuracy",
+    "intransigence" (None without a ``reference``: see :func:`intransigence_per_task`).
     """
     arr = _as_matrix(R)
     base = _as_baseline(baseline, arr.shape[0])
@@ -259,4 +304,7 @@ def summarize(R: npt.ArrayLike, baseline: npt.ArrayLike) -> dict[str, float | No
         "forgetting_at_task_end": _nan_to_none(forgetting_at_task_end(arr)),
         "bwt": _nan_to_none(backward_transfer(arr)),
         "fwt": _nan_to_none(forward_transfer(arr, base)),
+        "learning_accuracy": _nan_to_none(learning_accuracy(arr)),
+        "intransigence": None if reference is None else _nan_to_none(
+            intransigence(arr, reference)),
     }

@@ -9,8 +9,12 @@ and uses ``heads[task]``).
 Built-in architectures (:data:`MODELS`, built by name with :func:`build_model`; a plugin adds
 more through :func:`fedcl.plugins.register_model`):
 
-* ``"mlp"`` -- :class:`MLP`, the two-hidden-layer 400-unit MLP used by FOT
-  for permuted/rotated MNIST.
+* ``"mlp"`` -- :class:`MLP`, 784-400-400 (two hidden layers of 400; dropout 0.2 on the input,
+  0.5 after each hidden layer), fedcl's default.
+* ``"mlp-fot"`` -- :func:`fot_mlp`, the MLP of FOT's public code for Permuted-MNIST: three
+  hidden layers of 400 (784-400-400-400; its ``hidden_layer_num=2`` counts the layers after the
+  first), dropout 0.2 after the first hidden layer and 0.5 after the other two, none on the
+  input.
 * ``"cnn"`` -- :class:`SmallCNN`, a two-conv-layer network for quick runs.
 * ``"resnet18"`` -- :class:`ReducedResNet18`, the reduced ResNet-18 (nf=20)
   of GPM / FOT's 5-Datasets setup.
@@ -36,7 +40,9 @@ __all__ = [
     "SmallCNN",
     "build_model",
     "count_parameters",
+    "fot_mlp",
     "model_summary",
+    "without_dropout",
 ]
 
 
@@ -121,7 +127,11 @@ class ContinualModel(nn.Module):
 
 
 class MLP(ContinualModel):
-    """FOT's MLP: flatten -> Dropout(0.2) -> [Linear -> ReLU -> Dropout(0.5)] x 2 -> head(s)."""
+    """flatten -> Dropout(input_dropout) -> [Linear -> ReLU -> Dropout] per hidden size -> head(s).
+
+    Defaults: 784-400-400, Dropout(0.2) on the input and 0.5 after each hidden layer.
+    ``hidden_dropouts`` gives each hidden layer its own rate instead of ``hidden_dropout``
+    (:func:`fot_mlp`)."""
 
     name = "mlp"
 
@@ -133,18 +143,24 @@ class MLP(ContinualModel):
         hidden_sizes: Sequence[int] = (400, 400),
         input_dropout: float = 0.2,
         hidden_dropout: float = 0.5,
+        hidden_dropouts: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         c, h, w = _check_input_shape(input_shape)
         if len(hidden_sizes) == 0:
             raise ValueError("hidden_sizes must contain at least one layer size")
+        rates = ([hidden_dropout] * len(hidden_sizes) if hidden_dropouts is None
+                 else [float(r) for r in hidden_dropouts])
+        if len(rates) != len(hidden_sizes):
+            raise ValueError(f"hidden_dropouts needs one rate per hidden layer "
+                             f"({len(hidden_sizes)}), got {len(rates)}")
         layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(input_dropout)]
         in_features = c * h * w
-        for size in hidden_sizes:
+        for size, rate in zip(hidden_sizes, rates, strict=True):
             layers += [
                 nn.Linear(in_features, int(size)),
                 nn.ReLU(),
-                nn.Dropout(hidden_dropout),
+                nn.Dropout(rate),
             ]
             in_features = int(size)
         self.body = nn.Sequential(*layers)
@@ -152,6 +168,14 @@ class MLP(ContinualModel):
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+
+def fot_mlp(input_shape: Sequence[int], num_classes_per_head: int, num_heads: int = 1) -> MLP:
+    """The MLP of FOT's public code (Bakman et al., ICLR 2024) for Permuted-MNIST: flatten ->
+    [Linear(400) -> ReLU -> Dropout] x 3 with rates 0.2, 0.5, 0.5 -> head(s); no dropout on
+    the input. FOT projects its four Linear weights (three hidden layers and the head)."""
+    return MLP(input_shape, num_classes_per_head, num_heads, hidden_sizes=(400, 400, 400),
+               input_dropout=0.0, hidden_dropouts=(0.2, 0.5, 0.5))
 
 
 class SmallCNN(ContinualModel):
@@ -276,6 +300,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("mlp", MLP),
     ModelSpec("cnn", SmallCNN),
     ModelSpec("resnet18", ReducedResNet18, batch_norm=True),
+    ModelSpec("mlp-fot", fot_mlp),
 )}
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 #: built-in models with batch norm (running statistics are module state: no batched cohorts)
@@ -303,6 +328,25 @@ def build_model(
             f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}"
         ) from None
     return spec.build(input_shape, num_classes_per_head, num_heads)  # type: ignore[return-value]
+
+
+#: the dropout modules :func:`without_dropout` takes out
+DROPOUT_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout)
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with every dropout module (:data:`DROPOUT_MODULES`) replaced, in place, by
+    ``nn.Identity``; returns ``model``. Dropout holds no parameters or buffers, so the
+    ``state_dict`` keeps its keys and shapes, and eval-mode outputs do not change; train mode
+    stops dropping units. Dropout written as a function call in ``forward`` is not seen."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, DROPOUT_MODULES):
+            setattr(model, name, nn.Identity())
+        else:
+            without_dropout(child)
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

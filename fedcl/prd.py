@@ -41,7 +41,11 @@ Choices and deviations, each tested in ``tests/test_prd_math.py``:
 5. **Prototype aggregation is ours** (PRD is not federated): per class, a sample-count-weighted
    mean of the clients' prototypes; a client with count 0 for a class does not dilute it, and a
    class no client touched keeps its previous global prototype.
-6. **Augmentations**: the usual SupCon CIFAR recipe for 3-channel images and a milder
+6. **Like with like in L_RD**: ``h_new`` and ``h_old`` must come from the same computation
+   (the same mode, no random masks), or the loss is not 0 for identical weights. The caller
+   (``strategies/prd.py``) takes dropout out of the encoder and runs the frozen copy in the
+   trained model's mode.
+7. **Augmentations**: the usual SupCon CIFAR recipe for 3-channel images and a milder
    crop + rotation for 1-channel (MNIST-sized) images, drawn per sample and reproducibly from a
    ``torch.Generator`` without touching the caller's global RNG.
 """

@@ -54,14 +54,44 @@ class LiveDisplay:
         else:
             print(text, file=self.stream, flush=True)
 
+    def on_erasure(self, entry: dict[str, Any]) -> None:
+        """One line when a request has been carried out: what, how, and its judged result."""
+        text = format_erasure(entry)
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
 
 
+def format_erasure(entry: dict[str, Any]) -> str:
+    """A carried-out request and its judged result against the retrain oracle, one line:
+    forget, retain and test accuracy and the MIA, each with the oracle's and the gap in
+    points, and the weights' relative distance."""
+    oracle = entry.get("oracle", {})
+    parts = []
+    for key, label in (("forget_acc", "forget"), ("retain_acc", "retain"),
+                       ("test_acc", "test"), ("mia", "MIA")):
+        mine, theirs = entry.get(key), oracle.get(key)
+        if mine is None or theirs is None:
+            parts.append(f"{label} n/a")
+            continue
+        parts.append(f"{label} {100 * mine:.1f}% (oracle {100 * theirs:.1f}%, "
+                     f"{100 * (mine - theirs):+.1f})")
+    distance = entry.get("distance_to_oracle", {}).get("weights")
+    if distance is not None:
+        parts.append(f"weights {distance:.3f} from the oracle's")
+    return (f"erasure '{entry['request']}' carried out by {entry['method']} after round "
+            f"{entry['round']}: " + ", ".join(parts))
+
+
 def format_matrix(summary: dict[str, Any]) -> str:
-    """The accuracy matrix (in %) with ACC, forgetting, BWT and FWT below it."""
+    """The accuracy matrix (in %) with ACC, forgetting, BWT and FWT below it, then plasticity:
+    learning accuracy and intransigence (or why there is none)."""
     matrix = summary["accuracy_matrix"]
     t = len(matrix)
     lines = ["accuracy (%)   " + " ".join(f"task{j:<3d}" for j in range(t))]
@@ -74,4 +104,9 @@ def format_matrix(summary: dict[str, Any]) -> str:
 
     lines.append(f"ACC {fmt('acc')}%   forgetting {fmt('forgetting')}%   BWT {fmt('bwt')}%   "
                  f"FWT {fmt('fwt')}%   wall time {summary['wall_time_s']:.1f} s")
+    intransigence = (f"intransigence {fmt('intransigence')}%"
+                     if summary.get("intransigence") is not None
+                     else "intransigence n/a (no jointly trained reference: "
+                          "set intransigence_reference)")
+    lines.append(f"learning accuracy {fmt('learning_accuracy')}%   {intransigence}")
     return "\n".join(lines)

@@ -9,14 +9,23 @@
 ``num_clients``        clients in the federation
 ``num_tasks``          tasks in the stream
 ``accuracy_matrix``    T x T list; row i = after training task i, column j = test accuracy
-                       on task j (every cell filled, unseen tasks included)
+                       on task j (every cell filled, unseen tasks included), on the classes
+                       not erased everywhere (``erasure_view``)
 ``random_init_accuracy``  accuracy of the initial (untrained) model on each task, FWT's baseline
 ``acc``                mean of the last row (ACC)
-``forgetting``         mean over old tasks of best earlier accuracy minus final (Chaudhry)
+``forgetting``         mean over old tasks of the best accuracy at or after its own training
+                       (before the last row) minus final (Chaudhry; no row from before the
+                       task was trained)
 ``forgetting_at_task_end``  mean over old tasks of accuracy right after its own training minus
                        final (the FOT paper's FGT)
 ``bwt``                backward transfer: mean over old tasks of final minus right-after-training
 ``fwt``                forward transfer: mean over j>=1 of R[j-1, j] minus random-init accuracy
+``learning_accuracy``  mean over tasks of the accuracy right after its own training, R[j, j]
+                       (plasticity; Riemer et al. 2019)
+``intransigence``      mean over tasks of A*_k minus R[k, k], A* the config's
+                       ``intransigence_reference`` (a model trained jointly on tasks 0..k;
+                       Chaudhry et al. 2018); null without one: fedcl does not train it
+``intransigence_per_task``  the same per task; null without a reference
 ``rounds``             one entry per federated round: ``task`` (0-based), ``round`` (1-based,
                        over the run), ``task_round`` (1-based within the task),
                        ``acc_per_task`` (test accuracy on every task after the round),
@@ -52,8 +61,20 @@
                        ``method``, ``round`` (the last round before it), ``forget_acc``,
                        ``retain_acc``, ``test_acc``, ``mia``, ``seconds``, ``oracle`` (the
                        same for the retrained model), ``distance_to_oracle`` (``weights``,
-                       ``cka_forget``, ``cka_retain``); where clients keep stores,
+                       ``cka_forget``, ``cka_retain``), ``test_split`` (what the request
+                       changes in the test split: a class erased everywhere leaves it; a
+                       client's data cannot be separated from it), ``forget_curve``
+                       (``round``, ``acc``: the forget set's accuracy right after unlearning,
+                       then after every later round; MLflow ``erasure_<i>_forget_curve``),
+                       ``tasks_seen``; where clients keep stores,
                        ``purged_samples`` (buffered samples the request removed from them)
+``erasure_view``       what the accuracy matrix and the end metrics are measured on after
+                       erasures: ``excluded_classes`` (erased everywhere: left out of every
+                       row, so the requested forgetting is not counted as catastrophic
+                       forgetting), ``fully_erased_tasks`` (every class erased: scored on
+                       the full test set) and, when a class was left out,
+                       ``accuracy_matrix_all_classes`` (every class, as measured); the
+                       rounds' ``acc_per_task`` leave a class out from its request on
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
@@ -82,6 +103,7 @@ from typing import Any
 import numpy as np
 
 from fedcl import metrics, protocol
+from fedcl.config import reference_accuracies
 
 #: The summary's file in the output folder.
 SUMMARY_FILE = "summary.json"
@@ -144,7 +166,10 @@ def stability_metrics(curves: list[list[float]], round_task: list[int]
 def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[float]],
                   baseline: list[float], rounds: list[RoundRecord], wall_time_s: float,
                   mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    scores = metrics.summarize(np.array(matrix), np.array(baseline))
+    reference = reference_accuracies(config.get("intransigence_reference") or "")
+    if reference is not None:
+        reference = reference[:len(matrix)]  # a run stopped early has fewer rows
+    scores = metrics.summarize(np.array(matrix), np.array(baseline), reference)
     return {
         "strategy": strategy,
         "scenario": config["scenario"],
@@ -154,6 +179,8 @@ def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[fl
         "accuracy_matrix": matrix,
         "random_init_accuracy": baseline,
         **scores,
+        "intransigence_per_task": (None if reference is None
+                                   else metrics.intransigence_per_task(matrix, reference)),
         "rounds": [r.to_dict() for r in rounds],
         "wall_time_s": wall_time_s,
         "mlflow_run_id": mlflow_run_id,
@@ -238,6 +265,15 @@ def plot_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
         first = next((r["round"] for r in rounds if r["task"] == k), None)
         if first is not None:
             ax.axvline(first - 0.5, color="grey", lw=0.5, ls=":")
+    for i, entry in enumerate(summary.get("erasures") or []):
+        # the request's point, and its forget set's accuracy from then on (dashed)
+        ax.axvline(entry["round"] + 0.5, color="red", lw=0.8, ls="--")
+        ax.annotate(f"erasure {i}", (entry["round"] + 0.5, 98), fontsize=6, color="red",
+                    rotation=90, va="top")
+        curve = entry.get("forget_curve") or []
+        if curve:
+            ax.plot([c["round"] for c in curve], [100 * c["acc"] for c in curve], ls="--",
+                    color="red", lw=1, label=f"forget set {i}")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)

@@ -276,14 +276,17 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
                 config_json: str, arrays: ArrayRecord, info: RoundInfo, pids: list[int],
                 cancel: threading.Event | None, clock: PhaseClock | None = None,
                 replay: bool = False, erased: ErasedData | None = None,
-                train: bool = True, walk: str = "") -> RoundOutcome:
+                train: bool = True, min_clients: int | None = None,
+                walk: str = "") -> RoundOutcome:
     """Send the round's training messages to clients ``pids``, screen the replies and let the
     strategy aggregate them. ``replay``: a round run by an erasure (the retrain oracle, an
     unlearning method): clients leave their Context.state alone; ``walk``: the replayed walk
     the round belongs to (:attr:`fedcl.stream.TaskStreamDriver.walk_id`), whose rounds share
     their trainers' stores apart from the live run's. ``erased``: the classes
     clients must leave out of their data. ``train=False``: clients send their task-end payloads
-    for the global model without training it. Cohorts may reply with their members' weighted
+    for the global model without training it. ``min_clients``: the fewest usable answers the
+    round needs (default ``config.min_train_clients``; the oracle's replay of a round that lost
+    erased clients asks at most for those left). Cohorts may reply with their members' weighted
     mean where the strategy allows it this round (its ``cohort_mean_key``).
 
     A client left without samples by erasures replies with ``num-examples`` 0: it is counted
@@ -332,9 +335,10 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
     if rejected:
         log.warning("round %d: rejected %d replies: %s", info.round, len(rejected),
                     "; ".join(rejected[:5]))
-    if len(clients) + len(empty) < config.min_train_clients:
+    needed = config.min_train_clients if min_clients is None else min_clients
+    if len(clients) + len(empty) < needed:
         raise RunAborted(round_stop_reason(info, replay, pids, replies, clients, empty,
-                                           rejected, config.min_train_clients))
+                                           rejected, needed))
     failures = len(pids) - len(clients) - len(empty)
     if not clients:
         # no sampled client holds data of the task any more (erased): nothing to learn

@@ -34,7 +34,7 @@ from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted, RunCancelled
-from fedcl.evaluation import Evaluator
+from fedcl.evaluation import Evaluator, accuracies, erasure_view
 from fedcl.results import (
     RoundRecord,
     build_summary,
@@ -160,6 +160,9 @@ class LiveRun(TaskStreamDriver):
                 self.save_checkpoint()  # the model before the request, for --resume
                 raise
             p.erasures_done += 1
+            on_erasure = getattr(self.control.observer, "on_erasure", None)
+            if on_erasure is not None:
+                on_erasure(p.erasures[-1])
 
     # --- the hooks ----------------------------------------------------------------------
     def before_task(self, task: int) -> None:
@@ -189,7 +192,9 @@ class LiveRun(TaskStreamDriver):
             for q in reply_members(m):  # a cohort's members report its leader's state
                 p.client_state[q] = client_state_entry(info_rec)
         p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
-        acc = self.evaluator(p.arrays)
+        self.counts = self.evaluator.counts(p.arrays)
+        acc = accuracies(self.counts, self.evaluator.excluded)
+        self.erasures.track_forgetting(p, self.schedule)  # each request's forget set
         clock("evaluate")
         p.curves.append(acc)
         p.round_task.append(info.task)
@@ -215,7 +220,11 @@ class LiveRun(TaskStreamDriver):
     def after_task(self, task: int, last_round_arrays: ArrayRecord) -> None:
         p = self.state
         # the matrix row is the round's accuracy unless end_task changed the model
-        p.matrix.append(self.acc if p.arrays is last_round_arrays else self.evaluator(p.arrays))
+        if p.arrays is not last_round_arrays:
+            self.counts = self.evaluator.counts(p.arrays)
+            self.acc = accuracies(self.counts, self.evaluator.excluded)
+        p.matrix.append(self.acc)
+        p.matrix_counts.append(self.counts)
         state = self.strategy.state_metrics()
         if state:
             self.tracker.log_metrics(state, step=p.global_round)
@@ -252,6 +261,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
+    for line in erasures.method.check_requests(config, scenario, schedule):
+        log.warning(line)  # a request the method cannot act on (SSD's selection bound)
     # the unlearning method may wrap the run's strategy (FedEraser records client updates)
     strategy = erasures.method.wrap(plugins.build_strategy(config))
     starting: Future[str] | None = None
@@ -266,13 +277,16 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             raise RunAborted(f"cannot resume from the checkpoint: {plugins.one_line(err)}"
                              f"{plugins.raised_at(err)}") from err
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
+        # what was erased everywhere before the checkpoint stays out of the test split
+        evaluator.excluded = ErasedData.of(state).classes_everywhere()
         if plugins.build_trainer(config).keeps_client_store:
             log.warning("resuming: the clients' stores (replay buffers) lived in the stopped "
                         "run's client processes and start empty; the rest of the run differs "
                         "from an uninterrupted one")
     else:
         arrays = ArrayRecord(plugins.build_model(config, scenario).state_dict())
-        state = RunState(arrays=arrays, baseline=evaluator(arrays))
+        counts = evaluator.counts(arrays)
+        state = RunState(arrays=arrays, baseline=accuracies(counts), baseline_counts=counts)
         # the MLflow run is created while the clients start up (each takes seconds)
         starting = _in_background(tracker.start, config.to_dict())
     try:
@@ -291,11 +305,14 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                  open_task=state.task if state.task_started else None)
         control.check()  # stopped after its last round: FAILED, resumable, not half written
         p = state
+        view = erasure_view(p.matrix, p.matrix_counts, p.baseline, p.baseline_counts,
+                            evaluator.excluded)
         summary = build_summary(
-            strategy=config.strategy, config=config.to_dict(), matrix=p.matrix,
-            baseline=p.baseline, rounds=p.records,
+            strategy=config.strategy, config=config.to_dict(), matrix=view.pop("matrix"),
+            baseline=view.pop("baseline"), rounds=p.records,
             wall_time_s=p.wall_time_before_s + time.monotonic() - started,
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
+        summary["erasure_view"] = view
         summary["strategy_state"] = p.strategy_state
         summary["erasures"] = p.erasures
         summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}

@@ -8,7 +8,8 @@ around them the caller's hooks. Every walk fedcl makes goes through :class:`Task
 * the live run (:mod:`fedcl.server_app`): every round of every task, with erasure requests
   carried out at their points, evaluation, tracking and checkpoints;
 * the retrain oracle (:mod:`fedcl.unlearning_run`): every round so far again, from the
-  initial model, without the erased data;
+  initial model, each with the clients it sampled in the run minus the erased ones, without
+  the erased data;
 * rebuilding a strategy's task-end state after unlearning (:mod:`fedcl.unlearning_run`): the
   last round of every finished task, untrained;
 * FedEraser's calibration (:mod:`strategies.unlearning.federaser`): the stored rounds.

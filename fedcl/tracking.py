@@ -5,9 +5,10 @@ One MLflow run per simulation. Params: the whole config (strategy parameters as
 ``avg_acc``, ``min_acc``, ``wc_acc``, ``train_loss``, ``round_seconds``, ``clients``,
 ``failures``, ``rejected``, ``empty``, ``tracking_wait_s``, ``tracking_queued`` (and
 ``client_gpu_peak_mb``, ``client_gpu_reserved_mb`` with GPU clients). At the end: ``acc``,
-``forgetting``, ``forgetting_at_task_end``, ``bwt``, ``fwt``, ``wall_time_s``. Artifacts:
-config.toml, summary.json, accuracy_matrix.csv, accuracy_matrix.png and
-accuracy_per_round.png. Tags: ``fedcl.strategy``, ``fedcl.scenario``,
+``forgetting``, ``forgetting_at_task_end``, ``bwt``, ``fwt``, ``learning_accuracy``,
+``intransigence`` (only with a reference), ``wall_time_s``. Artifacts: config.toml,
+summary.json, accuracy_matrix.csv, accuracy_matrix.png and accuracy_per_round.png. Tags:
+``fedcl.strategy``, ``fedcl.scenario``,
 ``fedcl.dataset``.
 
 The client is used directly (no fluent API, no global active run), so the tracker is safe to use
@@ -60,7 +61,8 @@ from fedcl.errors import ConfigError, FedclError
 from fedcl.paths import check_file, check_folder, quoted, shown
 from fedcl.results import RoundRecord
 
-FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt", "wall_time_s")
+FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt",
+                 "learning_accuracy", "intransigence", "wall_time_s")
 
 #: Where a run keeps what it could not send yet (in its output folder).
 OUTBOX_FILE = "mlflow_outbox.jsonl"

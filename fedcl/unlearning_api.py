@@ -57,6 +57,13 @@ class UnlearningMethod:
         """Extra numbers for the request's summary entry (FedEraser's storage)."""
         return {}
 
+    def check_requests(self, config: Config, scenario: Scenario,
+                       requests: list[ErasureRequest]) -> list[str]:
+        """Called before the run starts with the whole erasure schedule: one warning line per
+        request the method can tell in advance it will not act on (SSD's selection bound).
+        Default: none."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

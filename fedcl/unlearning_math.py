@@ -9,6 +9,9 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   Dampening", AAAI 2024).
 - :func:`ssd_dampen`: Selective Synaptic Dampening: a parameter whose forget importance exceeds
   ``alpha`` times its full importance is scaled by ``min(lam * I_D / I_f, 1)`` (never up).
+- :func:`ssd_selection_bound`: the largest ``I_f / I_D`` any parameter can have, ``B / B_f``,
+  when the importance on all data averages ``B`` mini-batches of which ``B_f`` are the forget
+  set's: ``alpha`` at or above it selects nothing.
 - :func:`federaser_calibrate`: FedEraser's calibrated step, per tensor: the stored update's
   length along the calibration update's direction (Liu et al., "FedEraser", IWQoS 2021).
 - :func:`project_forget_gradient`: the forget gradient less its component along the retain
@@ -21,11 +24,15 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   class-balanced logistic regression on the prediction entropy, retain-train samples as
   members and test samples as non-members; returns the share of forget samples judged
   members (lower: more forgotten; the target is the retrained model's value).
+- :func:`mean_lora_update`: the federated average of LoRA adapters as the mean of the
+  clients' products ``B_k A_k`` (what merging each client's adapters would add, averaged), not
+  ``mean(B) mean(A)``.
 - :func:`relative_distance`: relative L2 distance between two sets of weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -73,6 +80,18 @@ def ssd_dampen(params: Tensors, importance_all: Tensors, importance_forget: Tens
         beta = torch.clamp(lam * i_all / torch.where(selected, i_forget, 1.0), max=1.0)
         out[name] = torch.where(selected, beta * theta, theta)
     return out
+
+
+def ssd_selection_bound(batches_all: int, batches_forget: int) -> float:
+    """``B / B_f``: with ``I_D`` the mean of squared gradients over ``B`` mini-batches, ``B_f``
+    of them the forget set's (whose mean is ``I_f``), and the others' squares non-negative,
+    ``I_D >= (B_f / B) I_f`` for every parameter; so ``I_f > alpha I_D`` (SSD's selection)
+    needs ``alpha < B / B_f``, and at ``alpha >= B / B_f`` SSD dampens nothing. ``inf`` when
+    there is no forget batch."""
+    if batches_forget < 0 or batches_all < batches_forget:
+        raise ValueError(f"need 0 <= batches_forget <= batches_all, got {batches_forget} and "
+                         f"{batches_all}")
+    return math.inf if batches_forget == 0 else batches_all / batches_forget
 
 
 def federaser_calibrate(new_global: Tensors, old_update: Tensors, new_update: Tensors
@@ -142,6 +161,24 @@ def weighted_mean(parts: list[tuple[float, Tensors]]) -> dict[str, torch.Tensor]
         raise ValueError("nothing to average: no part with a positive weight")
     return {k: sum(w * t[k].double() for w, t in parts) / total  # type: ignore[misc]
             for k in parts[0][1]}
+
+
+def mean_lora_update(parts: list[tuple[float, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]],
+                     scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Per adapted layer, ``scale * sum_k w_k B_k A_k / sum_k w_k`` in float64: the weight
+    update that is the weighted mean of the clients' merged LoRA updates. ``parts`` holds one
+    ``(w_k, {layer: (A_k, B_k)})`` per client, ``A`` being ``(r, in)`` and ``B`` ``(out, r)``;
+    ``scale`` is LoRA's ``lora_alpha / r``. Averaging ``A`` and ``B`` separately would merge
+    ``mean(B) mean(A)``, which is not the mean of the products (cross terms ``B_j A_k``)."""
+    total = sum(w for w, _ in parts)
+    if not parts or total <= 0:
+        raise ValueError("nothing to average: no part with a positive weight")
+    out: dict[str, torch.Tensor] = {}
+    for w, layers in parts:
+        for name, (a, b) in layers.items():
+            prod = (w / total) * (b.double() @ a.double())
+            out[name] = out[name] + prod if name in out else prod
+    return {name: scale * value for name, value in out.items()}
 
 
 def relative_distance(a: Tensors, b: Tensors) -> float:

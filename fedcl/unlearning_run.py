@@ -3,9 +3,12 @@ strategy's task-end state.
 
 The oracle (federated retraining from scratch without the erased data, the
 exact baseline of Liu et al., "FedEraser", IWQoS 2021) replays every round run so far
-from the initial model with a fresh strategy, the same per-round sampling seeds and client
-seeds, erased clients left out of the pool each round samples from and erased classes left out
-of every client's data. With ``unlearning = "retrain"`` the run goes on from the oracle's model
+from the initial model with a fresh strategy and the same client seeds: each round trains the
+clients that round sampled in the run, minus the erased ones (never a new draw from the smaller
+pool, which at ``fraction_train`` < 1 would change about half of every round's clients and put
+sampling noise into every gap measured against the oracle), with erased classes left out of
+every client's data. A round whose sampled clients were all erased trains nobody and keeps the
+model. With ``unlearning = "retrain"`` the run goes on from the oracle's model
 *and strategy*: under FOT the basis is rebuilt without the erased data, because the oracle's
 strategy built it from the replayed rounds alone. Other methods return their own model; the
 strategy state built from client payloads at task ends (FOT's basis, PRD's old model) is then
@@ -13,7 +16,9 @@ rebuilt from it without the erased data (:meth:`Erasures.rebuild_strategy`), unl
 rebuilt it itself (FedEraser's calibration walks every stored round with a fresh strategy).
 Both walks are walks of the task-stream driver (:mod:`fedcl.stream`). Every request is judged
 against the oracle (:mod:`fedcl.erasure_judge`) and its entry added to summary.json's
-``erasures`` and to MLflow (``erasure_<i>_*``).
+``erasures`` and to MLflow (``erasure_<i>_*``). From then on the run is measured on what was not
+erased (classes erased everywhere leave the test split: :mod:`fedcl.evaluation`), and the
+request's forget-set accuracy is tracked after every round (``forget_curve``).
 """
 
 from __future__ import annotations
@@ -47,27 +52,47 @@ log = logging.getLogger("fedcl")
 
 
 class OracleWalk(TaskStreamDriver):
-    """The retrain oracle's walk: every round of ``state.records`` again, each round's clients
-    sampled from those never erased with the round's own seed, erased classes left out, clients
-    leaving their Context.state alone (a replay)."""
+    """The retrain oracle's walk: every round of ``state.records`` again, each round with the
+    clients it sampled in the run (``schedule``: round -> partition ids) minus the erased ones,
+    erased classes left out, clients leaving their Context.state alone (a replay).
+
+    A round missing from ``schedule`` (a record without its sample) is drawn again from the
+    clients never erased with the round's own seed. A round left with no client keeps the
+    model; one left with fewer than ``min_train_clients`` needs all of them to answer."""
 
     def __init__(self, strategy: ContinualStrategy, arrays: ArrayRecord, grid: Grid,
                  roster: Roster, config: Config, erased: ErasedData,
-                 cancel: threading.Event | None) -> None:
+                 cancel: threading.Event | None,
+                 schedule: dict[int, list[int]] | None = None) -> None:
         super().__init__(strategy, arrays)
         self.grid, self.roster, self.config = grid, roster, config
         self.erased, self.cancel = erased, cancel
+        self.schedule = schedule or {}
         self.pool = [q for q in range(config.clients) if q not in erased.clients]
         self.config_json = config.to_json()
+
+    def clients_of(self, info: RoundInfo) -> list[int]:
+        """The partition ids round ``info`` trains in the replay."""
+        sampled = self.schedule.get(info.round)
+        if not sampled:
+            return sample_clients(self.pool, self.config.fraction_train, self.config.seed,
+                                  info.round)
+        return [q for q in sampled if q not in self.erased.clients]
 
     def run_round(self, info: RoundInfo) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise RunCancelled("run cancelled")
-        pids = sample_clients(self.pool, self.config.fraction_train, self.config.seed,
-                              info.round)
+        pids = self.clients_of(info)
+        if not pids:
+            log.info("oracle: round %d sampled only erased clients; the model stays",
+                     info.round)
+            return
         self.arrays = train_round(self.grid, self.roster, self.strategy, self.config,
                                   self.config_json, self.arrays, info, pids, self.cancel,
-                                  replay=True, erased=self.erased, walk=self.walk_id).arrays
+                                  replay=True, erased=self.erased,
+                                  min_clients=min(self.config.min_train_clients,
+                                                  len(pids)),
+                                  walk=self.walk_id).arrays
 
 
 class RebuildWalk(TaskStreamDriver):
@@ -109,6 +134,7 @@ class Erasures:
         self.tracker = tracker
         self.method: UnlearningMethod = plugins.build_unlearning(config, out_dir)
         self.judge = ErasureJudge(config, scenario, evaluator)
+        self.forget_sets: dict[int, list[Any]] = {}  # request index -> its forget samples
 
     @property
     def keeps_stores(self) -> bool:
@@ -130,6 +156,23 @@ class Erasures:
 
     def state_dict(self) -> dict[str, Any]:
         return self.method.state_dict()
+
+    def track_forgetting(self, p: RunState, schedule: list[ErasureRequest]) -> None:
+        """After a round: every carried-out request's forget-set accuracy, appended to its
+        entry's ``forget_curve`` and logged to MLflow (``erasure_<i>_forget_curve``, step =
+        round). A resumed run draws the forget sets again from the schedule."""
+        erased = ErasedData()
+        for i, entry in enumerate(p.erasures):
+            if i not in self.forget_sets:
+                seen = entry.get("tasks_seen")
+                self.forget_sets[i] = ([] if seen is None else self.judge.sample_sets(
+                    schedule[i], erased, erased.add(schedule[i]), list(seen))[0])
+            erased = erased.add(schedule[i])
+            acc = self.judge.forget_accuracy(p.arrays, self.forget_sets[i])
+            if acc is None:
+                continue
+            entry.setdefault("forget_curve", []).append({"round": p.global_round, "acc": acc})
+            self.tracker.log_metrics({f"erasure_{i}_forget_curve": acc}, step=p.global_round)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state)
@@ -172,11 +215,14 @@ class Erasures:
             arrays, method_strategy, method_seconds = (oracle_arrays, oracle_strategy,
                                                        oracle_seconds)
         entry = self.judge(req, p, before, after, arrays, oracle_arrays)
+        self.forget_sets[len(p.erasures)] = self.judge.last_forget
         entry["seconds"] = method_seconds
         entry["oracle"]["seconds"] = oracle_seconds
         entry.update(self.method.report())
         p.erased_clients = list(after.clients)
         p.erased_classes = [list(pair) for pair in after.classes]
+        # from now on the run is measured on what was not erased
+        self.judge.evaluator.excluded = after.classes_everywhere()
         if self.keeps_stores:
             entry["purged_samples"] = self.purge(p, after, roster, cancel)
         p.erasures.append(entry)
@@ -207,14 +253,16 @@ class Erasures:
 
     def retrain(self, p: RunState, erased: ErasedData, strategy: ContinualStrategy,
                 roster: Roster, cancel: threading.Event | None) -> ArrayRecord:
-        """The oracle: every round so far again, from the initial model, without the erased
-        data (:class:`OracleWalk`)."""
+        """The oracle: every round so far again, from the initial model, with each round's
+        sampled clients minus the erased ones and without the erased data
+        (:class:`OracleWalk`)."""
         config = self.config
         rng = torch.get_rng_state()
         arrays = ArrayRecord(plugins.build_model(config, self.scenario).state_dict())
         torch.set_rng_state(rng)
         rounds = config.rounds_per_task
-        walk = OracleWalk(strategy, arrays, self.grid, roster, config, erased, cancel)
+        schedule = {r.round: list(r.sampled) for r in p.records}
+        walk = OracleWalk(strategy, arrays, self.grid, roster, config, erased, cancel, schedule)
         return walk.walk([RoundInfo(r.task, r.task_round, rounds, r.round) for r in p.records],
                          then_open=p.task if p.task_started else None)
 

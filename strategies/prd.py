@@ -13,6 +13,16 @@ Choices:
 
 * The encoder is the run's model without its heads (``model.features``); the projection head is
   Linear(D, 512)-ReLU-Linear(512, 128), as the paper's.
+* **The distillation compares like with like.** The encoder runs without dropout
+  (:func:`fedcl.models.without_dropout` takes out every dropout module, here the MLP's 0.2 on
+  the input and 0.5 on each hidden layer; the paper's ResNet-18 has none), and the frozen copy
+  runs in the trained model's mode, its batch-norm layers normalising with the batch's
+  statistics as the trained model's do (their running statistics stay as received,
+  momentum 0). So for identical weights the two models compute the same feature ``h`` and
+  ``L_RD`` is 0 (``tests/test_prd.py``). Before, the trained model dropped units of the very
+  feature it distilled while the frozen copy (eval mode) did not, and ``L_RD`` was 0.008-0.36
+  for identical weights, growing with the feature's norm, times ``lambda_distill``. The other
+  choice, both models in train mode with dropout, would draw different masks in each.
 * Prototype rows: task-IL keeps one row per (task, local class); class-IL one per class; in
   domain-IL all tasks share the same classes, so "old tasks" all distill against one prototype
   set.
@@ -39,6 +49,7 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
+from fedcl.models import without_dropout
 from fedcl.plugins import register_strategy
 from fedcl.strategy import Capabilities, ContinualStrategy, RoundInfo, flower_kwargs
 from fedcl.training import LocalTrainer, RoundContext, TrainResult, make_optimizer
@@ -123,8 +134,9 @@ class PRDModel(nn.Module):
 
 def wrap_model(params: PRDParams, scenario: Scenario, model: nn.Module) -> PRDModel:
     model.heads = nn.ModuleList()  # type: ignore[assignment]  # PRD predicts by prototypes
-    return PRDModel(model, prototype_rows(scenario), scenario.kind == "task-il",
-                    params.projection_dim)
+    # no dropout on the feature the distillation compares (module docstring)
+    return PRDModel(without_dropout(model), prototype_rows(scenario),
+                    scenario.kind == "task-il", params.projection_dim)
 
 
 class PRD(ContinualStrategy, FedAvg):
@@ -228,6 +240,7 @@ class PRDTrainer(LocalTrainer):
             h.detach(), prd_model.prototypes[local_rows], positions.repeat(2))
         old = self._old
         if old is not None and old_rows:
+            old.train(prd_model.training)  # the trained model's mode (module docstring)
             with torch.no_grad():
                 h_old = old.features(inputs)
             loss = loss + p.lambda_distill * prd.relation_distillation(
@@ -248,9 +261,13 @@ class PRDTrainer(LocalTrainer):
 
         old = copy.deepcopy(ctx.model)
         old.load_state_dict(rec.to_torch_state_dict())
-        old.eval()
+        old.train(ctx.model.training)
         for q in old.parameters():
             q.requires_grad_(False)
+        for module in old.modules():
+            # batch statistics as the trained model's, running statistics left as received
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.0
         return old  # type: ignore[return-value]
 
     def _counts(self, ctx: RoundContext, model: PRDModel) -> list[int]:

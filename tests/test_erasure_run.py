@@ -90,12 +90,30 @@ def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
         "client=2,task=1,round=2", "client", 3)
     # the same seed, the same matrix and erasure metrics (model, oracle, distance) as recorded
     assert_pinned("federaser_under_fot", s)
+    # the matrix is on what was not erased: class 1 leaves every row (task 0 kept its other
+    # digits); as measured with every class, task 0 fell from 96.4 to 81.2 % by the request
+    view = s["erasure_view"]
+    assert view["excluded_classes"] == [1] and view["fully_erased_tasks"] == []
+    assert view["accuracy_matrix_all_classes"] == [[0.964, 0.0], [0.754, 0.0]]
+    assert s["forgetting"] < 0 < s["learning_accuracy"]
+    assert first["test_split"].startswith("class 1 left out of the test split")
+    assert "cannot be separated" in second["test_split"]
+    # each forget set's accuracy from its request on: right after unlearning, then each round
+    assert [c["round"] for c in first["forget_curve"]] == [2, 3, 4]
+    assert [c["round"] for c in second["forget_curve"]] == [3, 4]
+    assert first["forget_curve"][0]["acc"] == first["forget_acc"]
+    # class 1 stays forgotten through the client erasure that follows
+    assert all(c["acc"] <= 0.05 for c in first["forget_curve"]), first["forget_curve"]
+    # the console names each request with its judged result
+    assert ("erasure 'class=1,after-task=0' carried out by federaser after round 2: forget "
+            "0.0% (oracle 0.0%, +0.0)") in res.stdout
     # the oracle never trained on class 1; FedEraser's calibration left it out too
     assert first["oracle"]["forget_acc"] <= 0.05 and first["forget_acc"] <= 0.05
     assert first["retain_acc"] > 0.8 and first["oracle"]["retain_acc"] > 0.8
     # rounds 1 and 2 stored (round 1 is calibrated too: every client held class 1); the
-    # client erasure takes round 1 from storage and calibrates round 2 and 3
-    assert first["calibrated_rounds"] == 2 and second["calibrated_rounds"] == 2
+    # client erasure calibrates rounds 1, 2 and 3: round 1's stored models saw class 1, so
+    # taking their average from storage would bring the erased class back
+    assert first["calibrated_rounds"] == 2 and second["calibrated_rounds"] == 3
     assert 0 < first["storage_mb"] < second["storage_mb"]
     assert len(list((out / "federaser").glob("round_*.pt"))) == 4
     for entry in (first, second):

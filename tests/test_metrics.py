@@ -14,6 +14,9 @@ from fedcl.metrics import (
     forgetting,
     forgetting_at_task_end,
     forward_transfer,
+    intransigence,
+    intransigence_per_task,
+    learning_accuracy,
     min_acc_per_round,
     summarize,
     wc_acc_per_round,
@@ -60,18 +63,39 @@ def test_forgetting_uses_max_over_earlier_rows() -> None:
     assert forgetting(R3) - forgetting_at_task_end(R3) == pytest.approx(0.1)
 
 
-def test_forgetting_max_includes_rows_before_task_was_trained() -> None:
-    # Max runs over ALL rows l = 0..T-2, even l < j (literal Chaudhry def).
+def test_forgetting_max_skips_rows_before_task_was_trained() -> None:
+    # The max runs over rows l = j..T-2 only: a row before task j was trained says nothing
+    # about what was learnt and then lost.
     #   R = [[0.5, 0.9, 0.0],
     #        [0.5, 0.7, 0.0],
     #        [0.4, 0.6, 0.8]]
     # j=0: max(0.5, 0.5) - 0.4 = 0.1
-    # j=1: max(0.9, 0.7) - 0.6 = 0.3  (0.9 comes from row 0, before task1)
-    # forgetting = (0.1 + 0.3) / 2 = 0.2
+    # j=1: max(0.7) - 0.6 = 0.1  (row 0's 0.9, before task 1 was trained, does not count)
+    # forgetting = (0.1 + 0.1) / 2 = 0.1
     # at-task-end: (0.5-0.4) + (0.7-0.6) = 0.2 / 2 = 0.1
     R = [[0.5, 0.9, 0.0], [0.5, 0.7, 0.0], [0.4, 0.6, 0.8]]
-    assert forgetting(R) == pytest.approx(0.2)
+    assert forgetting(R) == pytest.approx(0.1)
     assert forgetting_at_task_end(R) == pytest.approx(0.1)
+
+
+def test_forgetting_on_a_domain_il_matrix_where_the_definitions_differ() -> None:
+    # Domain-IL: one head, so a task is well above chance before it is trained (0.70 for
+    # task 1 after task 0), and task 1 then learns worse than that (0.65).
+    #            task0 task1 task2
+    #   after 0 [ 0.90, 0.70, 0.40 ]
+    #   after 1 [ 0.93, 0.65, 0.45 ]   <- task 0 still improves while task 1 trains
+    #   after 2 [ 0.80, 0.60, 0.95 ]
+    # forgetting (standard: best at or after its own training, before the last row)
+    #   j=0: max(0.90, 0.93) - 0.80 = 0.13
+    #   j=1: max(0.65)       - 0.60 = 0.05           -> mean 0.09
+    # forgetting_at_task_end (right after its own training)
+    #   j=0: 0.90 - 0.80 = 0.10 ; j=1: 0.65 - 0.60 = 0.05 -> mean 0.075
+    # the old reading (best over all earlier rows, untrained ones included) gave
+    #   j=1: max(0.70, 0.65) - 0.60 = 0.10, so a mean of 0.115: 0.025 of false forgetting
+    R = [[0.90, 0.70, 0.40], [0.93, 0.65, 0.45], [0.80, 0.60, 0.95]]
+    assert forgetting(R) == pytest.approx(0.09)
+    assert forgetting_at_task_end(R) == pytest.approx(0.075)
+    assert summarize(R, [0.1, 0.1, 0.1])["forgetting"] == pytest.approx(0.09)
 
 
 def test_forgetting_ignores_last_row_and_last_column() -> None:
@@ -118,18 +142,55 @@ def test_single_task_edge_cases() -> None:
         "forgetting_at_task_end": None,
         "bwt": None,
         "fwt": None,
+        "learning_accuracy": pytest.approx(0.7),
+        "intransigence": None,
     }
 
 
 def test_summarize_3x3() -> None:
     out = summarize(R3, B3)
-    assert set(out) == {"acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt"}
+    assert set(out) == {"acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt",
+                        "learning_accuracy", "intransigence"}
     assert out["acc"] == pytest.approx(1.9 / 3)
     assert out["forgetting"] == pytest.approx(0.25)
     assert out["forgetting_at_task_end"] == pytest.approx(0.15)
     assert out["bwt"] == pytest.approx(-0.15)
     assert out["fwt"] == pytest.approx(0.025)
-    assert all(type(v) is float for v in out.values())
+    assert out["learning_accuracy"] == pytest.approx((0.6 + 0.7 + 0.9) / 3)
+    assert out["intransigence"] is None  # no reference given
+    assert all(type(v) is float for k, v in out.items() if k != "intransigence")
+
+
+def test_learning_accuracy_and_intransigence_by_hand() -> None:
+    # Chaudhry et al.'s intransigence against a jointly trained reference A*, Riemer et al.'s
+    # learning accuracy (the cells above the diagonal do not enter either):
+    #   R  = [[0.90, 0.10, 0.10],
+    #         [0.70, 0.80, 0.10],
+    #         [0.60, 0.65, 0.85]],   A* = (0.95, 0.90, 0.92)
+    # ACC = (0.60 + 0.65 + 0.85)/3 = 0.700 ; LA = (0.90 + 0.80 + 0.85)/3 = 0.850
+    # FGT = (max(0.90, 0.70) - 0.60 + 0.80 - 0.65)/2 = 0.225
+    # I = (0.95 - 0.90, 0.90 - 0.80, 0.92 - 0.85) = (0.05, 0.10, 0.07), mean 0.0733
+    R = [[0.90, 0.10, 0.10], [0.70, 0.80, 0.10], [0.60, 0.65, 0.85]]
+    ref = [0.95, 0.90, 0.92]
+    assert average_accuracy(R) == pytest.approx(0.700)
+    assert learning_accuracy(R) == pytest.approx(0.850)
+    assert forgetting(R) == pytest.approx(0.225)
+    assert intransigence_per_task(R, ref) == pytest.approx([0.05, 0.10, 0.07])
+    assert intransigence(R, ref) == pytest.approx(0.22 / 3)
+    out = summarize(R, [0.1, 0.1, 0.1], ref)
+    assert out["learning_accuracy"] == pytest.approx(0.850)
+    assert out["intransigence"] == pytest.approx(0.22 / 3)
+    with pytest.raises(ValueError, match="length T=3"):
+        intransigence(R, [0.9, 0.9])
+
+
+def test_a_learner_that_stops_learning_shows_no_forgetting_but_low_plasticity() -> None:
+    # Only task 0 is ever learnt (class-IL, 1 of 2 classes per task seen): forgetting 0 says
+    # nothing; learning accuracy and intransigence show it
+    R = [[0.99, 0.0, 0.0], [0.99, 0.0, 0.0], [0.99, 0.0, 0.0]]
+    assert forgetting(R) == 0.0
+    assert learning_accuracy(R) == pytest.approx(0.33)
+    assert intransigence(R, [0.99, 0.95, 0.93]) == pytest.approx((0.95 + 0.93) / 3)
 
 
 # --------------------------------------------------------------------------

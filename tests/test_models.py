@@ -16,12 +16,14 @@ from fedcl.models import (
     SmallCNN,
     build_model,
     count_parameters,
+    fot_mlp,
     model_summary,
+    without_dropout,
 )
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
-FEATURE_DIMS = {"mlp": 400, "cnn": 256, "resnet18": 160}
+FEATURE_DIMS = {"mlp": 400, "cnn": 256, "resnet18": 160, "mlp-fot": 400}
 
 
 def _batch(shape: tuple[int, int, int], n: int = 3) -> torch.Tensor:
@@ -30,7 +32,7 @@ def _batch(shape: tuple[int, int, int], n: int = 3) -> torch.Tensor:
 
 
 def test_model_names() -> None:
-    assert MODEL_NAMES == ("mlp", "cnn", "resnet18")
+    assert MODEL_NAMES == ("mlp", "cnn", "resnet18", "mlp-fot")
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -119,7 +121,7 @@ def test_multi_head_task_must_be_int() -> None:
 
 
 def test_build_model_unknown_name() -> None:
-    msg = "unknown model 'vgg16'; choose one of mlp, cnn, resnet18"
+    msg = "unknown model 'vgg16'; choose one of mlp, cnn, resnet18, mlp-fot"
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
         build_model("vgg16", CIFAR, 10)
 
@@ -251,3 +253,36 @@ def test_gradients_reach_body_and_only_the_selected_head() -> None:
     assert model.heads[1].weight.grad is not None
     assert model.body[0].weight.grad is not None
     assert tuple(model.heads[1].weight.grad.shape) == (3, 256)
+
+
+def test_without_dropout_keeps_state_and_eval_outputs_and_makes_train_mode_deterministic() -> None:
+    torch.manual_seed(0)
+    model = MLP(MNIST, 10)
+    x = _batch(MNIST, 5)
+    model.eval()
+    before_eval = model(x)
+    keys = list(model.state_dict())
+    assert without_dropout(model) is model
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(x), before_eval)  # eval mode had no dropout anyway
+    model.train()
+    assert torch.equal(model(x), before_eval)  # train mode now drops nothing
+
+
+def test_fot_mlp_is_the_authors_three_hidden_layers_of_400() -> None:
+    from fedcl.subspace import projected_layers
+
+    model = fot_mlp(MNIST, 10)
+    linears = [m for m in model.body if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (784, 400), (400, 400), (400, 400)]
+    # no dropout on the input, 0.2 after the first hidden layer, 0.5 after the others
+    assert [m.p for m in model.body if isinstance(m, nn.Dropout)] == [0.0, 0.2, 0.5, 0.5]
+    # 314,000 + 160,400 + 160,400 + 4,010
+    assert count_parameters(model) == 638_810
+    assert build_model("mlp-fot", MNIST, 10).feature_dim == 400
+    # FOT projects all four Linear weights, the head included
+    assert len(projected_layers(model)) == 4
+    with pytest.raises(ValueError, match="one rate per hidden layer"):
+        MLP(MNIST, 10, hidden_sizes=(400, 400), hidden_dropouts=(0.5,))

@@ -363,7 +363,7 @@ def test_model_dataset_and_method_plugins(plugin_dir: Path) -> None:
 def test_builtin_models_and_datasets_resolve_to_their_declarations() -> None:
     assert plugins.get_model("resnet18").batch_norm and not plugins.get_model("mlp").batch_norm
     assert plugins.get_dataset("cifar100").num_classes == 100
-    assert plugins.model_names() == ["cnn", "mlp", "resnet18"]
+    assert plugins.model_names() == ["cnn", "mlp", "mlp-fot", "resnet18"]
 
 
 # --- config is a leaf -----------------------------------------------------------------------

@@ -8,7 +8,9 @@ To forget, it walks the stored rounds in order from the initial model:
 
 * the first stored round (round 1, whose start carries no information about anyone) becomes
   the weighted average of the stored models of the clients that remain (a class erasure
-  calibrates this round too: every stored model saw the class);
+  calibrates this round too: every stored model saw the class; so does a client erasure
+  after a class erasure, whose stored round-1 models saw the erased class and would bring it
+  back);
 * every later stored round ``t``: the round's remaining clients train from the new global model
   ``newGM_t`` for ``ceil(epoch_ratio * local_epochs)`` epochs on their data of that round's task
   (erased classes left out), through the run's own strategy (so FOT projects and, in a task's
@@ -16,6 +18,13 @@ To forget, it walks the stored rounds in order from the initial model:
   (weighted mean of the remaining clients' stored models less ``GM_t``) and ``newU`` the
   calibration update, ``newGM_{t+1} = newGM_t + ||oldU|| newU / ||newU||`` per tensor
   (:func:`fedcl.unlearning_math.federaser_calibrate`).
+
+**The paper's current global model, not the code's next one.** fedcl measures the stored update
+of round ``t`` from ``GM_t``, the global model round ``t`` started from, as the paper writes it
+(``oldU = mean_k CM_t,k - GM_t``), and the calibration clients train from ``newGM_t``. The
+authors' public code calibrates with the next global model (``GM_{t+1}``) instead. The two
+differ in the stored update's length, which sets the calibrated step: fedcl follows the paper
+(``tests/test_federaser_calibration.py`` pins it on a hand-made round).
 
 The walk over the stored rounds is a walk of the task-stream driver (:class:`CalibrationWalk`):
 ``begin_task`` before a task's first stored round, ``end_task`` after its last round. The
@@ -135,7 +144,10 @@ class CalibrationWalk(TaskStreamDriver):
         old_states = [(c[self.weight_key], c["state"]) for c in remaining.values()]
         if not remaining or sum(w for w, _ in old_states) == 0:
             return  # nobody left who trained in this round: nothing to calibrate
-        if info.round == 1 and job.request.kind == "client" and not info.last_of_task:
+        # the round-1 shortcut holds only while no class erasure is in force: the stored models
+        # of round 1 trained on every class, and averaging them would bring an erased class back
+        if (info.round == 1 and job.request.kind == "client" and not job.after.classes
+                and not info.last_of_task):
             mean = weighted_mean(old_states)
             self.arrays = ArrayRecord({k: mean[k].to(v.dtype) for k, v in
                                        self.arrays.to_torch_state_dict().items()})

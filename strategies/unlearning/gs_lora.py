@@ -10,10 +10,20 @@ the adapters locally for ``epochs`` epochs with Adam at ``lr`` on the paper's lo
 
 each step drawing a retain and a forget mini-batch where the client holds both (a client holds
 only forget data when it is the erased client, only retain data when it holds none of the
-request's); the server averages the adapters, weighted by the clients' sample counts, and at
-the end merges them into the weights (``merge_and_unload``).
+request's). The server aggregates so that the merged update is the mean of the clients'
+products: each round it adds ``sum_k w_k B_k A_k / sum_k w_k`` (``w_k`` the client's samples;
+:func:`fedcl.unlearning_math.mean_lora_update`) to every adapted layer's weight, and the next
+round starts fresh adapters (``B = 0``, ``A`` drawn from the run seed and the round, the same
+for every client) on the merged model. Averaging ``A`` and ``B`` separately, as before, merged
+``mean(B) mean(A)``, which is not the mean of the products (its cross terms ``B_j A_k`` mix
+clients), so the merged model was none of the clients' nor their average (federated LoRA's
+known inexactness; the merge-each-round fix is FLoRA's, Wang et al. 2024, without its stacked
+upload). Deviations this brings: the group-sparse penalty acts on each round's adapters (a
+layer left alone in every round keeps its weights, as in GS-LoRA, but the penalty does not see
+the layer's update over earlier rounds), and ``adapted_layers_nonzero`` counts the layers whose
+summed update is not zero.
 
-Deviations: our models have no Transformer blocks, so LoRA goes on the linear layers and a
+Other deviations: our models have no Transformer blocks, so LoRA goes on the linear layers and a
 group is one layer's ``{A, B}`` (the paper: both FFN linears of a block); no prototype loss
 (GS-LoRA++'s ``L_pro``), no warm-up, no EMA; a constant learning rate. Defaults: rank 8 (the
 paper's), ``bound`` 10 (the code's argument default), ``beta`` 0.15 and ``alpha`` 0.01 (its
@@ -34,10 +44,12 @@ from fedcl.client_ops import ClientData, operation
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
-from fedcl.unlearning_math import weighted_mean
+from fedcl.unlearning_math import mean_lora_update
 
 ADAPTERS = "gs-lora.adapters"
 STATS = "gs-lora.stats"
+PEFT_PREFIX = "base_model.model."  # peft's prefix of the wrapped model's names
+LORA_SCALE = 1.0  # lora_alpha / r: lora_model sets lora_alpha = r
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,19 @@ def load_adapters(peft_model: Any, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(peft_model, state)
+
+
+def layer_factors(adapters: dict[str, torch.Tensor]
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """peft's adapter state (``base_model.model.<layer>.lora_A.weight`` and ``.lora_B.``) as
+    ``{layer: (A, B)}``, ``layer`` being the adapted module's name in the model (its weight is
+    ``<layer>.weight``)."""
+    out = {}
+    for key, a in adapters.items():
+        if ".lora_A." in key:
+            layer = key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
+            out[layer] = (a, adapters[key.replace(".lora_A.", ".lora_B.")])
+    return out
 
 
 def group_lasso(peft_model: Any) -> torch.Tensor:
@@ -161,31 +186,34 @@ def _client_train(data: ClientData, seed: int) -> dict[str, Any]:
 class GSLoRA(UnlearningMethod):
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
         prm, config = self.params, job.config
-        model = plugins.build_model(config, job.scenario)
-        model.load_state_dict(job.arrays.to_torch_state_dict())
-        torch.manual_seed(config.seed)
-        peft_model = lora_model(model, prm.rank)
-        adapters = adapter_state(peft_model)
+        state = job.arrays.to_torch_state_dict()
+        summed: dict[str, torch.Tensor] = {}  # each layer's update over the rounds
         forget, retain = job.forget_clients(), job.retain_clients()
         for round_ in range(prm.rounds):
+            # fresh adapters on the merged model: B = 0, A seeded by run seed and round
+            model = plugins.build_model(config, job.scenario)
+            model.load_state_dict(state)
+            torch.manual_seed(config.seed * 1000 + round_)
+            adapters = adapter_state(lora_model(model, prm.rank))
             sampled = job.sample(retain, round_, salt=29)
             replies = job.ask(sorted({*forget, *sampled}), "gs-lora.train",
-                              required=forget, records={ADAPTERS: ArrayRecord(adapters)},
+                              arrays=ArrayRecord(state), required=forget,
+                              records={ADAPTERS: ArrayRecord(adapters)},
                               **{"gs-lora.rank": prm.rank, "gs-lora.lr": prm.lr,
                                  "gs-lora.epochs": prm.epochs, "gs-lora.beta": prm.beta,
                                  "gs-lora.bound": prm.bound, "gs-lora.alpha": prm.alpha,
                                  "gs-lora.batch-size": prm.batch_size,
                                  "gs-lora.seed": config.seed * 1000 + round_})
-            parts = [(int(r[STATS]["n"]), r[ADAPTERS].to_torch_state_dict())
+            parts = [(float(r[STATS]["n"]), layer_factors(r[ADAPTERS].to_torch_state_dict()))
                      for r in replies.values() if int(r[STATS]["n"])]
-            adapters = {k: v.float() for k, v in weighted_mean(parts).items()}
+            for layer, delta in mean_lora_update(parts, LORA_SCALE).items():
+                key = f"{layer}.weight"
+                state[key] = (state[key].double() + delta).to(state[key].dtype)
+                summed[layer] = summed[layer] + delta if layer in summed else delta
             self.last_loss = float(np.mean([float(r[STATS]["loss"])
                                             for r in replies.values()]))
-        load_adapters(peft_model, adapters)
-        merged = peft_model.merge_and_unload()
-        self.nonzero_groups = sum(1 for k, v in adapters.items()
-                                  if "lora_B" in k and float(v.abs().max()) > 1e-8)
-        return ArrayRecord({k: v.detach().clone() for k, v in merged.state_dict().items()}), None
+        self.nonzero_groups = sum(1 for v in summed.values() if float(v.abs().max()) > 1e-8)
+        return ArrayRecord(state), None
 
     def report(self) -> dict[str, Any]:
         if not hasattr(self, "last_loss"):

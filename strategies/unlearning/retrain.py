@@ -1,7 +1,8 @@
 """retrain: the exact oracle (federated retraining from scratch; Liu et al., IWQoS 2021).
 
 The run goes on from the model retrained from the initial weights without the erased data,
-through every round so far with the same seeds, sampling and schedule. The work itself is
+through every round so far with the same seeds and schedule: each round trains the clients it
+sampled in the run minus the erased ones. The work itself is
 :meth:`fedcl.erasure.Erasures.retrain`, which also judges every other method.
 """
 
@@ -18,6 +19,7 @@ class Retrain(UnlearningMethod):
 
 
 @register_unlearning("retrain", "The exact oracle: retrain from the initial model without the "
-                     "erased data, same seeds, sampling and schedule.")
+                     "erased data, same seeds and schedule (each round's clients minus the "
+                     "erased).")
 def build_retrain(params: Any, out_dir: Any) -> Retrain:
     return Retrain(params, out_dir)

@@ -14,6 +14,20 @@ with the model in eval mode
 * then dampens every parameter once (:func:`fedcl.unlearning_math.ssd_dampen`): where
   ``I_f > alpha * I_D``, ``theta *= min(lam * I_D / I_f, 1)``.
 
+**The selection bound.** ``I_D`` averages ``B`` mini-batches, ``B_f`` of them the forget
+set's, and squared gradients are never negative, so ``I_D >= (B_f / B) I_f`` for every
+parameter: SSD can select a parameter only if ``alpha < B / B_f``
+(:func:`fedcl.unlearning_math.ssd_selection_bound`). A forget set that is a large share of the
+data (a whole class of a 2-class task, a client of 3) makes the paper's ``alpha = 10``
+(tuned for one class of CIFAR-100, ``B / B_f`` about 100) select nothing, for certain. fedcl
+counts the batches each request will give from the partitions before the run starts
+(:func:`importance_batches`, the same samples the clients will read, assuming every client not
+erased earlier answers) and warns with one line per request naming the largest useful alpha
+(:meth:`SSD.check_requests`); when the request comes, it checks again on the clients' own counts
+and warns again, and the request's summary entry carries ``alpha_bound`` (``B / B_f``) beside
+``dampened_share``. It warns rather than refuses: the run's training, the other requests and
+the oracle's judgement stay meaningful, and a method that dampens nothing is a result to see.
+
 Deviations: mini-batches are formed per client and per task (the task's head scores them), not
 over the pooled data; buffers (batch-norm statistics) are left as they are, as in SSD, which
 dampens parameters only. Defaults are the paper's ResNet-18 values (alpha 10, lambda 1, batch
@@ -22,16 +36,28 @@ dampens parameters only. Defaults are the paper's ResNet-18 values (alpha 10, la
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl.client_ops import ClientData, operation
+from fedcl.config import Config
+from fedcl.data.scenarios import Scenario
+from fedcl.erasure import ErasedData, ErasureRequest, request_split
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_unlearning
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
-from fedcl.unlearning_math import fisher_importance, ssd_dampen, weighted_mean
+from fedcl.unlearning_math import (
+    fisher_importance,
+    ssd_dampen,
+    ssd_selection_bound,
+    weighted_mean,
+)
+
+log = logging.getLogger("fedcl")
 
 IMPORTANCE_ALL = "ssd.importance-all"
 IMPORTANCE_FORGET = "ssd.importance-forget"
@@ -77,7 +103,51 @@ def client_importances(data: ClientData) -> dict[str, Any]:
     return out
 
 
+def importance_batches(config: Config, scenario: Scenario, requests: list[ErasureRequest],
+                       batch_size: int) -> list[tuple[int, int]]:
+    """For each request of the schedule, ``(B, B_f)``: the mini-batches the importances on
+    all data and on the forget data will average, counted from the partitions as the clients
+    form them (per client and task, tasks 0..request's task, every client not erased by an
+    earlier request, data erased earlier left out)."""
+    out = []
+    erased = ErasedData()
+    for req in requests:
+        total = forget = 0
+        for client in range(config.clients):
+            if client in erased.clients:
+                continue
+            for task in range(req.task + 1):
+                f, r = request_split(config, scenario, req, client, task, config.data_dir,
+                                     erased)
+                nf, nr = math.ceil(len(f) / batch_size), math.ceil(len(r) / batch_size)
+                forget += nf
+                total += nf + nr
+        out.append((total, forget))
+        erased = erased.add(req)
+    return out
+
+
+def selection_warning(request: str, alpha: float, batches_all: int, batches_forget: int
+                      ) -> str | None:
+    """The one line that says a request's ``alpha`` can select nothing (None when it can)."""
+    bound = ssd_selection_bound(batches_all, batches_forget)
+    if alpha < bound:
+        return None
+    return (f"ssd: erasure '{request}' cannot dampen anything at alpha {alpha:g}: its forget "
+            f"data is {batches_forget} of the {batches_all} importance batches, so I_f <= "
+            f"{bound:.3g} I_D for every parameter; only alpha below {bound:.3g} can select one")
+
+
 class SSD(UnlearningMethod):
+    def check_requests(self, config: Config, scenario: Scenario,
+                       requests: list[ErasureRequest]) -> list[str]:
+        """One warning line per request whose forget share makes ``alpha`` select nothing
+        (module docstring: the selection bound)."""
+        counts = importance_batches(config, scenario, requests, self.params.batch_size)
+        lines = [selection_warning(req.to_text(), self.params.alpha, b, bf)
+                 for req, (b, bf) in zip(requests, counts, strict=True)]
+        return [line for line in lines if line is not None]
+
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
         forget = job.forget_clients()
         clients = sorted({*forget, *job.retain_clients()})
@@ -94,6 +164,13 @@ class SSD(UnlearningMethod):
                                      reply[IMPORTANCE_FORGET].to_torch_state_dict()))
         if not forget_parts:
             raise ValueError("no client holds samples of the request to compute importances on")
+        batches_all = sum(n for n, _ in all_parts)
+        batches_forget = sum(n for n, _ in forget_parts)
+        self.bound = ssd_selection_bound(batches_all, batches_forget)
+        line = selection_warning(job.request.to_text(), self.params.alpha, batches_all,
+                                 batches_forget)
+        if line is not None:
+            log.warning(line)
         i_all, i_forget = weighted_mean(all_parts), weighted_mean(forget_parts)
         state = job.arrays.to_torch_state_dict()
         params = {k: state[k] for k in i_all}
@@ -109,7 +186,7 @@ class SSD(UnlearningMethod):
     def report(self) -> dict[str, Any]:
         if not hasattr(self, "selected"):
             return {}
-        return {"dampened_share": self.selected / max(self.total, 1)}
+        return {"dampened_share": self.selected / max(self.total, 1), "alpha_bound": self.bound}
 
 
 @register_unlearning("ssd", "Selective Synaptic Dampening: parameters far more important to "
