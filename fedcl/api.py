@@ -5,7 +5,9 @@ Server half of a strategy: :class:`ContinualStrategy` (the seams fedcl's task-st
 calls), :class:`Capabilities` (what it declares it supports), :class:`RoundInfo`,
 :class:`StrategyWrapper`, :func:`flower_kwargs` (the settings fedcl gives a Flower strategy of
 the FedAvg family). Client half: :class:`LocalTrainer` (one training loop with hooks),
-:class:`RoundContext` (what each hook receives), :class:`TrainResult`. Registering:
+:class:`RoundContext` (what each hook receives), :class:`TrainResult`, :class:`ClientStore`
+(what a trainer keeps on its client between rounds) and :class:`SampleBuffer` (raw samples in
+it, purged by fedcl on erasures), :class:`Scenario` (the task stream). Registering:
 :func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
 :func:`register_dataset`, :class:`NoParams`. Unlearning: :class:`UnlearningMethod`,
 :class:`UnlearningJob`, :class:`ClientData` and :func:`operation` (the client half). Errors:
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from fedcl import protocol
 from fedcl.client_ops import ClientData, operation
+from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import (
     NoParams,
@@ -31,12 +34,13 @@ from fedcl.strategy import (
     StrategyWrapper,
     flower_kwargs,
 )
-from fedcl.training import LocalTrainer, RoundContext, TrainResult
+from fedcl.training import ClientStore, LocalTrainer, RoundContext, SampleBuffer, TrainResult
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 
 __all__ = [
-    "Capabilities", "ClientData", "ConfigError", "ContinualStrategy", "LocalTrainer",
-    "NoParams", "RoundContext", "RoundInfo", "StrategyWrapper", "TrainResult", "UnlearningJob",
-    "UnlearningMethod", "flower_kwargs", "operation", "protocol", "register_dataset",
-    "register_model", "register_strategy", "register_unlearning",
+    "Capabilities", "ClientData", "ClientStore", "ConfigError", "ContinualStrategy",
+    "LocalTrainer", "NoParams", "RoundContext", "RoundInfo", "SampleBuffer", "Scenario",
+    "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "flower_kwargs",
+    "operation", "protocol", "register_dataset", "register_model", "register_strategy",
+    "register_unlearning",
 ]

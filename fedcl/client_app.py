@@ -8,7 +8,13 @@ client loads its partition of that task (cached per process), trains with the st
 
 Per-client continual state lives in ``context.state[protocol.CLIENT_STATE]`` (a ConfigRecord):
 the task the client trained last and how many rounds it trained, so a trainer's ``begin_task``
-runs exactly once per task per client.
+runs exactly once per task per client. A trainer that keeps a
+:class:`~fedcl.training.ClientStore` (``keeps_client_store``) finds it in
+``context.state[protocol.STORE]``; a replayed walk (the retrain oracle, FedEraser's calibration)
+keeps its own counters and store apart (``REPLAY_STATE``, ``REPLAY_STORE``), begun afresh with
+every walk. Every train message names the classes erased so far: they leave the client's data
+and its buffers before it trains; a purge query (:func:`purge`, sent after every erasure)
+removes them from every client's buffers at once, and empties an erased client's store.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from fedcl.cohort_wire import member_key
 from fedcl.config import Config
 from fedcl.data.partition import client_positions
 from fedcl.erasure import ErasedData, held_positions, parse_erasure, request_split
-from fedcl.training import RoundContext, TrainResult, resolve_device
+from fedcl.training import ClientStore, RoundContext, TrainResult, resolve_device
 from fedcl.validation import stacked_problems
 
 app = ClientApp()
@@ -55,13 +61,72 @@ def state_footprint(context: Context) -> tuple[list[str], int]:
     return sorted(context.state.keys()), total
 
 
+# --------------------------------------------------------------------------------------------
+# The trainer's store in Context.state
+# --------------------------------------------------------------------------------------------
+def encode_store(store: ClientStore) -> ArrayRecord:
+    """A :class:`~fedcl.training.ClientStore` as one ArrayRecord: ``a:<name>`` for its arrays,
+    ``b:<buffer>:<column>`` for its buffers' columns (``b:<buffer>:`` for their classes).
+    Raises ValueError for a buffer whose columns disagree or whose name holds ':'."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in store.arrays.items():
+        tensors[f"a:{name}"] = value.detach().cpu()
+    for name, buf in store.buffers.items():
+        if ":" in name:
+            raise ValueError(f"a ClientStore buffer name cannot hold ':', got {name!r}")
+        buf.check()
+        tensors[f"b:{name}:"] = buf.classes
+        for column, value in buf.columns.items():
+            tensors[f"b:{name}:{column}"] = value.detach().cpu()
+    return ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+
+
+def decode_store(record: ArrayRecord | None) -> ClientStore:
+    """The :class:`~fedcl.training.ClientStore` that :func:`encode_store` wrote (an empty one
+    for None)."""
+    store = ClientStore()
+    if record is None:
+        return store
+    for key, value in record.to_torch_state_dict().items():
+        kind, _, rest = key.partition(":")
+        if kind == "a":
+            store.arrays[rest] = value
+            continue
+        name, _, column = rest.partition(":")
+        buf = store.buffer(name)
+        if column:
+            buf.columns[column] = value
+        else:
+            buf.classes = value
+    return store
+
+
+def _stored(context: Context, key: str) -> ArrayRecord | None:
+    record = context.state.get(key)
+    return record if isinstance(record, ArrayRecord) else None
+
+
+def buffer_report(store: ClientStore) -> dict[str, int | list[int]]:
+    """What a client's buffers hold, as its info record reports it."""
+    return {protocol.BUFFER_SAMPLES: store.buffered_samples,
+            protocol.BUFFER_BYTES: store.buffered_bytes,
+            protocol.BUFFER_CLASSES: store.buffered_classes()}
+
+
 def _info(context: Context, device: torch.device | None = None,
-          partition_id: int | None = None, started: float | None = None) -> ConfigRecord:
+          partition_id: int | None = None, started: float | None = None,
+          store: ClientStore | None = None) -> ConfigRecord:
+    """The client's info record: who it is, what it keeps in Context.state, what its live
+    store's buffers hold (``store``, else the one in Context.state, where there is one)."""
     pid, num = client_identity(context)
     pid = pid if partition_id is None else partition_id
     keys, size = state_footprint(context)
     info = ConfigRecord({protocol.PARTITION_ID: pid, protocol.NUM_PARTITIONS: num,
                          protocol.STATE_KEYS: ",".join(keys), protocol.STATE_BYTES: size})
+    if store is None and protocol.STORE in context.state:
+        store = decode_store(_stored(context, protocol.STORE))
+    if store is not None:
+        info.update(buffer_report(store))  # type: ignore[arg-type]
     if started is not None:
         info[protocol.HANDLER_SECONDS] = time.perf_counter() - started
     if device is not None and device.type == "cuda":
@@ -103,7 +168,42 @@ def query(msg: Message, context: Context) -> Message:
     cfg_record = msg.content.get(protocol.CONFIG)
     if cfg_record is not None and protocol.OP in cfg_record:
         return run_operation(msg, context)
+    if cfg_record is not None and bool(cfg_record.get(protocol.PURGE, False)):
+        return purge(msg, context)
     return Message(RecordDict({protocol.CLIENT_INFO: _info(context)}), reply_to=msg)
+
+
+def erased_of(cfg_record: ConfigRecord) -> ErasedData:
+    """What a message says is erased so far: its classes, and its clients where it names
+    them (a purge query)."""
+    classes = ErasedData.decode(str(cfg_record.get(protocol.ERASED_CLASSES, "")))
+    clients = tuple(int(c) for c in cfg_record.get(protocol.ERASED_CLIENTS, []))  # type: ignore[union-attr]
+    return ErasedData(clients, classes.classes)
+
+
+def purge(msg: Message, context: Context) -> Message:
+    """Remove what is erased from this client's store (after an erasure, before the next
+    round): the samples of its erased classes from every buffer, or, for an erased client,
+    the whole store; a replayed walk's store goes too. Replies with its info record and how
+    many samples were removed."""
+    pid, _ = client_identity(context)
+    erased = erased_of(msg.content[protocol.CONFIG])  # type: ignore[arg-type]
+    removed = 0
+    if protocol.STORE in context.state:
+        store = decode_store(_stored(context, protocol.STORE))
+        if pid in erased.clients:
+            removed = store.clear()
+            del context.state[protocol.STORE]
+        else:
+            removed = store.purge(erased.classes_of(pid))
+            if removed:
+                context.state[protocol.STORE] = encode_store(store)
+    for key in (protocol.REPLAY_STORE, protocol.REPLAY_STATE):
+        if key in context.state:
+            del context.state[key]
+    info = _info(context)
+    info[protocol.PURGED_SAMPLES] = removed
+    return Message(RecordDict({protocol.CLIENT_INFO: info}), reply_to=msg)
 
 
 def run_operation(msg: Message, context: Context) -> Message:
@@ -163,10 +263,10 @@ def train(msg: Message, context: Context) -> Message:
     model = plugins.build_model(config, scenario)
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
 
-    state = context.state.get(protocol.CLIENT_STATE)
-    state = ConfigRecord(dict(state) if isinstance(state, ConfigRecord)
-                         else {"task": -1, "rounds": 0})  # a copy: replays leave it alone
     trainer = plugins.build_trainer(config)
+    state, store = round_state(context, cfg_record, trainer.keeps_client_store)
+    if trainer.keeps_client_store:  # erased samples leave the buffers before anything trains
+        store.purge(erased_of(cfg_record).classes_of(pid))
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,7 +275,7 @@ def train(msg: Message, context: Context) -> Message:
                        device=device, mean=scenario.dataset.mean,
                        std=scenario.dataset.std,
                        last_of_task=bool(cfg_record.get(protocol.LAST_ROUND_OF_TASK, False)),
-                       message=msg.content)
+                       message=msg.content, scenario=scenario, store=store)
     if int(state["task"]) != task:
         trainer.begin_task(ctx)
         state["task"] = task
@@ -186,14 +286,54 @@ def train(msg: Message, context: Context) -> Message:
         trained = trainer.train(ctx)
     result = trainer.after_training(ctx, trained) if len(y) else trained
     state["rounds"] = int(state["rounds"]) + 1
-    if not bool(cfg_record.get(protocol.REPLAY, False)):  # the retrain oracle's rounds
-        context.state[protocol.CLIENT_STATE] = state
+    live = keep_round_state(context, cfg_record, state, store, trainer.keeps_client_store)
 
     content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
                           protocol.METRICS: reply_metrics(result),
-                          protocol.CLIENT_INFO: _info(context, device, started=started),
+                          protocol.CLIENT_INFO: _info(context, device, started=started,
+                                                      store=live),
                           **result.records})
     return Message(content, reply_to=msg)
+
+
+def round_state(context: Context, cfg_record: ConfigRecord, keeps_store: bool
+                ) -> tuple[ConfigRecord, ClientStore]:
+    """The client's counters (a copy) and its trainer's store for this round: the live run's,
+    or, in a replayed round of a walk (``protocol.WALK``) and for a trainer that keeps a
+    store, that walk's own (fresh when the walk is new to this client). A replayed round
+    outside a walk sees the live counters and an empty store."""
+    fresh = {"task": -1, "rounds": 0}
+    if not bool(cfg_record.get(protocol.REPLAY, False)):
+        state = context.state.get(protocol.CLIENT_STATE)
+        state = ConfigRecord(dict(state) if isinstance(state, ConfigRecord) else fresh)
+        store = decode_store(_stored(context, protocol.STORE)) if keeps_store else ClientStore()
+        return state, store
+    walk = str(cfg_record.get(protocol.WALK, ""))
+    if keeps_store and walk:
+        replay = context.state.get(protocol.REPLAY_STATE)
+        if isinstance(replay, ConfigRecord) and str(replay.get("walk", "")) == walk:
+            return (ConfigRecord(dict(replay)),
+                    decode_store(_stored(context, protocol.REPLAY_STORE)))
+        return ConfigRecord({**fresh, "walk": walk}), ClientStore()
+    state = context.state.get(protocol.CLIENT_STATE)
+    state = ConfigRecord(dict(state) if isinstance(state, ConfigRecord) else fresh)
+    return state, ClientStore()  # a copy: replays leave the live state alone
+
+
+def keep_round_state(context: Context, cfg_record: ConfigRecord, state: ConfigRecord,
+                     store: ClientStore, keeps_store: bool) -> ClientStore | None:
+    """Save the round's counters and store where :func:`round_state` found them (a replayed
+    round outside a walk keeps nothing); returns the live store when it is the one saved."""
+    if not bool(cfg_record.get(protocol.REPLAY, False)):
+        context.state[protocol.CLIENT_STATE] = state
+        if keeps_store:
+            context.state[protocol.STORE] = encode_store(store)
+            return store
+        return None
+    if keeps_store and cfg_record.get(protocol.WALK, ""):
+        context.state[protocol.REPLAY_STATE] = state
+        context.state[protocol.REPLAY_STORE] = encode_store(store)
+    return None
 
 
 # A cohort leader's members' images and targets for the task it trains now, on the training
@@ -246,7 +386,8 @@ def train_cohort(msg: Message, context: Context, config: Config, data_dir: str,
     contexts = [RoundContext(config=config, model=model, x=x, y=y, head=head, task=task,
                              round=round_, partition_id=pid, device=device,
                              mean=scenario.dataset.mean, std=scenario.dataset.std,
-                             last_of_task=last_of_task, message=msg.content)
+                             last_of_task=last_of_task, message=msg.content,
+                             scenario=scenario)
                 for pid, x, y in data]
     trained = train_stacked(
         model, data, config=config, task=task, round_=round_, head=head, device=device,

@@ -247,10 +247,7 @@ def check_requests_hold_data(config: Config, scenario: Scenario, requests: list[
 def original_test_labels(scenario: Scenario, task: int, y: torch.Tensor) -> torch.Tensor:
     """Dataset classes of head targets ``y`` of task ``task`` (task-IL targets are positions
     in the task's class list)."""
-    if scenario.kind != "task-il":
-        return y
-    classes = torch.tensor(scenario.tasks[task].classes, dtype=y.dtype, device=y.device)
-    return classes[y]
+    return scenario.classes_of(task, y)
 
 
 __all__ = ["EVERY_CLIENT", "ErasedData", "ErasureRequest", "check_requests_hold_data",

@@ -105,6 +105,10 @@ __all__ = [
 #: The built-in strategies: name -> ``module:function`` reference, imported when first asked.
 BUILTIN_STRATEGIES: dict[str, str] = {
     "fedavg": "strategies.fedavg:build_fedavg",
+    "feder": "strategies.baselines.replay:build_feder",
+    "fedderpp": "strategies.baselines.replay:build_fedderpp",
+    "fedewc": "strategies.baselines.ewc:build_fedewc",
+    "fedlwf": "strategies.baselines.lwf:build_fedlwf",
     "fedprox": "strategies.fedprox:build_fedprox",
     "fot": "strategies.fot:build_fot",
     "prd": "strategies.prd:build_prd",
@@ -234,6 +238,16 @@ def param_docs(params_type: type) -> list[ParamDoc]:
 
 
 def _field_docstrings(cls: type) -> dict[str, str]:
+    """The docstrings under the fields of ``cls`` and of the dataclasses it derives from (a
+    subclass's own win)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object and dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docstrings(klass))
+    return docs
+
+
+def _own_field_docstrings(cls: type) -> dict[str, str]:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):

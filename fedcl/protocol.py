@@ -25,6 +25,12 @@ ERASED_CLASSES = "fedcl.erased-classes"  # classes a client must not train on ("
 NO_TRAIN = "fedcl.no-train"  # True: reply with the global model untrained (task-end payloads only)
 COHORT_MEAN_KEY = "fedcl.cohort-mean-key"  # a cohort may reply with its members' mean, weighted
 # by this metric (one reply instead of one per member; see fedcl/cohort_wire.py)
+WALK = "fedcl.walk"  # in a replayed round: the walk it belongs to (its trainers' stores are the
+# walk's own, empty when the walk begins; see fedcl.training.ClientStore)
+
+# Keys of a query asking every client to purge its store after an erasure (a QUERY message).
+PURGE = "fedcl.purge"  # True: remove the erased samples from the client's buffers
+ERASED_CLIENTS = "fedcl.erased-clients"  # clients erased so far: their stores are emptied
 
 # Keys of a client operation of an unlearning method (a QUERY message; see
 # strategies/unlearning/client_ops.py).
@@ -46,6 +52,10 @@ STATE_BYTES = "state-bytes"  # and the bytes their values take
 GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
 GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
 HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ran
+BUFFER_SAMPLES = "buffer-samples"  # raw samples the client's trainer keeps (ClientStore buffers)
+BUFFER_BYTES = "buffer-bytes"  # and the bytes they take
+BUFFER_CLASSES = "buffer-classes"  # the dataset classes they belong to (sorted)
+PURGED_SAMPLES = "purged-samples"  # in a purge reply: the samples the purge removed
 
 # A ConfigRecord in a cohort's reduced reply (one reply standing for several members).
 COHORT_MEMBERS = "fedcl.cohort-members"
@@ -63,6 +73,11 @@ QUERY_IDENTITY = "fedcl.identity"
 
 # The client's own slice of Context.state.
 CLIENT_STATE = "fedcl.client"
+# What its trainer keeps there (fedcl.training.ClientStore): the live run's, and a replayed
+# walk's (with that walk's id and counters in REPLAY_STATE).
+STORE = "fedcl.store"
+REPLAY_STORE = "fedcl.replay-store"
+REPLAY_STATE = "fedcl.replay-client"
 
 
 def reply_partition_id(reply: Message) -> int:

@@ -66,7 +66,8 @@
                        client's data cannot be separated from it), ``forget_curve``
                        (``round``, ``acc``: the forget set's accuracy right after unlearning,
                        then after every later round; MLflow ``erasure_<i>_forget_curve``),
-                       ``tasks_seen``
+                       ``tasks_seen``; where clients keep stores,
+                       ``purged_samples`` (buffered samples the request removed from them)
 ``erasure_view``       what the accuracy matrix and the end metrics are measured on after
                        erasures: ``excluded_classes`` (erased everywhere: left out of every
                        row, so the requested forgetting is not counted as catastrophic
@@ -77,7 +78,11 @@
 ``strategy_state``     the strategy's state after each task (e.g. FOT's basis dimension per
                        layer), one entry per task with ``task``; empty for the baselines
 ``client_state``       per client (partition id), what it keeps in Flower's ``Context.state``
-                       after its last round: ``keys`` (record names) and ``bytes``
+                       after its last round (or the purge of its store after an erasure):
+                       ``keys`` (record names) and ``bytes``; for a strategy whose clients keep
+                       a store (``LocalTrainer.keeps_client_store``), also ``buffer_samples``
+                       (raw samples in its replay buffers), ``buffer_bytes`` (the bytes they
+                       take) and ``buffer_classes`` (their dataset classes, sorted)
 ``wall_time_s``        wall time of the whole run, start-up included
 ``mlflow_run_id``      the MLflow run holding the same numbers
 ``mlflow_tracking_uri``  where that run is stored
@@ -97,7 +102,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcl import metrics
+from fedcl import metrics, protocol
 from fedcl.config import reference_accuracies
 
 #: The summary's file in the output folder.
@@ -134,6 +139,20 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def client_state_entry(info: Any) -> dict[str, Any]:
+    """A client's ``client_state`` entry in summary.json from its info record
+    (``protocol.CLIENT_INFO``): the records it keeps in ``Context.state`` and their bytes,
+    and what its buffers hold where it reports them."""
+    entry: dict[str, Any] = {
+        "keys": [k for k in str(info.get(protocol.STATE_KEYS, "")).split(",") if k],
+        "bytes": int(info.get(protocol.STATE_BYTES, 0))}
+    if protocol.BUFFER_SAMPLES in info:
+        entry["buffer_samples"] = int(info[protocol.BUFFER_SAMPLES])
+        entry["buffer_bytes"] = int(info[protocol.BUFFER_BYTES])
+        entry["buffer_classes"] = [int(k) for k in info[protocol.BUFFER_CLASSES]]
+    return entry
 
 
 def stability_metrics(curves: list[list[float]], round_task: list[int]

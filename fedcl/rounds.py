@@ -276,10 +276,13 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
                 config_json: str, arrays: ArrayRecord, info: RoundInfo, pids: list[int],
                 cancel: threading.Event | None, clock: PhaseClock | None = None,
                 replay: bool = False, erased: ErasedData | None = None,
-                train: bool = True, min_clients: int | None = None) -> RoundOutcome:
+                train: bool = True, min_clients: int | None = None,
+                walk: str = "") -> RoundOutcome:
     """Send the round's training messages to clients ``pids``, screen the replies and let the
     strategy aggregate them. ``replay``: a round run by an erasure (the retrain oracle, an
-    unlearning method): clients leave their Context.state alone. ``erased``: the classes
+    unlearning method): clients leave their Context.state alone; ``walk``: the replayed walk
+    the round belongs to (:attr:`fedcl.stream.TaskStreamDriver.walk_id`), whose rounds share
+    their trainers' stores apart from the live run's. ``erased``: the classes
     clients must leave out of their data. ``train=False``: clients send their task-end payloads
     for the global model without training it. ``min_clients``: the fewest usable answers the
     round needs (default ``config.min_train_clients``; the oracle's replay of a round that lost
@@ -301,6 +304,8 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         protocol.LAST_ROUND_OF_TASK: info.last_of_task, protocol.REPLAY: replay,
         protocol.ERASED_CLASSES: erased.encode() if erased else "",
         protocol.NO_TRAIN: not train})
+    if replay and walk:
+        train_config[protocol.WALK] = walk
     messages = strategy.configure_round(
         info, arrays, train_config,
         SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
@@ -354,6 +359,37 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
     return RoundOutcome(arrays, ok, rejected, failures, train_metrics, clients, empty)
 
 
+def purge_stores(grid: Grid, roster: Roster, erased: ErasedData, timeout: float,
+                 cancel: threading.Event | None) -> dict[int, ConfigRecord]:
+    """Ask every connected client to remove what ``erased`` names from its trainer's store
+    (:func:`fedcl.client_app.purge`): the samples of its erased classes from its buffers, the
+    whole store of an erased client. Returns each answering client's info record (partition id
+    -> record, with ``purged-samples``); a client that fails or does not answer within
+    ``timeout`` is logged and purges at its next training round, whose message names the
+    erased classes (an erased client trains no more)."""
+    live = set(grid.get_node_ids())
+    targets = {node: pid for pid, node in roster.nodes.items() if node in live}
+    config = ConfigRecord({protocol.PURGE: True,
+                           protocol.ERASED_CLASSES: erased.encode(),
+                           protocol.ERASED_CLIENTS: list(erased.clients)})
+    messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(dict(config))}),
+                        message_type=MessageType.QUERY, dst_node_id=node) for node in targets]
+    replies = send_and_receive(grid, messages, timeout, cancel)
+    infos: dict[int, ConfigRecord] = {}
+    for msg in replies:
+        if msg.has_error():
+            log.warning("client on node %s could not purge its store: %s",
+                        msg.metadata.src_node_id, error_line(msg.error.reason))
+            continue
+        info = msg.content[protocol.CLIENT_INFO]
+        infos[int(info[protocol.PARTITION_ID])] = info  # type: ignore[index,arg-type]
+    missing = sorted(set(targets.values()) - set(infos))
+    if missing:
+        log.warning("clients %s did not confirm the purge of their stores; they purge before "
+                    "they next train", missing[:10])
+    return infos
+
+
 def _has_id(reply: Message) -> bool:
     try:
         protocol.reply_partition_id(reply)
@@ -393,5 +429,5 @@ def round_stop_reason(info: RoundInfo, replay: bool, pids: list[int], replies: l
 
 __all__ = ["CLIENT_STARTUP_TIMEOUT_S", "PhaseClock", "Roster", "RoundOutcome", "SampledGrid",
            "client_reports", "connected_clients", "discover_clients", "error_line",
-           "keep_dtypes", "query_partitions", "sample_clients", "send_and_receive",
-           "train_round"]
+           "keep_dtypes", "purge_stores", "query_partitions", "sample_clients",
+           "send_and_receive", "train_round"]

@@ -80,7 +80,8 @@ def setup_run(config: Config, *, resume: bool = False, paths: bool = True) -> Ru
     wrong type, an erasure request the run cannot carry out (unknown client or class, a point
     outside the stream, a class erased before it is trained), classes that the tasks do not
     split evenly, a scenario the strategy does not declare in its ``Capabilities``, or
-    ``cohort_size > 1`` with a batch-norm model or a strategy whose trainer is not batchable,
+    ``cohort_size > 1`` with a batch-norm model or a strategy whose trainer is not batchable
+    or keeps a store on its clients,
     a name or path the run cannot use; a :class:`~fedcl.plugins.PluginError` (a ConfigError)
     for a plugin that cannot be loaded. A plugin dataset is made loadable by name in this
     process. Nothing is created.
@@ -105,9 +106,15 @@ def setup_run(config: Config, *, resume: bool = False, paths: bool = True) -> Ru
             raise ConfigError(f"cohort_size > 1 cannot train model {config.model!r}: its batch "
                               "norm keeps running statistics that a batched cohort cannot "
                               "share; use cohort_size = 1 or model mlp/cnn")
+        if trainer.keeps_client_store:
+            raise ConfigError(f"cohort_size > 1 cannot train strategy {config.strategy!r}: its "
+                              "clients keep a store between rounds (a replay buffer, an old "
+                              "model), which a cohort's leader cannot hold for its members; "
+                              "use cohort_size = 1")
         if not trainer.batchable:
             raise ConfigError(f"cohort_size > 1 cannot train strategy {config.strategy!r}: its "
-                              "clients train their own way; use cohort_size = 1")
+                              "clients train their own way (its trainer overrides hooks that a "
+                              "batched cohort does not run); use cohort_size = 1")
     check_names(config)
     run_name = default_run_name(config)
     output = output_folder(config, run_name)
@@ -193,7 +200,8 @@ def check_output(output: Path, *, resume: bool = False) -> None:
     if not output.is_dir():
         return
     owner = live_owner(output)
-    if owner is not None:
+    # under `fedcl simulate` the ServerApp runs in the process that holds the lock: its own
+    if owner is not None and owner.get("pid") != os.getpid():
         raise OutputInUse(f"{shown(str(output))} belongs to a run that is still going (pid "
                           f"{owner.get('pid', 'unknown')}); stop that run or choose another "
                           "output folder")

@@ -35,7 +35,13 @@ from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted, RunCancelled
 from fedcl.evaluation import Evaluator, accuracies, erasure_view
-from fedcl.results import RoundRecord, build_summary, stability_metrics, write_outputs
+from fedcl.results import (
+    RoundRecord,
+    build_summary,
+    client_state_entry,
+    stability_metrics,
+    write_outputs,
+)
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
     PhaseClock,
@@ -184,10 +190,7 @@ class LiveRun(TaskStreamDriver):
         for m in outcome.ok:
             info_rec = m.content[protocol.CLIENT_INFO]
             for q in reply_members(m):  # a cohort's members report its leader's state
-                p.client_state[q] = {
-                    "keys": [k for k in str(info_rec.get(protocol.STATE_KEYS, "")).split(",")
-                             if k],
-                    "bytes": int(info_rec.get(protocol.STATE_BYTES, 0))}
+                p.client_state[q] = client_state_entry(info_rec)
         p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
         self.counts = self.evaluator.counts(p.arrays)
         acc = accuracies(self.counts, self.evaluator.excluded)
@@ -276,6 +279,10 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
         # what was erased everywhere before the checkpoint stays out of the test split
         evaluator.excluded = ErasedData.of(state).classes_everywhere()
+        if plugins.build_trainer(config).keeps_client_store:
+            log.warning("resuming: the clients' stores (replay buffers) lived in the stopped "
+                        "run's client processes and start empty; the rest of the run differs "
+                        "from an uninterrupted one")
     else:
         arrays = ArrayRecord(plugins.build_model(config, scenario).state_dict())
         counts = evaluator.counts(arrays)

@@ -34,6 +34,7 @@ request comes due), and the walk goes on with them.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord
@@ -54,6 +55,10 @@ class TaskStreamDriver:
         self.strategy = strategy
         self.arrays = arrays
         self.open_task: int | None = None
+        #: this walk's name: a walk that replays rounds passes it to
+        #: :func:`fedcl.rounds.train_round`, and its clients' trainers keep a store of the
+        #: walk's own, begun empty (:class:`fedcl.training.ClientStore`)
+        self.walk_id = uuid.uuid4().hex[:12]
 
     # --- what a caller says differs ------------------------------------------------------
     def run_round(self, info: RoundInfo) -> None:

@@ -5,10 +5,18 @@ data, one training loop with hooks that a method overrides to change only its pa
 inputs, its loss, an extra term, a regularizer, the optimizers, work before and after), as
 Avalanche's plugins hook its loop (``before_backward``, ``after_training_exp``). The server half
 lives in ``strategies/``; both are registered together by name.
+
+What a trainer keeps on its client from round to round and task to task (an old model, a
+statistic, a replay memory of raw samples) is a :class:`ClientStore`, ``ctx.store``: the client
+app loads it before the round and saves it after, for a trainer that declares
+:attr:`LocalTrainer.keeps_client_store`. Raw samples go only into its :class:`SampleBuffer` objects,
+whose rows carry their dataset class: fedcl removes the erased ones before the next round and
+reports what every client holds (summary.json ``client_state``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +25,7 @@ from torch import nn
 
 from fedcl.config import Config
 from fedcl.data.datasets import to_float
+from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 
 
@@ -43,6 +52,127 @@ def round_seed(seed: int, task: int, round_: int, partition_id: int) -> int:
     return (((seed * 1_000_003 + task) * 1_000_003 + round_) * 1_000_003 + partition_id) % 2**63
 
 
+CLASSES = "classes"
+"""The column of a :class:`SampleBuffer` that holds each row's dataset class."""
+
+
+@dataclass
+class SampleBuffer:
+    """Raw samples a trainer keeps on its client between rounds (a replay memory): rows of
+    named columns of equal length, each a tensor ``[M, ...]`` on the CPU (images as uint8
+    ``[M, C, H, W]``, head targets ``[M]``, logits ``[M, K]``, ...), and the dataset class of
+    every row in :attr:`classes` (``[M]``, int64), by which fedcl removes erased samples
+    (:meth:`purge`). A trainer edits :attr:`columns` and :attr:`classes` freely (append with
+    :meth:`append`, overwrite rows in place) as long as every column keeps one row per
+    sample."""
+
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    classes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the buffer's tensors hold (its classes column included)."""
+        return sum(t.numel() * t.element_size() for t in (*self.columns.values(), self.classes))
+
+    def check(self) -> None:
+        """Raise ValueError unless every column has one row per sample."""
+        for name, column in self.columns.items():
+            if name == CLASSES:
+                raise ValueError(f"a SampleBuffer column cannot be named '{CLASSES}' (the "
+                                 "dataset classes are its classes attribute)")
+            if column.shape[:1] != self.classes.shape[:1]:
+                raise ValueError(f"SampleBuffer column '{name}' has {column.shape[0]} rows, "
+                                 f"classes has {len(self)}")
+
+    def append(self, classes: torch.Tensor, **columns: torch.Tensor) -> None:
+        """Add rows: ``classes`` ``[n]`` and one ``[n, ...]`` tensor per column (every column
+        of the buffer, none else; the first append names them). Tensors are copied to the
+        CPU."""
+        if self.columns and set(columns) != set(self.columns):
+            raise ValueError(f"SampleBuffer.append needs columns {sorted(self.columns)}, got "
+                             f"{sorted(columns)}")
+        for name, value in columns.items():
+            value = value.detach().cpu()
+            old = self.columns.get(name)
+            self.columns[name] = value.clone() if old is None else torch.cat([old, value])
+        self.classes = torch.cat([self.classes, classes.detach().cpu().to(torch.int64)])
+        self.check()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (a boolean mask ``[M]`` or indices), in their order."""
+        self.columns = {name: column[rows] for name, column in self.columns.items()}
+        self.classes = self.classes[rows]
+
+    def purge(self, classes: Iterable[int]) -> int:
+        """Remove every row of a dataset class in ``classes``; returns how many were
+        removed. The rows left keep their order."""
+        erased = torch.tensor(sorted({int(k) for k in classes}), dtype=torch.int64)
+        if len(self) == 0 or erased.numel() == 0:
+            return 0
+        hit = torch.isin(self.classes, erased)
+        removed = int(hit.sum())
+        if removed:
+            self.keep(~hit)
+        return removed
+
+
+@dataclass
+class ClientStore:
+    """What a trainer keeps on its client between rounds and tasks (``ctx.store``), for a
+    trainer that declares :attr:`LocalTrainer.keeps_client_store`: the client app loads it
+    from Flower's ``Context.state`` before :meth:`LocalTrainer.begin_task` and saves it after
+    :meth:`LocalTrainer.after_training`.
+
+    ``arrays``: tensors by name (an old model, a Fisher diagonal, counters): never samples.
+    ``buffers``: raw samples by name (:class:`SampleBuffer`), the only place a trainer may keep
+    data: fedcl removes the samples of erased classes from every buffer before the next round
+    (and empties an erased client's), and summary.json's ``client_state`` reports each
+    client's buffered samples, bytes and classes.
+
+    In the rounds an erasure replays (the retrain oracle, FedEraser's calibration) a trainer
+    sees a store of that walk's own, empty when the walk begins: the replay never reads what
+    the live run kept, and leaves it as it was."""
+
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, SampleBuffer] = field(default_factory=dict)
+
+    def buffer(self, name: str) -> SampleBuffer:
+        """The buffer ``name``, made empty the first time it is asked for."""
+        if name not in self.buffers:
+            self.buffers[name] = SampleBuffer()
+        return self.buffers[name]
+
+    @property
+    def buffered_samples(self) -> int:
+        return sum(len(b) for b in self.buffers.values())
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def buffered_classes(self) -> list[int]:
+        """The dataset classes of every buffered sample, sorted, each once."""
+        held: set[int] = set()
+        for b in self.buffers.values():
+            held.update(int(k) for k in torch.unique(b.classes).tolist())
+        return sorted(held)
+
+    def purge(self, classes: Iterable[int]) -> int:
+        """Remove the samples of ``classes`` from every buffer; returns how many."""
+        classes = list(classes)
+        return sum(b.purge(classes) for b in self.buffers.values())
+
+    def clear(self) -> int:
+        """Forget everything (an erased client's store); returns the samples removed."""
+        removed = self.buffered_samples
+        self.arrays.clear()
+        self.buffers.clear()
+        return removed
+
+
 @dataclass
 class RoundContext:
     """Everything a client's local training step needs for one round."""
@@ -64,6 +194,22 @@ class RoundContext:
     """The round's random stream: :meth:`LocalTrainer.train` seeds it (:func:`round_seed`)
     before any hook runs; each epoch's batch order, and whatever a hook draws (PRD's
     augmentations), come from it in the loop's order."""
+    scenario: Scenario | None = field(default=None, repr=False)
+    """The run's task stream (its kind, each task's classes, the heads): what a method needs
+    to know which outputs belong to old tasks. Set by the client app."""
+    store: ClientStore = field(default_factory=ClientStore, repr=False)
+    """What the trainer keeps on this client between rounds (:class:`ClientStore`): loaded
+    before the round and saved after it where the trainer declares
+    :attr:`LocalTrainer.keeps_client_store`, a fresh empty one otherwise."""
+
+    def dataset_classes(self, targets: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """The dataset classes of head targets ``targets`` ``[N]`` of ``task`` (this round's
+        by default): the targets themselves in class- and domain-IL, the task's classes at
+        those positions in task-IL. What a :class:`SampleBuffer` row's class must be. Raises
+        ValueError without a scenario."""
+        if self.scenario is None:
+            raise ValueError("RoundContext.dataset_classes needs the round's scenario")
+        return self.scenario.classes_of(self.task if task is None else task, targets)
 
 
 @dataclass
@@ -121,6 +267,12 @@ class LocalTrainer:
     of its context (FedProx's) sets this False, and a cohort calls it once a step for all its
     members (vmapped, with its first member's context): the same terms in a few kernels
     instead of a few per member."""
+    keeps_client_store: bool = False
+    """Whether the trainer keeps a :class:`ClientStore` on its client between rounds
+    (``ctx.store``: an old model, statistics, replay buffers of raw samples): the client app
+    then loads it before :meth:`begin_task` and saves it after :meth:`after_training`, and
+    fedcl purges its buffers on erasures. A cohort's leader cannot hold its members' stores,
+    so such a trainer cannot train in cohorts (``cohort_size`` > 1 is refused)."""
     loss_sum_dtype: torch.dtype = torch.float32
     """The dtype the steps' losses are summed in for the round's mean loss
     (:attr:`TrainResult.loss`). float32, on the training device: no wait for the GPU per step."""

@@ -33,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedcl import plugins
+from fedcl import plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.config import Config
 from fedcl.data.scenarios import Scenario
@@ -41,7 +41,8 @@ from fedcl.erasure import ErasedData, ErasureRequest
 from fedcl.erasure_judge import ErasureJudge, UnlearningFailed
 from fedcl.errors import FedclError, RunCancelled
 from fedcl.evaluation import Evaluator
-from fedcl.rounds import Roster, sample_clients, train_round
+from fedcl.results import client_state_entry
+from fedcl.rounds import Roster, purge_stores, sample_clients, train_round
 from fedcl.strategy import ContinualStrategy, RoundInfo
 from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import Tracker
@@ -90,7 +91,8 @@ class OracleWalk(TaskStreamDriver):
                                   self.config_json, self.arrays, info, pids, self.cancel,
                                   replay=True, erased=self.erased,
                                   min_clients=min(self.config.min_train_clients,
-                                                  len(pids))).arrays
+                                                  len(pids)),
+                                  walk=self.walk_id).arrays
 
 
 class RebuildWalk(TaskStreamDriver):
@@ -111,7 +113,7 @@ class RebuildWalk(TaskStreamDriver):
         pids = [q for q in self.clients[info.round] if q not in job.after.clients]
         train_round(job.grid, job.roster, self.strategy, job.config, job.config.to_json(),
                     self.arrays, info, pids, job.cancel, replay=True, erased=job.after,
-                    train=False)
+                    train=False, walk=self.walk_id)
 
 
 def check_finite(arrays: ArrayRecord) -> None:
@@ -133,6 +135,24 @@ class Erasures:
         self.method: UnlearningMethod = plugins.build_unlearning(config, out_dir)
         self.judge = ErasureJudge(config, scenario, evaluator)
         self.forget_sets: dict[int, list[Any]] = {}  # request index -> its forget samples
+
+    @property
+    def keeps_stores(self) -> bool:
+        """Whether the run's clients keep stores (its trainer's ``keeps_client_store``)."""
+        return plugins.build_trainer(self.config).keeps_client_store
+
+    def purge(self, p: RunState, erased: ErasedData, roster: Roster,
+              cancel: threading.Event | None) -> int:
+        """Remove the erased samples from every client's store now, before the next round
+        (:func:`fedcl.rounds.purge_stores`); each answering client's ``client_state`` is
+        updated from its reply. Returns the samples removed."""
+        infos = purge_stores(self.grid, roster, erased, self.config.round_timeout_s, cancel)
+        removed = 0
+        for pid, info in infos.items():
+            removed += int(info.get(protocol.PURGED_SAMPLES, 0))  # type: ignore[arg-type]
+            p.client_state[pid] = client_state_entry(info)
+        log.warning("erasure: %d buffered samples purged from the clients' stores", removed)
+        return removed
 
     def state_dict(self) -> dict[str, Any]:
         return self.method.state_dict()
@@ -203,6 +223,8 @@ class Erasures:
         p.erased_classes = [list(pair) for pair in after.classes]
         # from now on the run is measured on what was not erased
         self.judge.evaluator.excluded = after.classes_everywhere()
+        if self.keeps_stores:
+            entry["purged_samples"] = self.purge(p, after, roster, cancel)
         p.erasures.append(entry)
         index = len(p.erasures) - 1
         flat = {f"erasure_{index}_{k}": float(v) for k, v in entry.items()

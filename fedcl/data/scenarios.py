@@ -62,6 +62,16 @@ class Scenario:
         lookup[list(self.tasks[task].classes)] = torch.arange(len(self.tasks[task].classes))
         return lookup[y]
 
+    def classes_of(self, task: int, targets: torch.Tensor) -> torch.Tensor:
+        """The dataset classes of head targets of ``task`` (the inverse of :meth:`targets`):
+        the targets themselves, except in task-IL, where they are positions in the task's
+        class list."""
+        if self.kind != "task-il":
+            return targets
+        classes = torch.tensor(self.tasks[task].classes, dtype=targets.dtype,
+                               device=targets.device)
+        return classes[targets]
+
     def shift(self, task: int, x: torch.Tensor) -> torch.Tensor:
         """Apply task ``task``'s input shift to uint8 images ``x`` (N x C x H x W)."""
         t = self.tasks[task]

@@ -155,7 +155,7 @@ class CalibrationWalk(TaskStreamDriver):
         start = self.arrays.to_torch_state_dict()
         outcome = train_round(job.grid, job.roster, self.strategy, job.config, self.calib_json,
                               self.arrays, info, sorted(remaining), job.cancel, replay=True,
-                              erased=job.after)
+                              erased=job.after, walk=self.walk_id)
         calibrated = outcome.arrays.to_torch_state_dict()
         old_mean = weighted_mean(old_states)
         gm_t = stored["global"]
