@@ -199,9 +199,8 @@ def check_output(output: Path, *, resume: bool = False) -> None:
     check_folder(output, "output folder", reserve=OUTPUT_RESERVE)
     if not output.is_dir():
         return
-    owner = live_owner(output)
-    # under `fedcl simulate` the ServerApp runs in the process that holds the lock: its own
-    if owner is not None and owner.get("pid") != os.getpid():
+    owner = live_owner(output)  # (None for this process's own: see there)
+    if owner is not None:
         raise OutputInUse(f"{shown(str(output))} belongs to a run that is still going (pid "
                           f"{owner.get('pid', 'unknown')}); stop that run or choose another "
                           "output folder")
