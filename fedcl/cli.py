@@ -25,6 +25,7 @@ from fedcl.config import (
     config_from_dict,
     field_type,
     load_toml,
+    parse_param,
     resolve_tracking_uri,
 )
 from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
@@ -65,24 +66,12 @@ def _optional(typ: type, name: str):  # type: ignore[no-untyped-def]
     return parse
 
 
-def _param_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _param_flag(flag: str) -> Callable[[str], tuple[str, Any]]:
     def parse(text: str) -> tuple[str, Any]:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise argparse.ArgumentTypeError(f"{flag} needs KEY=VALUE, got '{text}'")
-        return key.strip().replace("-", "_"), _param_value(value.strip())
+        try:
+            return parse_param(text)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(f"{flag} needs KEY=VALUE, got '{text}'") from None
 
     return parse
 

@@ -41,8 +41,50 @@ RUN_CONFIG_UNLEARNING_PREFIX = "unlearning-param."
 #: prefixes.
 PARAM_TABLES = {"strategy_params": RUN_CONFIG_STRATEGY_PREFIX,
                 "unlearning_params": RUN_CONFIG_UNLEARNING_PREFIX}
+#: ... and the one run config key each also takes as a list, ``"beta=0.5,anchor=0.1"``: Flower
+#: refuses run config keys that the app's defaults (pyproject.toml) do not declare, and a
+#: method's parameters cannot be declared there in advance.
+RUN_CONFIG_PARAM_LISTS = {"strategy_params": "strategy-params",
+                          "unlearning_params": "unlearning-params"}
 
 StrategyParam = bool | int | float | str
+
+
+def param_value(text: str) -> StrategyParam:
+    """A parameter's value as written on a command line: true/false, an int, a float, else
+    the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_param(text: str) -> tuple[str, StrategyParam]:
+    """``KEY=VALUE`` -> (key with ``-`` as ``_``, :func:`param_value`); ConfigError without
+    a key and an ``=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"a parameter needs KEY=VALUE, got '{text}'")
+    return key.strip().replace("-", "_"), param_value(value.strip())
+
+
+def parse_param_list(text: str, key: str) -> dict[str, StrategyParam]:
+    """``"beta=0.5,anchor=0.1"`` (commas or spaces between entries; empty: none) -> a dict;
+    one ConfigError line naming run config ``key`` otherwise."""
+    out: dict[str, StrategyParam] = {}
+    for entry in text.replace(",", " ").split():
+        try:
+            name, value = parse_param(entry)
+        except ConfigError:
+            raise ConfigError(f"run config {key}: each entry needs KEY=VALUE, got "
+                              f"'{entry}'") from None
+        out[name] = value
+    return out
 
 
 def _doc(text: str, **extra: Any) -> dict[str, Any]:
@@ -340,6 +382,7 @@ class Config:
         out: dict[str, bool | int | float | str] = {}
         for key, value in self.to_dict().items():
             if key in PARAM_TABLES:
+                out[RUN_CONFIG_PARAM_LISTS[key]] = ""
                 for pkey, pvalue in value.items():
                     out[PARAM_TABLES[key] + pkey.replace("_", "-")] = pvalue
             else:
@@ -348,13 +391,21 @@ class Config:
 
     @classmethod
     def from_run_config(cls, run_config: typing.Mapping[str, Any]) -> Config:
-        """Inverse of :meth:`to_run_config` (the empty string unsets an optional field)."""
+        """Inverse of :meth:`to_run_config` (the empty string unsets an optional field).
+        ``strategy-params`` / ``unlearning-params`` take a list ``"beta=0.5,anchor=0.1"``, so
+        ``flwr run --run-config`` can set parameters the app's defaults do not declare."""
         values: dict[str, Any] = {}
         tables: dict[str, dict[str, Any]] = {}
+        lists = {k: t for t, k in RUN_CONFIG_PARAM_LISTS.items()}
         for key, value in run_config.items():
             table = next((t for t, prefix in PARAM_TABLES.items() if key.startswith(prefix)),
                          None)
-            if table is not None:
+            if key in lists:  # "strategy-params": a list of KEY=VALUE
+                if not isinstance(value, str):
+                    raise ConfigError(f"run config {key} must be a string of KEY=VALUE "
+                                      f"entries, got {value!r}")
+                tables.setdefault(lists[key], {}).update(parse_param_list(value, key))
+            elif table is not None:
                 name = key[len(PARAM_TABLES[table]):].replace("-", "_")
                 tables.setdefault(table, {})[name] = value
             else:

@@ -348,17 +348,18 @@ def test_a_class_erasure_leaves_no_erased_sample_in_any_buffer(tmp_path: Path,
 @pytest.mark.e2e
 def test_feder_under_flwr_run_keeps_its_buffers_in_the_supernodes_context(
         tmp_path: Path) -> None:
-    """The same apps under ``flwr run`` (Flower's own runtime; Flower takes no run-config key
-    that pyproject.toml does not declare, so FedER runs with its defaults: 200 samples in total,
-    67, 67 and 66 per client): each SuperNode's Context.state carries its client's buffer from
-    round to round and task to task, so after task 1 it still holds task 0's classes."""
+    """The same apps under ``flwr run`` (Flower's own runtime; FedER's parameters go in the one
+    declared key ``strategy-params``: 100 samples in total, 34, 33 and 33 per client): each
+    SuperNode's Context.state carries its client's buffer from round to round and task to
+    task, so after task 1 it still holds task 0's classes."""
     from tests.test_flwr_run import flwr_run
 
     s = flwr_run(tmp_path, "clients=3 tasks=2 rounds-per-task=2 eval-samples-per-task=300 "
-                           "strategy='feder'")
+                           "strategy='feder' strategy-params='buffer_size=100,buffer_scope=total'")
     assert s["strategy"] == "feder" and len(s["accuracy_matrix"]) == 2
+    assert s["config"]["strategy_params"]["buffer_size"] == 100
     states = s["client_state"]
-    assert [states[k]["buffer_samples"] for k in ("0", "1", "2")] == [67, 67, 66]
+    assert [states[k]["buffer_samples"] for k in ("0", "1", "2")] == [34, 33, 33]
     tasks = build_scenario(Config(clients=3, tasks=2)).tasks
     for state in states.values():
         assert state["buffer_bytes"] == state["buffer_samples"] * ROW_BYTES

@@ -83,10 +83,27 @@ def test_run_config_strategy_params_are_prefixed() -> None:
     run_config = _custom().to_run_config()
     assert run_config["strategy-param.proximal-mu"] == 0.1
     assert RUN_CONFIG_STRATEGY_PREFIX == "strategy-param."
-    assert "strategy-params" not in run_config
+    assert run_config["strategy-params"] == "" == run_config["unlearning-params"]
     assert run_config["task-order-seed"] == 11
     assert run_config["output"] == ""  # unset fields are the empty string (Flower needs every key)
     assert Config.from_run_config(run_config).output is None
+
+
+def test_run_config_takes_a_methods_parameters_as_one_list() -> None:
+    """``flwr run --run-config "strategy-params='mu=0.3,flag=true'"``: Flower refuses keys the
+    app's defaults do not declare, so one declared key carries any method's parameters;
+    entries are typed as on the command line and win over the prefixed keys."""
+    run_config = {**Config().to_run_config(), "strategy": "fedprox",
+                  "strategy-params": "proximal-mu=0.3, flag=true name=x",
+                  "unlearning-params": "alpha=2"}
+    config = Config.from_run_config(run_config)
+    assert config.strategy_params == {"proximal_mu": 0.3, "flag": True, "name": "x"}
+    assert config.unlearning_params == {"alpha": 2}
+    with pytest.raises(ConfigError, match=r"^run config strategy-params: each entry needs "
+                                          r"KEY=VALUE, got 'mu'$"):
+        Config.from_run_config({**run_config, "strategy-params": "mu"})
+    with pytest.raises(ConfigError, match=r"^run config unlearning-params must be a string"):
+        Config.from_run_config({**run_config, "unlearning-params": 3})
 
 
 @pytest.mark.parametrize("config", [Config(), _custom()], ids=["defaults", "custom"])
