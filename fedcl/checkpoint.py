@@ -23,7 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedcl.config import Config, config_from_dict
-from fedcl.errors import FedclError
+from fedcl.errors import ConfigError, FedclError
 from fedcl.processes import ray_session_dir
 from fedcl.results import RoundRecord
 from fedcl.strategy import strategy_label
@@ -61,6 +61,8 @@ class RunState:
     # end metrics are taken on the classes not erased (fedcl.evaluation)
     matrix_counts: list[list[dict[int, list[int]]]] = field(default_factory=list)
     baseline_counts: list[dict[int, list[int]]] = field(default_factory=list)
+    # every resume: after which round, and whether the clients' stores started empty
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Config,
@@ -94,17 +96,22 @@ def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Co
 
 
 def load(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint in ``folder`` (a run's output folder), checked for completeness."""
+    """The checkpoint in ``folder`` (a run's output folder), checked for completeness.
+    Raises a one-line :class:`ConfigError` (bad input, exit 2) for a folder without one (a
+    run stopped before its first round ended saves none: it is started anew, with the same
+    output), a file that cannot be read or is not a fedcl checkpoint."""
     path = Path(folder)
     path = path / FILE if path.is_dir() else path
     if not path.is_file():
-        raise FedclError(f"no checkpoint to resume from: {path} does not exist")
+        hint = ("; the run there stopped before its first round was saved: start it again "
+                "with the same --output" if (path.parent / "flower.log").is_file() else "")
+        raise ConfigError(f"no checkpoint to resume from: {path} does not exist{hint}")
     try:
         payload = torch.load(path, weights_only=False)
     except Exception as err:  # a truncated or foreign file
-        raise FedclError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
+        raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
     if not isinstance(payload, dict) or payload.get("version") != VERSION:
-        raise FedclError(f"{path} is not a fedcl checkpoint (version {VERSION})")
+        raise ConfigError(f"{path} is not a fedcl checkpoint (version {VERSION})")
     return payload
 
 

@@ -49,6 +49,7 @@ import difflib
 import importlib
 import importlib.metadata
 import inspect
+import math
 import textwrap
 import traceback
 import types
@@ -143,7 +144,8 @@ def typed_params(params_type: type, values: Mapping[str, Any], owner: str) -> An
     Each value must be of its field's annotated type (``float``, ``int``, ``bool``, ``str``,
     or one of them ``| None``; the default's type where the annotation cannot be read); ints
     are accepted for float fields. Raises a one-line :class:`ConfigError` naming ``owner``
-    (e.g. ``"strategy 'fedprox'"``) for an unknown key, a value of the wrong type, a field
+    (e.g. ``"strategy 'fedprox'"``) for an unknown key, a value of the wrong type, a float
+    that is not finite (inf, nan), a field
     without a default that is not given, or parameters that the dataclass refuses: its
     ``check()`` runs when it has one (a ConfigError it raises is kept as it is, any other
     exception from ``check()`` or ``__post_init__`` becomes a ConfigError with its message).
@@ -160,6 +162,9 @@ def typed_params(params_type: type, values: Mapping[str, Any], owner: str) -> An
             value = float(value)
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
             raise ConfigError(f"parameter '{key}' of {owner} must be {typ.__name__}, "
+                              f"got {value!r}")
+        if typ is float and not math.isfinite(value):  # a weight of inf or nan trains NaN
+            raise ConfigError(f"parameter '{key}' of {owner} must be a finite number, "
                               f"got {value!r}")
         kwargs[key] = value
     required = [name for name, f in known.items() if name not in kwargs

@@ -83,6 +83,11 @@
                        a store (``LocalTrainer.keeps_client_store``), also ``buffer_samples``
                        (raw samples in its replay buffers), ``buffer_bytes`` (the bytes they
                        take) and ``buffer_classes`` (their dataset classes, sorted)
+``resumes``            one entry per ``--resume`` of the run: ``after_round`` (the last round
+                       the checkpoint held) and ``client_stores_lost`` (true for a method
+                       whose clients keep stores, e.g. replay buffers: they start empty, so
+                       the rest of the run differs from an uninterrupted one); empty for a
+                       run that was never stopped
 ``wall_time_s``        wall time of the whole run, start-up included
 ``mlflow_run_id``      the MLflow run holding the same numbers
 ``mlflow_tracking_uri``  where that run is stored

@@ -279,7 +279,10 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
         # what was erased everywhere before the checkpoint stays out of the test split
         evaluator.excluded = ErasedData.of(state).classes_everywhere()
-        if plugins.build_trainer(config).keeps_client_store:
+        stores_lost = plugins.build_trainer(config).keeps_client_store
+        state.resumes.append({"after_round": state.global_round,
+                              "client_stores_lost": stores_lost})
+        if stores_lost:
             log.warning("resuming: the clients' stores (replay buffers) lived in the stopped "
                         "run's client processes and start empty; the rest of the run differs "
                         "from an uninterrupted one")
@@ -316,6 +319,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         summary["strategy_state"] = p.strategy_state
         summary["erasures"] = p.erasures
         summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}
+        summary["resumes"] = p.resumes
         files = write_outputs(summary, out_dir, config.to_toml())
         files += run.strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)

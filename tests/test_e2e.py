@@ -285,6 +285,9 @@ def test_same_seed_same_matrix_and_resume_after_kill_9(tmp_path: Path, ray_env: 
     assert [r["acc_per_task"] for r in resumed["rounds"]] == [
         r["acc_per_task"] for r in expected["rounds"]]
     assert resumed["mlflow_run_id"] == cut_id
+    assert expected["resumes"] == []
+    [resume] = resumed["resumes"]  # killed in round 3: its checkpoint, or round 2's
+    assert resume["after_round"] in (2, 3) and resume["client_stores_lost"] is False
     runs = {r["run_id"]: r for r in tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}",
                                                          "resume")}
     assert len(runs) == 2 and runs[cut_id]["status"] == "FINISHED"
@@ -296,13 +299,21 @@ def test_same_seed_same_matrix_and_resume_after_kill_9(tmp_path: Path, ray_env: 
 
 def test_resume_errors_are_one_line(tmp_path: Path) -> None:
     res = run_fedcl("simulate", "--resume", str(tmp_path / "nothing"), cwd=tmp_path)
-    assert res.returncode == 1
+    assert res.returncode == 2  # bad input, as every other
     assert res.stderr.strip() == (f"fedcl: error: no checkpoint to resume from: "
                                   f"{tmp_path / 'nothing'} does not exist")
+    (tmp_path / "early").mkdir()  # a run stopped before its first round was saved
+    (tmp_path / "early" / "flower.log").write_text("", encoding="utf-8")
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "early"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"fedcl: error: no checkpoint to resume from: "
+                                  f"{tmp_path / 'early' / 'checkpoint.pt'} does not exist; "
+                                  "the run there stopped before its first round was saved: "
+                                  "start it again with the same --output")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     res = run_fedcl("simulate", "--resume", str(tmp_path / "bad"), cwd=tmp_path)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().startswith("fedcl: error: cannot read checkpoint")
     res = run_fedcl("simulate", "--resume", str(tmp_path / "bad"), "--clients", "4",
                     cwd=tmp_path)

@@ -719,3 +719,15 @@ def test_strategies_lists_a_plugin_whose_default_factory_raises(
     code, out, err = _cli(["strategies"], capsys)
     assert code == 0 and err == ""
     assert "  widths: list = widths()" in out.splitlines()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_float_parameter_must_be_finite(value: float) -> None:
+    """inf or nan as a weight trains to NaN a task later (a run that stops naming the
+    learning rate): every method's float parameters are refused up front, one line."""
+    for name, key in (("fedprox", "proximal_mu"), ("fedewc", "ewc_lambda"),
+                      ("fedderpp", "alpha")):
+        with pytest.raises(ConfigError) as err:
+            plugins.parse_strategy_params(name, {key: value})
+        assert str(err.value) == (f"parameter '{key}' of strategy '{name}' must be a finite "
+                                  f"number, got {value!r}")
