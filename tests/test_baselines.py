@@ -366,3 +366,15 @@ def test_feder_under_flwr_run_keeps_its_buffers_in_the_supernodes_context(
         assert state["keys"] == [protocol.CLIENT_STATE, protocol.STORE]
         assert set(state["buffer_classes"]) & set(tasks[0].classes)
         assert set(state["buffer_classes"]) & set(tasks[1].classes)
+
+
+@pytest.mark.parametrize("name", ["feder", "fedderpp"])
+def test_replay_refusals_name_the_method(name: str) -> None:
+    """FedER and FedDER++ share their buffer parameters; a refusal names the one asked for."""
+    for values, line in (({"buffer_size": -5}, "buffer_size must be >= 1, got -5"),
+                         ({"buffer_scope": "everyone"},
+                          "buffer_scope must be total or client, got 'everyone'"),
+                         ({"replay_batch": -3}, "replay_batch must be >= 0, got -3")):
+        with pytest.raises(ConfigError) as err:
+            plugins.parse_strategy_params(name, values)
+        assert str(err.value) == f"{name} {line}"

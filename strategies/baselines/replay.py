@@ -42,7 +42,7 @@ The clients keep a store between rounds, so neither method trains in batched coh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.serverapp.strategy import FedAvg
@@ -68,6 +68,8 @@ SCOPES = ("total", "client")
 
 @dataclass(frozen=True)
 class ReplayParams:
+    method: ClassVar[str] = "feder"  # the name its refusals give
+
     buffer_size: int = 200
     """The memory budget in samples: across the whole federation (buffer_scope total) or
     for each client (buffer_scope client)."""
@@ -79,12 +81,14 @@ class ReplayParams:
 
     def check(self) -> None:
         if self.buffer_size < 1:
-            raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
+            raise ConfigError(f"{self.method} buffer_size must be >= 1, got "
+                              f"{self.buffer_size}")
         if self.buffer_scope not in SCOPES:
-            raise ConfigError(f"buffer_scope must be total or client, got "
+            raise ConfigError(f"{self.method} buffer_scope must be total or client, got "
                               f"'{self.buffer_scope}'")
         if self.replay_batch < 0:
-            raise ConfigError(f"replay_batch must be >= 0, got {self.replay_batch}")
+            raise ConfigError(f"{self.method} replay_batch must be >= 0, got "
+                              f"{self.replay_batch}")
 
     def capacity(self, partition_id: int, clients: int) -> int:
         """Client ``partition_id``'s buffer rows in a federation of ``clients``."""
@@ -96,6 +100,8 @@ class ReplayParams:
 
 @dataclass(frozen=True)
 class DERPPParams(ReplayParams):
+    method: ClassVar[str] = "fedderpp"
+
     alpha: float = 0.2
     """Weight of the logit-matching term (DER++ on S-MNIST, buffer 200: 0.2)."""
     beta: float = 1.0
