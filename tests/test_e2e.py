@@ -141,13 +141,14 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
                                                             mlflow_server) -> None:
     """40% of clients raise in each round, and the MLflow server is killed mid-run and started
     again later: the run completes, and MLflow ends up with every round's metrics (failures
-    included), equal to summary.json."""
+    included), equal to summary.json. (The experiment is this test's alone: the server is
+    shared with the tracker's tests, whose runs must not be taken for this one.)"""
     out = tmp_path / "out"
     outbox = out / tracking.OUTBOX_FILE
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedcl.cli", "simulate", "--clients", "6", "--tasks", "2",
          "--rounds-per-task", "3", "--eval-samples-per-task", "200", "--client-fault-rate", "0.4",
-         "--tracking-uri", mlflow_server.uri, "--experiment", "outage", "--tracking-wait-s", "300",
+         "--tracking-uri", mlflow_server.uri, "--experiment", "e2e-outage", "--tracking-wait-s", "300",
          "--output", str(out)],
         cwd=tmp_path, env={**os.environ, **ray_env}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
@@ -157,7 +158,7 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
         while time.monotonic() < deadline and proc.poll() is None:  # round 1 reaches MLflow
             if run_id is None:
                 with contextlib.suppress(FedclError):  # no experiment yet
-                    runs = tracking.fetch_runs(mlflow_server.uri, "outage")
+                    runs = tracking.fetch_runs(mlflow_server.uri, "e2e-outage")
                     run_id = runs[0]["run_id"] if runs else None
             if run_id and tracking.metric_history(mlflow_server.uri, run_id, "avg_acc"):
                 break
@@ -192,7 +193,7 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
         history = tracking.metric_history(uri, run_id, f"acc_task_{j}")
         assert [v for _, v in history] == pytest.approx(
             [r["acc_per_task"][j] for r in s["rounds"]])
-    run = next(r for r in tracking.fetch_runs(uri, "outage") if r["run_id"] == run_id)
+    run = next(r for r in tracking.fetch_runs(uri, "e2e-outage") if r["run_id"] == run_id)
     assert run["metrics"]["acc"] == pytest.approx(s["acc"])
     assert run["tags"]["fedcl.status"] == "finished"
 
