@@ -148,7 +148,8 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedcl.cli", "simulate", "--clients", "6", "--tasks", "2",
          "--rounds-per-task", "3", "--eval-samples-per-task", "200", "--client-fault-rate", "0.4",
-         "--tracking-uri", mlflow_server.uri, "--experiment", "e2e-outage", "--tracking-wait-s", "300",
+         "--tracking-uri", mlflow_server.uri, "--experiment", "e2e-outage",
+         "--tracking-wait-s", "300",
          "--output", str(out)],
         cwd=tmp_path, env={**os.environ, **ray_env}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
