@@ -155,9 +155,7 @@ class OutputOwner:
         except BlockingIOError:
             record = _read(fd)
             os.close(fd)
-            pid = record.get("pid", "unknown")
-            raise OutputInUse(f"{path} belongs to a run that is still going (pid {pid}); "
-                              f"stop that run or choose another output folder") from None
+            raise in_use(path, record) from None
         except OSError as err:
             os.close(fd)
             raise FedclError(f"cannot lock {path / LOCK_FILE}: {err.strerror or err}"
@@ -237,6 +235,13 @@ def _leftovers(record: dict[str, Any], sessions: Iterable[str | None] = ()
             for proc in session_processes(session):
                 found.setdefault(proc.pid, proc)
     return _with_children(found.values())
+
+
+def in_use(folder: str | os.PathLike[str], record: dict[str, Any]) -> OutputInUse:
+    """The one-line refusal of ``folder``, owned by the live run that ``record`` describes."""
+    return OutputInUse(f"{folder} belongs to a run that is still going (pid "
+                       f"{record.get('pid', 'unknown')}); stop that run or choose another "
+                       "output folder")
 
 
 def live_owner(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

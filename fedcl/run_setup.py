@@ -32,10 +32,10 @@ from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.datasets import DatasetInfo
 from fedcl.data.scenarios import split_classes
 from fedcl.erasure import ErasureRequest, parse_schedule, validate_requests
-from fedcl.errors import ConfigError, OutputInUse
+from fedcl.errors import ConfigError
 from fedcl.models import ModelSpec
 from fedcl.paths import NAME_MAX, check_folder, name_bytes, quoted, shown
-from fedcl.processes import LOCK_FILE, live_owner
+from fedcl.processes import LOCK_FILE, in_use, live_owner
 from fedcl.results import SUMMARY_FILE
 from fedcl.strategy import Capabilities
 from fedcl.tracking import MAX_EXPERIMENT_NAME, MAX_RUN_NAME, check_store
@@ -201,9 +201,7 @@ def check_output(output: Path, *, resume: bool = False) -> None:
         return
     owner = live_owner(output)  # (None for this process's own: see there)
     if owner is not None:
-        raise OutputInUse(f"{shown(str(output))} belongs to a run that is still going (pid "
-                          f"{owner.get('pid', 'unknown')}); stop that run or choose another "
-                          "output folder")
+        raise in_use(shown(str(output)), owner)
     if resume:
         return
     try:

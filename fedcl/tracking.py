@@ -370,7 +370,7 @@ class Tracker:
                 left = deadline - time.monotonic()
                 if left <= 0 and (not verdict or self._down_since is not None):
                     break
-                self._cond.wait(max(left, 0.05) if left > 0 else 0.05)
+                self._cond.wait(max(left, 0.05))
             if self._refused is not None:
                 raise self._refused
             return not self._pending
