@@ -25,6 +25,7 @@ from typing import Any
 from fedcl.client_app import app as client_app
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.errors import FedclError, RunAborted, RunCancelled, Terminated
+from fedcl.flower_simulation import SimulationEngine, load_engine
 from fedcl.processes import OutputOwner, ray_session_dir
 from fedcl.run_setup import check_output, default_run_name, output_folder
 from fedcl.server_app import RunControl, RunObserver, build_server_app
@@ -124,11 +125,11 @@ class _Engine(threading.Thread):
     Ray, runs the simulation and shuts Ray down."""
 
     def __init__(self, config: Config, control: RunControl, verbose: bool,
-                 run_simulation: Any) -> None:
+                 engine: SimulationEngine) -> None:
         super().__init__(name="fedcl-engine", daemon=True)
         self.config, self.control, self.verbose = config, control, verbose
         self.server_app = build_server_app(config, control)
-        self.run_simulation = run_simulation
+        self.engine = engine
         self.session_dir: str | None = None
         self.ray_up = threading.Event()
         self.error: BaseException | None = None
@@ -141,10 +142,8 @@ class _Engine(threading.Thread):
             self.session_dir = ray_session_dir()
             self.ray_up.set()
             if not self.control.cancel.is_set():
-                self.run_simulation(server_app=self.server_app, client_app=client_app,
-                                    num_supernodes=self.config.clients,
-                                    backend_config=backend_config(self.config),
-                                    verbose_logging=self.verbose)
+                self.engine(self.server_app, client_app, self.config.clients,
+                            backend_config(self.config), self.verbose)
         except BaseException as err:  # the Ray backend failed to start or crashed
             self.error = err
         finally:
@@ -163,12 +162,12 @@ def _run(config: Config, observer: RunObserver | None, verbose: bool,
     stopped: Terminated | None = None
     try:
         try:
-            run_simulation = _import_engine()
+            simulation_engine = _import_engine()
             _route_flower_logs(out_dir / "flower.log", verbose)
             with signals.held():
                 saved_fds = None if verbose else _output_to(out_dir / "flower.log")
             signals.hold()  # from here on a signal is recorded, and seen by _watch
-            engine = _Engine(config, control, verbose, run_simulation)
+            engine = _Engine(config, control, verbose, simulation_engine)
             engine.start()
             _watch(engine, signals, owner)
         except Terminated:
@@ -271,8 +270,9 @@ def _stop_detail(control: RunControl, out_dir: Path) -> str:
     return detail or " before the run started"
 
 
-def _import_engine() -> Any:
-    """Flower's ``run_simulation``, with Ray imported for this process first.
+def _import_engine() -> SimulationEngine:
+    """Flower's simulation engine (:mod:`fedcl.flower_simulation`), with Ray imported for this
+    process first.
 
     Ray's C++ core installs Abseil's failure-signal handler in the driver process, and that
     handler takes SIGTERM too: it prints a C++ stack trace and arms a 3 s alarm that aborts
@@ -286,9 +286,7 @@ def _import_engine() -> Any:
             import ray  # noqa: F401  (reads the switch)
         finally:
             del os.environ[RAY_FAILURE_HANDLER_OFF]
-    from flwr.simulation import run_simulation  # ~1 s
-
-    return run_simulation
+    return load_engine()  # ~1 s
 
 
 def _start_ray(config: Config) -> None:
