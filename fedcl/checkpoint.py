@@ -56,7 +56,8 @@ class RunState:
     erased_classes: list[list[int]] = field(default_factory=list)
     erasures_done: int = 0  # requests of the schedule carried out so far
     erasures: list[dict[str, Any]] = field(default_factory=list)  # summary.json's `erasures`
-    wall_time_before_s: float = 0.0  # wall time of the sessions before this one
+    wall_time_before_s: float = 0.0  # wall time of the sessions before this one ...
+    startup_before_s: float = 0.0  # ... of which start-up (fedcl.run_clock); the rest, rounds
     # per matrix row (and for the initial model), each task's {class: [correct, total]}: the
     # end metrics are taken on the classes not erased (fedcl.evaluation)
     matrix_counts: list[list[dict[int, list[int]]]] = field(default_factory=list)
@@ -66,13 +67,16 @@ class RunState:
 
 
 def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Config,
-         run_id: str | None, wall_time_s: float, extra: dict[str, Any] | None = None) -> None:
-    """Write the checkpoint atomically (temporary file, then rename); ``extra``: more state by
-    name (the unlearning method's)."""
+         run_id: str | None, wall_time_s: float, extra: dict[str, Any] | None = None,
+         startup_s: float = 0.0) -> None:
+    """Write the checkpoint atomically (temporary file, then rename); ``wall_time_s``: the
+    run's time so far, ``startup_s`` of it start-up (:mod:`fedcl.run_clock`); ``extra``: more
+    state by name (the unlearning method's)."""
     fields = {f.name: getattr(progress, f.name) for f in dataclasses.fields(progress)}
     fields["arrays"] = progress.arrays.to_torch_state_dict()
     fields["records"] = [r.to_dict() for r in progress.records]
     fields["wall_time_before_s"] = wall_time_s
+    fields["startup_before_s"] = startup_s
     payload = {"version": VERSION, "config": config.to_dict(), "mlflow_run_id": run_id,
                "progress": fields, "strategy": strategy.state_dict(),
                "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),

@@ -30,6 +30,7 @@ from fedcl.config import (
 )
 from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
 from fedcl.processes import OutputOwner
+from fedcl.run_clock import RunClock
 from fedcl.signals import TerminationSignals
 
 
@@ -204,6 +205,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     taken over: a signal before the run starts raises :class:`~fedcl.errors.Terminated` at
     once, one during the run stops it (:func:`fedcl.simulation.simulate`)."""
     signals = signals or TerminationSignals()
+    clock = RunClock.from_process_start()  # the run's time counts from the process's start
     resume: dict[str, Any] | None = None
     config: Config | None = None
     owner: OutputOwner | None = None
@@ -243,10 +245,10 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    display = LiveDisplay(console)
+    display = LiveDisplay(console, clock)
     try:
         summary = simulate(config, observer=display, verbose=args.verbose, resume=resume,
-                           signals=signals, owner=owner)
+                           signals=signals, owner=owner, clock=clock)
     finally:
         display.close()
         console.close()

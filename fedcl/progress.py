@@ -1,12 +1,48 @@
-"""The live display of ``fedcl simulate`` and its closing table."""
+"""The live display of ``fedcl simulate`` and its closing table.
+
+Tasks count from 0 and rounds from 1 here as everywhere (summary.json, ``--erase``, MLflow's
+``acc_task_<j>``, the plots): ``task 1 of 0-4  round 2/3`` is the second round of the second
+of five tasks. Times are the run's (:mod:`fedcl.run_clock`): the display's clock counts from
+the process's start, as ``wall_time_s`` does, and the closing table splits it into start-up,
+rounds and shutdown.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn
+from rich.progress import Progress as RichProgress
+from rich.text import Text
+
 from fedcl.config import Config
 from fedcl.results import RoundRecord
+from fedcl.run_clock import RunClock
+
+
+def task_label(task: int, num_tasks: int) -> str:
+    """``task 1 of 0-4``: the task as it is counted everywhere (from 0), and the range."""
+    return f"task {task} of 0-{num_tasks - 1}"
+
+
+def clock_text(seconds: float) -> str:
+    """``0:01:05``: hours, minutes and seconds."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class RunTimeColumn(ProgressColumn):
+    """The run's time so far (:meth:`RunClock.elapsed`: from the process's start, as
+    ``wall_time_s``), where rich's own column would count from the bar's start."""
+
+    def __init__(self, clock: RunClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def render(self, task: Any) -> Text:
+        return Text(f"run {clock_text(self.clock.elapsed())}", style="progress.elapsed")
 
 
 def _pct(value: float | None) -> str:
@@ -16,8 +52,9 @@ def _pct(value: float | None) -> str:
 class LiveDisplay:
     """A rich progress bar on a terminal; one plain line per round otherwise."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, clock: RunClock | None = None) -> None:
         self.stream = stream or sys.stdout
+        self.clock = clock or RunClock.since(0.0)
         self.live = self.stream.isatty()
         self._bar: Any = None
         self._task_id: Any = None
@@ -29,26 +66,25 @@ class LiveDisplay:
         self.num_tasks, self.rounds_per_task = config.tasks, config.rounds_per_task
         per_round = max(1, int(config.clients * config.fraction_train))
         print(f"fedcl: {config.strategy} on {config.dataset} {config.scenario}, "
-              f"{config.tasks} tasks x {config.rounds_per_task} rounds, {config.clients} "
-              f"clients ({per_round} per round); MLflow run {run_id}",
+              f"{config.tasks} tasks (0-{config.tasks - 1}) x {config.rounds_per_task} rounds, "
+              f"{config.clients} clients ({per_round} per round); MLflow run {run_id}; "
+              f"started in {self.clock.elapsed():.1f} s",
               file=self.stream, flush=True)
         if self.live:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
-
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     MofNCompleteColumn(), RunTimeColumn(self.clock),
                                      console=Console(file=self.stream), transient=True)
             self._bar.start()
             self._task_id = self._bar.add_task("starting clients...", total=total_rounds)
 
     def on_round(self, record: RoundRecord) -> None:
-        text = (f"task {record.task + 1}/{self.num_tasks}  round {record.task_round}/"
+        text = (f"{task_label(record.task, self.num_tasks)}  round {record.task_round}/"
                 f"{self.rounds_per_task}  avg acc {_pct(record.avg_acc)}%  current task "
                 f"{_pct(record.acc_per_task[record.task])}%  {record.seconds:4.1f}s")
         if record.failures:
             text += f"  ({record.failures} failed)"
+        if self._bar is None:  # the bar shows the run's time in a column of its own
+            text += f"  run {clock_text(self.clock.elapsed())}"
         if self._bar is not None:
             self._bar.update(self._task_id, advance=1, description=text)
         else:
@@ -103,10 +139,21 @@ def format_matrix(summary: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v * 100:.2f}"
 
     lines.append(f"ACC {fmt('acc')}%   forgetting {fmt('forgetting')}%   BWT {fmt('bwt')}%   "
-                 f"FWT {fmt('fwt')}%   wall time {summary['wall_time_s']:.1f} s")
+                 f"FWT {fmt('fwt')}%")
     intransigence = (f"intransigence {fmt('intransigence')}%"
                      if summary.get("intransigence") is not None
                      else "intransigence n/a (no jointly trained reference: "
                           "set intransigence_reference)")
     lines.append(f"learning accuracy {fmt('learning_accuracy')}%   {intransigence}")
+    lines.append(format_times(summary))
     return "\n".join(lines)
+
+
+def format_times(summary: dict[str, Any]) -> str:
+    """``wall time 31.2 s = start-up 12.1 s + rounds 14.0 s + shutdown 5.1 s``: the run's
+    time figures (:mod:`fedcl.run_clock`) as summary.json and MLflow hold them."""
+    parts = [f"{label} {summary[key]:.1f} s" for key, label in (
+        ("time_startup_s", "start-up"), ("time_rounds_s", "rounds"),
+        ("time_shutdown_s", "shutdown")) if summary.get(key) is not None]
+    return f"wall time {summary['wall_time_s']:.1f} s" + (
+        " = " + " + ".join(parts) if parts else "")

@@ -37,8 +37,10 @@
                        ``rejected`` (replies refused by ``fedcl.validation``), ``empty``
                        (sampled clients with no sample of the task left after erasures: they
                        send no update and are not failures), ``seconds``
-                       (since the previous round ended, its MLflow logging and checkpoint
-                       included), ``ended_at`` (Unix time), ``client_gpu_peak_mb`` and
+                       (since the previous round ended: its training, evaluation, MLflow
+                       logging, task end, the erasure requests due before or right after
+                       it and its checkpoint; the rounds' seconds add up to
+                       ``time_rounds_s``), ``ended_at`` (Unix time, when it was evaluated), ``client_gpu_peak_mb`` and
                        ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
                        of the round's training, and the largest CUDA memory an allocator held
                        after it, over the replies; null on CPU), ``client_compute_s`` (the
@@ -88,7 +90,14 @@
                        whose clients keep stores, e.g. replay buffers: they start empty, so
                        the rest of the run differs from an uninterrupted one); empty for a
                        run that was never stopped
-``wall_time_s``        wall time of the whole run, start-up included
+``time_startup_s``     seconds from the run's start (``fedcl simulate``: its process's start;
+                       ``flwr run``: the ServerApp's) to the first round's start
+``time_rounds_s``      seconds of the rounds (erasure requests between them included): the
+                       sum of ``rounds[].seconds``
+``time_shutdown_s``    seconds from the last round's end until the results were final (output
+                       files; ``fedcl simulate``: Ray's shutdown too)
+``wall_time_s``        the run's whole time: the sum of the three (:mod:`fedcl.run_clock`; the
+                       MLflow run's duration); a resumed run's sessions add up
 ``mlflow_run_id``      the MLflow run holding the same numbers
 ``mlflow_tracking_uri``  where that run is stored
 ``config``             the full run config
@@ -109,6 +118,7 @@ import numpy as np
 
 from fedcl import metrics, protocol
 from fedcl.config import reference_accuracies
+from fedcl.run_clock import TIME_KEYS
 
 #: The summary's file in the output folder.
 SUMMARY_FILE = "summary.json"
@@ -169,8 +179,10 @@ def stability_metrics(curves: list[list[float]], round_task: list[int]
 
 
 def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[float]],
-                  baseline: list[float], rounds: list[RoundRecord], wall_time_s: float,
+                  baseline: list[float], rounds: list[RoundRecord], times: dict[str, float],
                   mlflow_run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
+    """The summary (the module's docstring lists its keys); ``times``: the run's time
+    figures (:data:`fedcl.run_clock.TIME_KEYS`)."""
     reference = reference_accuracies(config.get("intransigence_reference") or "")
     if reference is not None:
         reference = reference[:len(matrix)]  # a run stopped early has fewer rows
@@ -187,7 +199,7 @@ def build_summary(*, strategy: str, config: dict[str, Any], matrix: list[list[fl
         "intransigence_per_task": (None if reference is None
                                    else metrics.intransigence_per_task(matrix, reference)),
         "rounds": [r.to_dict() for r in rounds],
-        "wall_time_s": wall_time_s,
+        **{key: times[key] for key in TIME_KEYS},
         "mlflow_run_id": mlflow_run_id,
         "mlflow_tracking_uri": tracking_uri,
         "config": config,
@@ -209,6 +221,15 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_times(out_dir: Path, summary: dict[str, Any]) -> None:
+    """Put ``summary``'s time figures (:data:`~fedcl.run_clock.TIME_KEYS`) into the
+    summary.json already written in ``out_dir``, leaving the rest of the file as it is."""
+    path = out_dir / SUMMARY_FILE
+    written = json.loads(path.read_text(encoding="utf-8"))
+    written.update({key: summary[key] for key in TIME_KEYS})
+    write_atomic(path, json.dumps(_json_safe(written), indent=2) + "\n")
 
 
 def write_outputs(summary: dict[str, Any], out_dir: Path, config_toml: str) -> list[Path]:

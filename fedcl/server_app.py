@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from fedcl.results import (
     client_state_entry,
     stability_metrics,
     write_outputs,
+    write_times,
 )
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
@@ -53,6 +54,7 @@ from fedcl.rounds import (
     send_and_receive,
     train_round,
 )
+from fedcl.run_clock import RunClock
 from fedcl.run_setup import make_output, setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
@@ -86,11 +88,27 @@ class RunControl:
     tracking_uri: str | None = None
     resume: dict[str, Any] | None = None  # a checkpoint to continue from (fedcl.checkpoint)
     stop_reason: str | None = None  # why ``cancel`` was set (e.g. "interrupted by SIGTERM")
+    #: the run's time (:mod:`fedcl.run_clock`): ``fedcl simulate`` starts it with its process;
+    #: without one, the run starts it when the ServerApp starts
+    clock: RunClock | None = None
+    #: whether the driver ends the run itself once its engine has stopped (:meth:`close`):
+    #: ``fedcl simulate`` does, so that the shutdown (Ray's included) is part of the run's
+    #: time, in summary.json and in the MLflow run's duration alike
+    close_later: bool = False
+    closing: Callable[[], None] | None = None  # what :meth:`close` does, once there is a run
 
     def check(self) -> None:
         """Raise :class:`~fedcl.errors.RunCancelled` once the driver asked the run to stop."""
         if self.cancel.is_set():
             raise RunCancelled(self.stop_reason or "run cancelled")
+
+    def close(self) -> None:
+        """End a finished run whose ending was left to the driver (``close_later``): the
+        time figures taken now go into summary.json and the MLflow run, which is marked
+        FINISHED with this end. Does nothing the second time, or before the run finished."""
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            closing()
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,15 +131,19 @@ class LiveRun(TaskStreamDriver):
 
     def __init__(self, grid: Grid, config: Config, state: RunState, strategy: Any,
                  roster: Roster, evaluator: Evaluator, tracker: Tracker, erasures: Erasures,
-                 schedule: list[Any], control: RunControl, ckpt: Path, started: float) -> None:
+                 schedule: list[Any], control: RunControl, ckpt: Path, run_clock: RunClock
+                 ) -> None:
         self.state = state
         super().__init__(strategy, state.arrays)
         self.grid, self.config, self.roster = grid, config, roster
         self.evaluator, self.tracker, self.erasures = evaluator, tracker, erasures
-        self.schedule, self.control, self.ckpt, self.started = schedule, control, ckpt, started
+        self.schedule, self.control, self.ckpt = schedule, control, ckpt
+        self.run_clock = run_clock
         self.config_json = config.to_json()
         self.rounds = config.rounds_per_task
-        self.t0 = time.monotonic()  # a round's seconds run from the previous round's end
+        # a round's seconds run from the previous round's end; the first round's from the
+        # rounds' start
+        self.t0 = run_clock.rounds_began = time.monotonic()
         self.clock = PhaseClock(self.t0)
 
     @property  # type: ignore[override]
@@ -142,8 +164,9 @@ class LiveRun(TaskStreamDriver):
     def save_checkpoint(self) -> None:
         p = self.state
         self.tracker.persist()  # what a resume from this checkpoint must still send
+        startup, rounds = self.run_clock.so_far()
         checkpoint.save(self.ckpt, p, self.strategy, self.config, self.control.run_id,
-                        p.wall_time_before_s + time.monotonic() - self.started,
+                        startup + rounds, startup_s=startup,
                         extra={"unlearning": self.erasures.state_dict()})
 
     def carry_out_erasures(self, point: tuple[int, int]) -> None:
@@ -213,8 +236,6 @@ class LiveRun(TaskStreamDriver):
             **client_reports(outcome.ok))
         p.records.append(record)
         self.tracker.log_round(record)
-        if self.control.observer:
-            self.control.observer.on_round(record)
         clock("log")
 
     def after_task(self, task: int, last_round_arrays: ArrayRecord) -> None:
@@ -234,18 +255,27 @@ class LiveRun(TaskStreamDriver):
         self.clock("end_task")
 
     def after_round(self, info: RoundInfo) -> None:
+        p = self.state
         if not info.last_of_task:
-            self.state.task_round += 1
+            p.task_round += 1
+        record = p.records[-1]
+        record.seconds = time.monotonic() - self.t0  # what the checkpoint holds
         self.save_checkpoint()
         self.clock("checkpoint")
+        # the round's whole time, its task end and erasure requests due after it included:
+        # the rounds' seconds add up to the run's time_rounds_s (fedcl.run_clock)
+        record.seconds = self.clock.last - self.t0
         self.t0 = self.clock.last
+        self.tracker.log_metrics({"round_seconds": record.seconds}, step=record.round)
+        if self.control.observer:
+            self.control.observer.on_round(record)
 
 
 def run_continual(grid: Grid, config: Config, control: RunControl | None = None) -> dict[str, Any]:
     """Run the whole task stream on ``grid`` (or the rest of it, when ``control.resume`` holds
     a checkpoint); returns the summary (also written to disk)."""
     control = control or RunControl()
-    started = time.monotonic()
+    clock = control.clock = control.clock or RunClock.since(0.0)
     # the same checks as the CLI's, under `flwr run` too: names, paths, then the data
     setup = setup_run(config, resume=control.resume is not None)
     run_name = config.run_name = setup.run_name
@@ -277,6 +307,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             raise RunAborted(f"cannot resume from the checkpoint: {plugins.one_line(err)}"
                              f"{plugins.raised_at(err)}") from err
         control.run_id = tracker.resume(control.resume["mlflow_run_id"])
+        clock.resume_from(state.startup_before_s, state.wall_time_before_s
+                          - state.startup_before_s)
         # what was erased everywhere before the checkpoint stays out of the test split
         evaluator.excluded = ErasedData.of(state).classes_everywhere()
         stores_lost = plugins.build_trainer(config).keeps_client_store
@@ -291,7 +323,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         counts = evaluator.counts(arrays)
         state = RunState(arrays=arrays, baseline=accuracies(counts), baseline_counts=counts)
         # the MLflow run is created while the clients start up (each takes seconds)
-        starting = _in_background(tracker.start, config.to_dict())
+        starting = _in_background(tracker.start, config.to_dict(), clock.start_unix())
     try:
         roster = Roster(discover_clients(grid, config.clients,
                                          max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
@@ -303,17 +335,17 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             control.observer.on_start(config, num_tasks * config.rounds_per_task,
                                       control.run_id, tracking_uri)
         run = LiveRun(grid, config, state, strategy, roster, evaluator, tracker, erasures,
-                      schedule, control, out_dir / checkpoint.FILE, started)
+                      schedule, control, out_dir / checkpoint.FILE, clock)
         run.walk(run.rounds_left(num_tasks),
                  open_task=state.task if state.task_started else None)
+        clock.rounds_ended = run.t0  # the last round's end
         control.check()  # stopped after its last round: FAILED, resumable, not half written
         p = state
         view = erasure_view(p.matrix, p.matrix_counts, p.baseline, p.baseline_counts,
                             evaluator.excluded)
         summary = build_summary(
             strategy=config.strategy, config=config.to_dict(), matrix=view.pop("matrix"),
-            baseline=view.pop("baseline"), rounds=p.records,
-            wall_time_s=p.wall_time_before_s + time.monotonic() - started,
+            baseline=view.pop("baseline"), rounds=p.records, times=clock.figures(),
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
         summary["erasure_view"] = view
         summary["strategy_state"] = p.strategy_state
@@ -323,9 +355,19 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         files = write_outputs(summary, out_dir, config.to_toml())
         files += run.strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)
-        unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s)
-        if unsent:
-            summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
+
+        def close() -> None:
+            summary.update(clock.figures(final=True))
+            write_times(out_dir, summary)
+            unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s,
+                                    end_unix=clock.end_unix())
+            if unsent:
+                summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
+
+        if control.close_later:
+            control.closing = close
+        else:
+            close()
         return summary
     except BaseException as err:
         if starting is not None and starting.exception() is None:

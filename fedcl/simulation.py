@@ -27,6 +27,7 @@ from fedcl.config import Config, resolve_tracking_uri
 from fedcl.errors import FedclError, RunAborted, RunCancelled, Terminated
 from fedcl.flower_simulation import SimulationEngine, load_engine
 from fedcl.processes import OutputOwner, ray_session_dir
+from fedcl.run_clock import RunClock
 from fedcl.run_setup import check_output, default_run_name, output_folder
 from fedcl.server_app import RunControl, RunObserver, build_server_app
 from fedcl.signals import TerminationSignals, shielded_children
@@ -84,9 +85,15 @@ def backend_config(config: Config) -> dict[str, Any]:
 
 def simulate(config: Config, observer: RunObserver | None = None, verbose: bool = False,
              resume: dict[str, Any] | None = None, signals: TerminationSignals | None = None,
-             owner: OutputOwner | None = None) -> dict[str, Any]:
+             owner: OutputOwner | None = None, clock: RunClock | None = None
+             ) -> dict[str, Any]:
     """Run ``config`` under the Ray simulation engine (continuing the checkpoint ``resume``
     when given); returns the run's summary.
+
+    ``clock``: the run's time (:mod:`fedcl.run_clock`), begun when the run began (the CLI's:
+    with its process); without it, the run's time begins now. The run ends, for its time
+    figures and its MLflow run, once Ray has shut down and every process it started is
+    stopped.
 
     ``signals``: the process's termination signals, already taken over (the CLI's); without
     them, :func:`simulate` takes them over itself while it runs (from the main thread).
@@ -107,7 +114,8 @@ def simulate(config: Config, observer: RunObserver | None = None, verbose: bool 
             with signals.held():
                 owner = OutputOwner.claim(out_dir)
             owner.stop_leftovers([(resume or {}).get("ray_session_dir")])
-        return _run(config, observer, verbose, resume, signals, owner, out_dir)
+        return _run(config, observer, verbose, resume, signals, owner, out_dir,
+                    clock or RunClock.since(0.0))
     finally:
         if own_folder and owner is not None:
             owner.release()
@@ -152,8 +160,8 @@ class _Engine(threading.Thread):
 
 def _run(config: Config, observer: RunObserver | None, verbose: bool,
          resume: dict[str, Any] | None, signals: TerminationSignals, owner: OutputOwner,
-         out_dir: Path) -> dict[str, Any]:
-    control = RunControl(observer=observer, resume=resume)
+         out_dir: Path, clock: RunClock) -> dict[str, Any]:
+    control = RunControl(observer=observer, resume=resume, clock=clock, close_later=True)
     if resume is not None:  # the MLflow run to mark, should a signal come before it resumes
         control.run_id = resume.get("mlflow_run_id")
         control.tracking_uri = resolve_tracking_uri(config)
@@ -192,6 +200,9 @@ def _run(config: Config, observer: RunObserver | None, verbose: bool,
             _route_flower_logs(None, verbose=True)
             if saved_fds is not None:
                 _restore_output(saved_fds)
+    # a finished run ends here, Ray's shutdown included in its time (also after a signal
+    # that came once its results were complete)
+    control.close()
     if stopped is not None:
         raise stopped from None
     if engine is not None and engine.error is not None:

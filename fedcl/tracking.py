@@ -6,7 +6,10 @@ One MLflow run per simulation. Params: the whole config (strategy parameters as
 ``failures``, ``rejected``, ``empty``, ``tracking_wait_s``, ``tracking_queued`` (and
 ``client_gpu_peak_mb``, ``client_gpu_reserved_mb`` with GPU clients). At the end: ``acc``,
 ``forgetting``, ``forgetting_at_task_end``, ``bwt``, ``fwt``, ``learning_accuracy``,
-``intransigence`` (only with a reference), ``wall_time_s``. Artifacts: config.toml,
+``intransigence`` (only with a reference), and the run's time: ``time_startup_s``,
+``time_rounds_s``, ``time_shutdown_s``, ``wall_time_s`` (:mod:`fedcl.run_clock`; the MLflow
+run starts when the run started and ends when they were taken, so its duration is
+``wall_time_s``). Artifacts: config.toml,
 summary.json, accuracy_matrix.csv, accuracy_matrix.png and accuracy_per_round.png. Tags:
 ``fedcl.strategy``, ``fedcl.scenario``,
 ``fedcl.dataset``.
@@ -60,9 +63,10 @@ from urllib.request import url2pathname
 from fedcl.errors import ConfigError, FedclError
 from fedcl.paths import check_file, check_folder, quoted, shown
 from fedcl.results import RoundRecord
+from fedcl.run_clock import TIME_KEYS
 
 FINAL_METRICS = ("acc", "forgetting", "forgetting_at_task_end", "bwt", "fwt",
-                 "learning_accuracy", "intransigence", "wall_time_s")
+                 "learning_accuracy", "intransigence", *TIME_KEYS)
 
 #: Where a run keeps what it could not send yet (in its output folder).
 OUTBOX_FILE = "mlflow_outbox.jsonl"
@@ -230,7 +234,9 @@ class Tracker:
         waited, self._waited = self._waited, 0.0
         return waited
 
-    def start(self, config: dict[str, Any]) -> str:
+    def start(self, config: dict[str, Any], start_unix: float | None = None) -> str:
+        """Make the run (starting at ``start_unix``, Unix seconds; default now) with the
+        config as params; returns its id."""
         from mlflow.entities import Param, RunTag
 
         try:
@@ -238,7 +244,8 @@ class Tracker:
             exp_id = _experiment_id(client, self.experiment)
             tags = {"fedcl.strategy": config["strategy"], "fedcl.scenario": config["scenario"],
                     "fedcl.dataset": config["dataset"], "mlflow.runName": self.run_name}
-            run = client.create_run(exp_id, run_name=self.run_name, tags=tags)
+            run = client.create_run(exp_id, run_name=self.run_name, tags=tags,
+                                    start_time=_ms(start_unix))
         except FedclError:
             raise
         except Exception as err:
@@ -276,7 +283,7 @@ class Tracker:
         values: dict[str, float | None] = {
             f"acc_task_{j}": a for j, a in enumerate(record.acc_per_task)}
         values.update(avg_acc=record.avg_acc, min_acc=record.min_acc, wc_acc=record.wc_acc,
-                      train_loss=record.train_loss, round_seconds=record.seconds,
+                      train_loss=record.train_loss,
                       clients=record.clients, failures=record.failures,
                       rejected=record.rejected, empty=record.empty, task=record.task,
                       client_gpu_peak_mb=record.client_gpu_peak_mb,
@@ -295,16 +302,20 @@ class Tracker:
             self._submit({"op": "metrics", "metrics": batch})
 
     def finish(self, summary: dict[str, Any], files: Iterable[Path],
-               wait_s: float = 0.0) -> int:
-        """Final metrics, artifacts, FINISHED. Waits until everything is sent, or the server
-        has been found unreachable and ``wait_s`` seconds have passed (a frozen server is
-        found so after MLflow's HTTP timeout). Returns the number of operations left unsent
-        (kept in the outbox file)."""
+               wait_s: float = 0.0, end_unix: float | None = None) -> int:
+        """Final metrics, artifacts, FINISHED (ending at ``end_unix``, Unix seconds; default
+        when the server hears it). Waits until everything is sent, or the server has been
+        found unreachable and ``wait_s`` seconds have passed (a frozen server is found so
+        after MLflow's HTTP timeout). Returns the number of operations left unsent (kept in
+        the outbox file)."""
         self.log_metrics({k: summary.get(k) for k in FINAL_METRICS}, step=0)
         for path in files:
             self._submit({"op": "artifact", "path": str(Path(path).resolve())})
         self._submit({"op": "tag", "key": "fedcl.status", "value": "finished"})
-        self._submit({"op": "status", "status": "FINISHED"})
+        status: dict[str, Any] = {"op": "status", "status": "FINISHED"}
+        if end_unix is not None:
+            status["end_time"] = _ms(end_unix)
+        self._submit(status)
         if not self._drain(time.monotonic() + wait_s, verdict=True):
             log.warning("MLflow at %s unreachable: %d operations kept in %s",
                         self.tracking_uri, self.pending, self.outbox)
@@ -475,7 +486,7 @@ def apply_operation(client: Any, run_id: str | None, op: dict[str, Any]) -> None
         if op["status"] == "RUNNING":
             client.update_run(run_id, status="RUNNING")
         else:
-            client.set_terminated(run_id, op["status"])
+            client.set_terminated(run_id, op["status"], end_time=op.get("end_time"))
     else:
         raise FedclError(f"unknown MLflow outbox operation '{kind}'")
 
@@ -532,6 +543,11 @@ def sync_outbox(path: Path, tracking_uri: str | None = None) -> tuple[str, int]:
             raise FedclError(f"MLflow at {uri} is still unreachable; {tracker.pending} "
                              f"operations kept in {path}")
     return header["run_id"], len(ops)
+
+
+def _ms(unix_s: float | None) -> int | None:
+    """Unix seconds as MLflow's milliseconds."""
+    return None if unix_s is None else round(unix_s * 1000)
 
 
 def _first_line(err: BaseException) -> str:

@@ -19,7 +19,9 @@ MATRIX = [[0.99, 0.0, 0.0], [0.99, 0.0, 0.0], [0.99, 0.0, 0.0]]
 def _summary(reference: str) -> dict:
     config = Config(tasks=3, intransigence_reference=reference).validate()
     return {**build_summary(strategy="fot", config=config.to_dict(), matrix=MATRIX,
-                            baseline=[0.1, 0.1, 0.1], rounds=[], wall_time_s=1.0,
+                            baseline=[0.1, 0.1, 0.1], rounds=[],
+                            times={"time_startup_s": 0.5, "time_rounds_s": 0.4,
+                                   "time_shutdown_s": 0.1, "wall_time_s": 1.0},
                             mlflow_run_id=None, tracking_uri=None)}
 
 
