@@ -40,7 +40,8 @@
                        (since the previous round ended: its training, evaluation, MLflow
                        logging, task end, the erasure requests due before or right after
                        it and its checkpoint; the rounds' seconds add up to
-                       ``time_rounds_s``), ``ended_at`` (Unix time, when it was evaluated), ``client_gpu_peak_mb`` and
+                       ``time_rounds_s``), ``ended_at`` (Unix time, when it was
+                       evaluated), ``client_gpu_peak_mb`` and
                        ``client_gpu_reserved_mb`` (GPU clients: the largest CUDA memory peak
                        of the round's training, and the largest CUDA memory an allocator held
                        after it, over the replies; null on CPU), ``client_compute_s`` (the
@@ -118,6 +119,7 @@ import numpy as np
 
 from fedcl import metrics, protocol
 from fedcl.config import reference_accuracies
+from fedcl.plots import save_figures
 from fedcl.run_clock import TIME_KEYS
 
 #: The summary's file in the output folder.
@@ -257,55 +259,6 @@ def write_outputs(summary: dict[str, Any], out_dir: Path, config_toml: str) -> l
 
 
 def plot_outputs(summary: dict[str, Any], out_dir: Path) -> list[Path]:
-    """A heatmap of the accuracy matrix and each task's accuracy over rounds, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.array(summary["accuracy_matrix"])
-    t = len(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * t, 1.0 + 0.55 * t))
-    im = ax.imshow(matrix * 100, vmin=0, vmax=100, cmap="viridis")
-    for i in range(t):
-        for j in range(t):
-            ax.text(j, i, f"{matrix[i, j] * 100:.0f}", ha="center", va="center",
-                    color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
-    ax.set_xlabel("evaluated on task")
-    ax.set_ylabel("after training task")
-    ax.set_xticks(range(t))
-    ax.set_yticks(range(t))
-    ax.set_title(f"{summary['strategy']}: accuracy (%)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    heatmap = out_dir / "accuracy_matrix.png"
-    fig.savefig(heatmap, dpi=100)
-    plt.close(fig)
-
-    rounds = summary["rounds"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = [r["round"] for r in rounds]
-    for j in range(t):
-        ax.plot(xs, [r["acc_per_task"][j] * 100 for r in rounds], label=f"task {j}")
-    for k in range(1, t):
-        first = next((r["round"] for r in rounds if r["task"] == k), None)
-        if first is not None:
-            ax.axvline(first - 0.5, color="grey", lw=0.5, ls=":")
-    for i, entry in enumerate(summary.get("erasures") or []):
-        # the request's point, and its forget set's accuracy from then on (dashed)
-        ax.axvline(entry["round"] + 0.5, color="red", lw=0.8, ls="--")
-        ax.annotate(f"erasure {i}", (entry["round"] + 0.5, 98), fontsize=6, color="red",
-                    rotation=90, va="top")
-        curve = entry.get("forget_curve") or []
-        if curve:
-            ax.plot([c["round"] for c in curve], [100 * c["acc"] for c in curve], ls="--",
-                    color="red", lw=1, label=f"forget set {i}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=min(t, 5))
-    fig.tight_layout()
-    curves = out_dir / "accuracy_per_round.png"
-    fig.savefig(curves, dpi=100)
-    plt.close(fig)
-    return [heatmap, curves]
+    """The accuracy matrix as a heatmap and each task's accuracy over rounds, as PNG
+    (:mod:`fedcl.plots`)."""
+    return save_figures(summary, out_dir)
