@@ -71,6 +71,12 @@
                        then after every later round; MLflow ``erasure_<i>_forget_curve``),
                        ``tasks_seen``; where clients keep stores,
                        ``purged_samples`` (buffered samples the request removed from them)
+``unlearning_storage``  for an unlearning method that keeps storage (FedEraser), what it kept
+                       on disk: ``bytes_stored`` (written over the run), ``bytes_pruned``
+                       (deleted once no request still to come could use them),
+                       ``bytes_kept`` (left at the end: none once every request ran),
+                       ``rounds_stored``, ``rounds_not_stored`` (due for storing after the
+                       last request, which nothing could use)
 ``erasure_view``       what the accuracy matrix and the end metrics are measured on after
                        erasures: ``excluded_classes`` (erased everywhere: left out of every
                        row, so the requested forgetting is not counted as catastrophic

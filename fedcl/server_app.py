@@ -139,6 +139,7 @@ class LiveRun(TaskStreamDriver):
         self.evaluator, self.tracker, self.erasures = evaluator, tracker, erasures
         self.schedule, self.control, self.ckpt = schedule, control, ckpt
         self.run_clock = run_clock
+        self.saved_requests_done = state.erasures_done  # what the checkpoint on disk holds
         self.config_json = config.to_json()
         self.rounds = config.rounds_per_task
         # a round's seconds run from the previous round's end; the first round's from the
@@ -164,10 +165,13 @@ class LiveRun(TaskStreamDriver):
     def save_checkpoint(self) -> None:
         p = self.state
         self.tracker.persist()  # what a resume from this checkpoint must still send
+        # storage only the requests the last checkpoint holds as done could use
+        self.erasures.method.prune(self.saved_requests_done)
         startup, rounds = self.run_clock.so_far()
         checkpoint.save(self.ckpt, p, self.strategy, self.config, self.control.run_id,
                         startup + rounds, startup_s=startup,
                         extra={"unlearning": self.erasures.state_dict()})
+        self.saved_requests_done = p.erasures_done
 
     def carry_out_erasures(self, point: tuple[int, int]) -> None:
         """Carry out the schedule's requests due at or before ``point``; the run goes on with
@@ -340,6 +344,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                  open_task=state.task if state.task_started else None)
         clock.rounds_ended = run.t0  # the last round's end
         control.check()  # stopped after its last round: FAILED, resumable, not half written
+        erasures.method.prune(len(schedule))  # every request is done: nothing is needed
         p = state
         view = erasure_view(p.matrix, p.matrix_counts, p.baseline, p.baseline_counts,
                             evaluator.excluded)
@@ -352,6 +357,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         summary["erasures"] = p.erasures
         summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}
         summary["resumes"] = p.resumes
+        if storage := erasures.method.storage():
+            summary["unlearning_storage"] = storage
         files = write_outputs(summary, out_dir, config.to_toml())
         files += run.strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)

@@ -57,6 +57,17 @@ class UnlearningMethod:
         """Extra numbers for the request's summary entry (FedEraser's storage)."""
         return {}
 
+    def prune(self, requests_done: int) -> None:
+        """Called before each checkpoint with the number of requests the checkpoint on disk
+        already holds as carried out (a resume never repeats them), and once more at the end
+        of the run with every request: storage that only those requests could use may go.
+        Default: nothing is stored."""
+
+    def storage(self) -> dict[str, Any]:
+        """What the method kept on disk over the run, for summary.json's
+        ``unlearning_storage`` (FedEraser: bytes stored and pruned); empty: nothing."""
+        return {}
+
     def check_requests(self, config: Config, scenario: Scenario,
                        requests: list[ErasureRequest]) -> list[str]:
         """Called before the run starts with the whole erasure schedule: one warning line per

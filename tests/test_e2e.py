@@ -266,7 +266,7 @@ def test_same_seed_same_matrix_and_resume_after_kill_9(tmp_path: Path, ray_env: 
     deadline = time.monotonic() + 300
     seen = False
     while time.monotonic() < deadline and not seen:
-        seen = "task 2/2  round 1/2" in proc.stdout.readline()
+        seen = "task 1 of 0-1  round 1/2" in proc.stdout.readline()
     assert seen, "the run never reached task 2"
     started = psutil.Process(proc.pid).children(recursive=True)  # Ray's, by pid
     session = checkpoint.load(tmp_path / "cut")["ray_session_dir"]

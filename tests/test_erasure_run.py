@@ -114,8 +114,16 @@ def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
     # client erasure calibrates rounds 1, 2 and 3: round 1's stored models saw class 1, so
     # taking their average from storage would bring the erased class back
     assert first["calibrated_rounds"] == 2 and second["calibrated_rounds"] == 3
-    assert 0 < first["storage_mb"] < second["storage_mb"]
-    assert len(list((out / "federaser").glob("round_*.pt"))) == 4
+    assert 0 < first["storage_bytes"] < second["storage_bytes"]
+    assert second["storage_mb"] == second["storage_bytes"] / 2**20
+    # rounds 1 to 3 stored; round 4 comes after the last request, which nothing could use;
+    # the class erasure leaves every stored model in use, and the store goes once the last
+    # request ran
+    use = s["unlearning_storage"]
+    assert (use["rounds_stored"], use["rounds_not_stored"]) == (3, 1)
+    assert use["bytes_stored"] == second["storage_bytes"]
+    assert use["bytes_pruned"] == use["bytes_stored"] and use["bytes_kept"] == 0
+    assert not (out / "federaser").exists()
     for entry in (first, second):
         for key in ("forget_acc", "retain_acc", "test_acc", "mia"):
             assert 0.0 <= entry[key] <= 1.0 and 0.0 <= entry["oracle"][key] <= 1.0

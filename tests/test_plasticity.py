@@ -34,7 +34,8 @@ def test_the_summary_has_learning_accuracy_and_intransigence_against_the_given_r
     assert s["intransigence_per_task"] == pytest.approx([0.0, 0.95, 0.93])
     assert s["intransigence"] == pytest.approx(1.88 / 3)
     lines = format_matrix(s).splitlines()
-    assert lines[-1] == "learning accuracy 33.00%   intransigence 62.67%"
+    assert lines[-2] == "learning accuracy 33.00%   intransigence 62.67%"
+    assert lines[-1] == "wall time 1.0 s = start-up 0.5 s + rounds 0.4 s + shutdown 0.1 s"
     assert {"learning_accuracy", "intransigence"} <= set(FINAL_METRICS)
 
 
@@ -42,7 +43,7 @@ def test_without_a_reference_intransigence_is_none_and_the_table_says_why() -> N
     s = _summary("")
     assert s["intransigence"] is None and s["intransigence_per_task"] is None
     assert s["learning_accuracy"] == pytest.approx(0.33)
-    assert format_matrix(s).splitlines()[-1] == (
+    assert format_matrix(s).splitlines()[-2] == (
         "learning accuracy 33.00%   intransigence n/a (no jointly trained reference: set "
         "intransigence_reference)")
 

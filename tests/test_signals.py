@@ -135,7 +135,7 @@ def test_timeout_sigterm_to_the_group_mid_round_then_resume(tmp_path: Path, star
     ends with 143 and one line, FAILED in MLflow, nothing left running; --resume finishes
     it in the same MLflow run."""
     run = start(*SMALL, "--tasks", "2", "--rounds-per-task", "3", "--output", "out")
-    run.wait_for(lambda: run.printed("task 1/2  round 1/3"))
+    run.wait_for(lambda: run.printed("task 0 of 0-1  round 1/3"))
     run.send(signal.SIGTERM)
     code, err = run.finish()
     assert code == 143, err

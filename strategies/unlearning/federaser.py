@@ -32,13 +32,24 @@ strategy that walked the stored rounds is the one the run goes on with. Deviatio
 has every client in every round; here each stored round has the clients sampled in it. Client
 weights follow the run's strategy (sample counts, or FOT's uniform weights). A stored round
 left without clients by the request is skipped (the model passes through unchanged).
+
+**Only what a request can still use is kept.** The requests are known before the run (the
+config's erasure schedule, :meth:`FedEraser.check_requests`), and a request walks the stored
+rounds before it. So a round at or after the last request's point is not stored at all; once
+the checkpoint on disk holds a client erasure as carried out, that client's stored models go
+(every later request leaves the client out); and once it holds the last request, the whole
+store goes (:meth:`FedEraser.prune`, before a checkpoint, so that a resume never needs what
+was deleted; the end of the run prunes the rest). summary.json's ``unlearning_storage``
+counts the bytes stored and pruned (:class:`StoreUse`); each request's entry has the store's
+size when it ran (``storage_bytes``, ``storage_mb``).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedcl import plugins, protocol
+from fedcl.config import Config
+from fedcl.data.scenarios import Scenario
+from fedcl.erasure import ErasureRequest
 from fedcl.errors import ConfigError
 from fedcl.plugins import register_unlearning
 from fedcl.rounds import train_round
@@ -72,16 +86,31 @@ class FedEraserParams:
             raise ConfigError(f"federaser epoch_ratio must be in (0, 1], got {self.epoch_ratio}")
 
 
+@dataclass
+class StoreUse:
+    """FedEraser's disk use over a run (summary.json's ``unlearning_storage``)."""
+
+    bytes_stored: int = 0  # written over the run (a round written again counts once)
+    bytes_pruned: int = 0  # deleted once no request still to come could use them
+    rounds_stored: int = 0
+    rounds_not_stored: int = 0  # due for storing, but after the last request's point
+    bytes_kept: int = 0  # on disk at the end of the run
+
+
 class UpdateRecorder(StrategyWrapper):
     """The run's strategy, recording each stored round's clients' models as it aggregates
-    them (every ``interval`` rounds and every task's last round): the global model the round
-    started from and each reply's arrays, sample count and unit weight, to
-    ``<store>/round_<round>.pt``. Every client's own reply is needed, so cohorts do not
-    average their members (``cohort_mean_key`` is None)."""
+    them (every ``interval`` rounds and every task's last round, before ``last_point``, the
+    last request's (task, round) point): the global model the round started from and each
+    reply's arrays, sample count and unit weight, to ``<store>/round_<round>.pt``. Every
+    client's own reply is needed, so cohorts do not average their members
+    (``cohort_mean_key`` is None)."""
 
-    def __init__(self, inner: ContinualStrategy, store: Path, interval: int) -> None:
+    def __init__(self, inner: ContinualStrategy, store: Path, interval: int,
+                 last_point: tuple[int, int] | None = None, use: StoreUse | None = None
+                 ) -> None:
         super().__init__(inner)
-        self.store, self.interval = store, interval
+        self.store, self.interval, self.last_point = store, interval, last_point
+        self.use = use if use is not None else StoreUse()
         self._round: tuple[RoundInfo, ArrayRecord] | None = None
 
     def cohort_mean_key(self, info: RoundInfo) -> str | None:
@@ -110,6 +139,9 @@ class UpdateRecorder(StrategyWrapper):
         self._round = None
         if (info.round - 1) % self.interval and not info.last_of_task:
             return
+        if self.last_point is not None and (info.task, info.task_round) >= self.last_point:
+            self.use.rounds_not_stored += 1  # no request comes after it: none can use it
+            return
         self.store.mkdir(parents=True, exist_ok=True)
         clients = {}
         for msg in replies:
@@ -119,10 +151,13 @@ class UpdateRecorder(StrategyWrapper):
                 protocol.NUM_EXAMPLES: float(metrics[protocol.NUM_EXAMPLES]),
                 protocol.UNIT_WEIGHT: float(metrics[protocol.UNIT_WEIGHT])}
         path = self.store / f"round_{info.round:06d}.pt"
+        before = path.stat().st_size if path.exists() else 0  # written again after a resume
         tmp = path.with_suffix(".tmp")
         torch.save({"round": info.round, "task": info.task, "task_round": info.task_round,
                     "global": arrays_before.to_torch_state_dict(), "clients": clients}, tmp)
         tmp.replace(path)
+        self.use.bytes_stored += path.stat().st_size - before
+        self.use.rounds_stored += 0 if before else 1
 
 
 class CalibrationWalk(TaskStreamDriver):
@@ -171,9 +206,65 @@ class FedEraser(UnlearningMethod):
     def __init__(self, params: FedEraserParams, out_dir: Any) -> None:
         super().__init__(params, out_dir)
         self.store = Path(out_dir or "outputs") / STORE_DIR
+        self.requests: list[ErasureRequest] | None = None  # the schedule, once known
+        self.rounds_per_task = 0
+        self.use = StoreUse()
+        self.pruned_for = 0  # requests whose storage has been pruned
+
+    def check_requests(self, config: Config, scenario: Scenario,
+                       requests: list[ErasureRequest]) -> list[str]:
+        """Keeps the schedule: which rounds a request can use, and when none can."""
+        self.requests, self.rounds_per_task = list(requests), config.rounds_per_task
+        return []
+
+    def last_point(self) -> tuple[int, int] | None:
+        """The last request's (task, round) point; rounds from there on are not stored."""
+        if self.requests is None:
+            return None  # schedule unknown: store every round
+        if not self.requests:
+            return (0, 0)  # no request: no round is stored
+        return max(r.point(self.rounds_per_task) for r in self.requests)
 
     def wrap(self, strategy: ContinualStrategy) -> ContinualStrategy:
-        return UpdateRecorder(strategy, self.store, self.params.interval)
+        return UpdateRecorder(strategy, self.store, self.params.interval, self.last_point(),
+                              self.use)
+
+    def prune(self, requests_done: int) -> None:
+        """Delete what no request after the first ``requests_done`` can use: every stored
+        model of a client erased by them, and the whole store after the last request."""
+        if self.requests is None or requests_done <= self.pruned_for:
+            return
+        files = self.stored_rounds(10**9)
+        if requests_done >= len(self.requests):
+            self.use.bytes_pruned += sum(f.stat().st_size for f in files)
+            shutil.rmtree(self.store, ignore_errors=True)
+        else:
+            gone = {r.client for r in self.requests[:requests_done] if r.kind == "client"}
+            for path in files if gone else []:
+                stored = torch.load(path, weights_only=False)
+                if not gone & set(stored["clients"]):
+                    continue
+                before = path.stat().st_size
+                stored["clients"] = {pid: c for pid, c in stored["clients"].items()
+                                     if pid not in gone}
+                tmp = path.with_suffix(".tmp")
+                torch.save(stored, tmp)
+                tmp.replace(path)
+                self.use.bytes_pruned += before - path.stat().st_size
+        self.pruned_for = requests_done
+
+    def storage(self) -> dict[str, Any]:
+        self.use.bytes_kept = sum(f.stat().st_size for f in self.stored_rounds(10**9))
+        return asdict(self.use)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"use": asdict(self.use), "pruned_for": self.pruned_for}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "use" in state:  # in place: the recorder wrapping the run's strategy counts too
+            for key, value in state["use"].items():
+                setattr(self.use, key, value)
+            self.pruned_for = int(state["pruned_for"])
 
     def stored_rounds(self, upto: int) -> list[Path]:
         files = sorted(self.store.glob("round_*.pt")) if self.store.is_dir() else []
@@ -202,7 +293,8 @@ class FedEraser(UnlearningMethod):
     def report(self) -> dict[str, Any]:
         if not hasattr(self, "storage_bytes"):
             return {}
-        return {"storage_mb": self.storage_bytes / 2**20, "calibrated_rounds": self.calibrated}
+        return {"storage_bytes": self.storage_bytes, "storage_mb": self.storage_bytes / 2**20,
+                "calibrated_rounds": self.calibrated}
 
 
 @register_unlearning("federaser", "FedEraser: stored client updates, calibrated by short "
