@@ -71,7 +71,9 @@ class RunObserver(Protocol):
     def on_start(self, config: Config, total_rounds: int, run_id: str | None,
                  tracking_uri: str) -> None: ...
 
-    def on_round(self, record: RoundRecord) -> None: ...
+    def on_round(self, record: RoundRecord) -> None:
+        """A round is complete: evaluated, its task end and the erasure requests due after it
+        carried out, its checkpoint written (``record.seconds`` is the whole round)."""
 
 
 @dataclass
@@ -366,8 +368,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         def close() -> None:
             summary.update(clock.figures(final=True))
             write_times(out_dir, summary)
-            unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s,
-                                    end_unix=clock.end_unix())
+            try:
+                unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s,
+                                        end_unix=clock.end_unix())
+            except FedclError as err:  # MLflow refused the last requests
+                if control.close_later:  # (otherwise the handler below marks the run)
+                    tracker.fail(str(err))
+                raise
             if unsent:
                 summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
 
