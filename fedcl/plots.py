@@ -35,8 +35,13 @@ DPI = 100
 
 
 def run_title(summary: dict[str, Any]) -> str:
-    """``fedavg on mnist, class-il`` (``, unlearning retrain`` when requests ran)."""
-    title = f"{summary['strategy']} on {summary['dataset']}, {summary['scenario']}"
+    """``fedavg on mnist, class-il`` (``, unlearning retrain`` when requests ran); what a
+    summary of an older fedcl lacks is left out."""
+    title = summary["strategy"]
+    if summary.get("dataset"):
+        title += f" on {summary['dataset']}"
+    if summary.get("scenario"):
+        title += f", {summary['scenario']}"
     if summary.get("erasures"):
         title += f", unlearning {summary['erasures'][0].get('method', '')}".rstrip()
     return title
