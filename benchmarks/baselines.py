@@ -20,10 +20,11 @@ to ``<out>/baselines.md`` and every number to ``<out>/baselines.json``::
     python benchmarks/baselines.py --benchmarks split-class --rows fedavg feder@200 \\
         --param fedewc:ewc_lambda=500
 
-``--cohort-size N`` trains the rows whose clients keep nothing between rounds (FedAvg, FedProx,
-FOT, FedEWC, FedLwF) as batched cohorts of N clients on the device (``fedcl simulate
---cohort-size``: the same per-client training, one process per cohort); PRD, FedER and FedDER++
-train one client per process whatever it says. ``--resume`` lets a run stopped by a signal go
+``--cohort-size N`` trains the rows whose clients a batched cohort can train (fedcl's own check:
+no store kept between rounds, no training hooks of their own; FedAvg, FedProx, FOT, FedEWC) as
+cohorts of N clients on the device (``fedcl simulate --cohort-size``: the same per-client
+training, one process per cohort); the others (PRD, FedLwF, FedER, FedDER++) train one client
+per process whatever it says. ``--resume`` lets a run stopped by a signal go
 on from its checkpoint (``fedcl simulate --resume``) and keeps a finished run's summary instead
 of running it again.
 
@@ -126,8 +127,14 @@ def read_row(row: Row, summary: dict[str, Any]) -> Row:
     return row
 
 
-#: The rows whose clients keep no store between rounds: ``--cohort-size`` batches them.
-BATCHABLE = {"fedavg", "fedprox", "fot", "fedewc", "fedlwf"}
+def batchable(strategy: str) -> bool:
+    """Whether a batched cohort can train ``strategy``'s clients: the check ``fedcl simulate
+    --cohort-size`` makes (:func:`fedcl.run_setup.setup_run`), asked of the strategy's trainer."""
+    from fedcl import plugins
+    from fedcl.config import Config
+
+    trainer = plugins.build_trainer(Config(strategy=strategy))
+    return trainer.batchable and not trainer.keeps_client_store
 
 
 def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
@@ -146,7 +153,7 @@ def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
            "--run-name", folder.name, "--output", str(folder)]
     if args.eval_samples:
         cmd += ["--eval-samples-per-task", str(args.eval_samples)]
-    if args.cohort_size and name in BATCHABLE:
+    if args.cohort_size and batchable(name):
         cmd += ["--cohort-size", str(args.cohort_size), "--client-gpus", str(args.client_gpus),
                 "--client-cpus", str(args.client_cpus)]
     if budget is not None:
