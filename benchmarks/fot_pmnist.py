@@ -14,8 +14,9 @@ Two sets of presets (``simulations/``):
 The paper trains 200 rounds per task (the default); ``--rounds-per-task`` runs a shorter
 budget, and the table says which. ``--fot-eps`` overrides FOT's threshold alone (does the
 threshold explain a gap?). ``--device cuda`` trains the clients on the GPU as batched cohorts
-(``--cohort-size``, ``--client-gpus``, ``--client-cpus``). ``--dry-run`` prints the commands. ``--resume`` goes on from a run's checkpoint (a run stopped
-by a signal: ``fedcl simulate --resume``) and keeps a finished run instead of running it again.
+(``--cohort-size``, ``--client-gpus``, ``--client-cpus``). ``--dry-run`` prints the commands.
+``--resume`` goes on from a run's checkpoint (a run stopped by a signal: ``fedcl simulate
+--resume``) and keeps a finished run instead of running it again.
 
     python benchmarks/fot_pmnist.py --presets both --device cuda          # 8 runs, 200 rounds
     python benchmarks/fot_pmnist.py --only fot_pmnist fedavg_pmnist --device cuda

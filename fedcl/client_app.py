@@ -19,7 +19,11 @@ removes them from every client's buffers at once, and empties an erased client's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import socket
+import sys
 import time
 
 import numpy as np
@@ -113,6 +117,18 @@ def buffer_report(store: ClientStore) -> dict[str, int | list[int]]:
             protocol.BUFFER_CLASSES: store.buffered_classes()}
 
 
+@functools.cache
+def worker_node() -> str:
+    """Where this client runs: the id of its Ray node when it runs in a Ray worker (the
+    simulation engine, a cluster fedcl joined), else the host's name (a SuperNode)."""
+    ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here for this
+    if ray is not None:
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
+
+
 def _info(context: Context, device: torch.device | None = None,
           partition_id: int | None = None, started: float | None = None,
           store: ClientStore | None = None) -> ConfigRecord:
@@ -129,6 +145,7 @@ def _info(context: Context, device: torch.device | None = None,
         info.update(buffer_report(store))  # type: ignore[arg-type]
     if started is not None:
         info[protocol.HANDLER_SECONDS] = time.perf_counter() - started
+        info[protocol.WORKER_NODE] = worker_node()
     if device is not None and device.type == "cuda":
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))

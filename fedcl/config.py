@@ -244,6 +244,15 @@ class Config:
             "(not for dropout masks); no batch-norm models; simulation only."
         ),
     )
+    ray_address: str = field(
+        default="",
+        metadata=_doc(
+            "Ray cluster the simulated clients run on: empty starts a private Ray instance on "
+            "this machine (stopped at the end); 'auto' joins the cluster that `ray start` "
+            "runs on this machine; HOST:PORT joins the cluster whose head listens there. A "
+            "cluster fedcl joined is left running. Simulation only."
+        ),
+    )
     # --- erasure requests and unlearning -----------------------------------------------------
     erasures: str = field(
         default="",
@@ -340,6 +349,7 @@ class Config:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
+        check_ray_address(self.ray_address)
         reference = reference_accuracies(self.intransigence_reference)
         if reference is not None and len(reference) != self.tasks:
             raise ConfigError(
@@ -433,6 +443,18 @@ def field_type(name: str) -> tuple[type, bool]:
     if typing.get_origin(hint) is dict:
         return dict, False
     return hint, False
+
+
+def check_ray_address(address: str) -> None:
+    """``ray_address`` is empty, ``auto`` or ``HOST:PORT`` (port 1-65535); else
+    :class:`ConfigError` naming the forms."""
+    if address in ("", "auto"):
+        return
+    host, sep, port = address.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host:
+        return
+    raise ConfigError(f"ray_address must be empty, 'auto' or HOST:PORT (e.g. 10.0.0.5:6379), "
+                      f"got {address!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -197,10 +197,11 @@ class PhaseClock:
         self.last = now
 
 
-def client_reports(replies: list[Message]) -> dict[str, float | None]:
-    """From the clients' own reports: the longest time a train handler ran (s), and the
-    largest CUDA memory peak and allocator reserve (MiB); None where no reply said."""
-    out: dict[str, float | None] = {}
+def client_reports(replies: list[Message]) -> dict[str, Any]:
+    """From the clients' own reports: the longest time a train handler ran (s), the largest
+    CUDA memory peak and allocator reserve (MiB), None where no reply said; and how many
+    replies came from each worker node (``client_nodes``: Ray node id or host name -> count)."""
+    out: dict[str, Any] = {}
     for field_name, key, scale in (("client_compute_s", protocol.HANDLER_SECONDS, 1.0),
                                    ("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES, 2**-20),
                                    ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES,
@@ -208,6 +209,12 @@ def client_reports(replies: list[Message]) -> dict[str, float | None]:
         values = [float(m.content[protocol.CLIENT_INFO][key]) for m in replies
                   if key in m.content[protocol.CLIENT_INFO]]
         out[field_name] = max(values) * scale if values else None
+    nodes: dict[str, int] = {}
+    for m in replies:
+        node = m.content[protocol.CLIENT_INFO].get(protocol.WORKER_NODE)
+        if node is not None:
+            nodes[str(node)] = nodes.get(str(node), 0) + 1
+    out["client_nodes"] = dict(sorted(nodes.items()))
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,9 @@ class RunControl:
     tracking_uri: str | None = None
     resume: dict[str, Any] | None = None  # a checkpoint to continue from (fedcl.checkpoint)
     stop_reason: str | None = None  # why ``cancel`` was set (e.g. "interrupted by SIGTERM")
+    # Called before every round; raises a FedclError to stop the run with its line (fedcl
+    # simulate's check that no node left the Ray cluster it joined).
+    health: Callable[[], None] | None = None
 
     def check(self) -> None:
         """Raise :class:`~fedcl.errors.RunCancelled` once the driver asked the run to stop."""
@@ -178,6 +181,8 @@ class LiveRun(TaskStreamDriver):
 
     def run_round(self, info: RoundInfo) -> None:
         p, config, clock = self.state, self.config, self.clock
+        if self.control.health is not None:
+            self.control.health()
         p.global_round = info.round
         connected, lost, back = connected_clients(
             self.roster, self.grid, config, f"round {info.round} (task {info.task})",
