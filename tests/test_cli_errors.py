@@ -157,7 +157,7 @@ def test_strategies_lists_each_with_its_summary_and_parameters(tmp_path: Path,
         for line in section.splitlines()[1:]:
             if not line[0].isspace():
                 assert len(line.split()) > 1, f"no summary: {line!r}"
-    assert entries[1] == ["federaser", "gs-lora", "projection", "retrain", "ssd"]
+    assert entries[1] == ["federaser", "gs-lora", "iau", "projection", "retrain", "ssd"]
     assert {"fedavg", "fedprox", "fot", "prd"} <= set(entries[0])
     assert {"mlp", "cnn", "resnet18"} <= set(entries[2]) and "mnist" in entries[3]
     assert "\n  proximal_mu: float = 0.01  Weight mu of the proximal term" in result.stdout
