@@ -109,7 +109,7 @@ def mean_gradient(data: ClientData, which: str) -> tuple[dict[str, torch.Tensor]
         for k, g in zip(params, got, strict=True):
             if g is not None:
                 grads[k] += g
-        total += float(loss)
+        total += float(loss.detach())
     return {k: g.cpu() for k, g in grads.items()}, total, n
 
 
