@@ -195,6 +195,18 @@ class Config:
     lr: float = field(default=0.01, metadata=_doc("Local learning rate."))
     momentum: float = field(default=0.0, metadata=_doc("SGD momentum."))
     weight_decay: float = field(default=0.0, metadata=_doc("Local weight decay."))
+    gradient_restriction: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Weight alpha of the gradient-restriction loss in local training, for every "
+            "strategy: each step minimises L + alpha * sum over parameter tensors of "
+            "||grad L||_2, L the batch's loss before any regularizer (the cross-entropy, and a "
+            "method's own loss terms), by double backprop; small gradients let one gradient "
+            "step approximate removing data (IAU, Liu et al., arXiv 2507.23257; the paper's "
+            "alpha is 0.005). 0 turns it off; not with "
+            "cohort_size > 1."
+        ),
+    )
     # --- strategy --------------------------------------------------------------------------
     strategy: str = field(
         default="fedavg", metadata=_doc("Server strategy by name (see `fedcl strategies`).")
@@ -269,7 +281,7 @@ class Config:
             "How the model forgets an erasure: retrain (the exact oracle: retrain from the "
             "initial model without the data: each round's sampled clients minus the erased ones, "
             "same seeds), ssd, federaser, "
-            "projection or gs-lora (see `fedcl strategies`)."
+            "projection, gs-lora or iau (see `fedcl strategies`)."
         ),
     )
     unlearning_params: dict[str, StrategyParam] = field(
@@ -335,7 +347,8 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
-        for name in ("momentum", "weight_decay", "client_gpus", "tracking_wait_s"):
+        for name in ("momentum", "weight_decay", "gradient_restriction", "client_gpus",
+                     "tracking_wait_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value}")
@@ -343,6 +356,10 @@ class Config:
             raise ConfigError(f"client_fault_rate must be in [0, 1], got {self.client_fault_rate}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+        if self.gradient_restriction > 0 and self.cohort_size > 1:
+            raise ConfigError("gradient_restriction > 0 cannot train in cohorts (cohort_size > "
+                              "1): its double backprop is not batched across a cohort's "
+                              "members; use cohort_size = 1")
         _check_choice("client_fault_mode", self.client_fault_mode, FAULT_MODES)
         _check_choice("scenario", self.scenario, SCENARIOS)
         _check_choice("domain_shift", self.domain_shift, DOMAIN_SHIFTS)
