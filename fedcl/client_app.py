@@ -44,6 +44,16 @@ from fedcl.validation import stacked_problems
 app = ClientApp()
 
 
+def adopt_assigned_partition(msg: Message, context: Context) -> None:
+    """Under ``fedcl simulate`` the server assigns every node its partition id and sends it in
+    each message (:class:`fedcl.rounds.AssignedGrid`); it stands for the node config's for
+    this call. Messages without one (a deployment's) leave the node config as it is."""
+    cfg = msg.content.get(protocol.CONFIG)
+    if isinstance(cfg, ConfigRecord) and protocol.ASSIGNED_PARTITION_ID in cfg:
+        context.node_config[protocol.NODE_PARTITION_ID] = int(
+            cfg[protocol.ASSIGNED_PARTITION_ID])  # type: ignore[arg-type]
+
+
 def client_identity(context: Context) -> tuple[int, int]:
     try:
         return (int(context.node_config[protocol.NODE_PARTITION_ID]),
@@ -182,6 +192,7 @@ def reply_metrics(result: TrainResult) -> MetricRecord:
 def query(msg: Message, context: Context) -> Message:
     """Say who this client is (the server's roster call at start-up), or run an unlearning
     method's operation on this client's data (:mod:`fedcl.client_ops`)."""
+    adopt_assigned_partition(msg, context)
     cfg_record = msg.content.get(protocol.CONFIG)
     if cfg_record is not None and protocol.OP in cfg_record:
         return run_operation(msg, context)
@@ -257,6 +268,7 @@ def run_operation(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
+    adopt_assigned_partition(msg, context)
     cfg_record = msg.content[protocol.CONFIG]
     config = Config.from_json(str(cfg_record[protocol.RUN_CONFIG_JSON]))
     task = int(cfg_record[protocol.TASK])

@@ -71,6 +71,9 @@ NODE_DATA_DIR = "data-dir"
 
 # Query message asking a client who it is (sent once at start-up).
 QUERY_IDENTITY = "fedcl.identity"
+# In every message's CONFIG record under ``fedcl simulate``: the partition id the server
+# assigned to the destination node, which stands for the node config's (fedcl.rounds.AssignedGrid).
+ASSIGNED_PARTITION_ID = "assigned-partition-id"
 
 # The client's own slice of Context.state.
 CLIENT_STATE = "fedcl.client"

@@ -44,8 +44,10 @@ from fedcl.results import (
 )
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
+    AssignedGrid,
     PhaseClock,
     Roster,
+    assign_partitions,
     client_reports,
     connected_clients,
     discover_clients,
@@ -89,6 +91,9 @@ class RunControl:
     # Called before every round; raises a FedclError to stop the run with its line (fedcl
     # simulate's check that no node left the Ray cluster it joined).
     health: Callable[[], None] | None = None
+    # The server assigns partition ids to nodes (fedcl simulate, where every node is a
+    # simulated client of this run) instead of asking each node for its node config's.
+    assign_partitions: bool = False
 
     def check(self) -> None:
         """Raise :class:`~fedcl.errors.RunCancelled` once the driver asked the run to stop."""
@@ -265,6 +270,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     make_output(out_dir)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
+    if control.assign_partitions:  # fedcl simulate: no node is asked who it is at start-up
+        grid = AssignedGrid(grid)  # type: ignore[assignment]
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
     for line in erasures.method.check_requests(config, scenario, schedule):
         log.warning(line)  # a request the method cannot act on (SSD's selection bound)
@@ -298,9 +305,12 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         # the MLflow run is created while the clients start up (each takes seconds)
         starting = _in_background(tracker.start, config.to_dict())
     try:
-        roster = Roster(discover_clients(grid, config.clients,
-                                         max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
-                                         control.cancel), config.clients)
+        startup_s = max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S)
+        if isinstance(grid, AssignedGrid):
+            nodes = assign_partitions(grid, config.clients, startup_s, control.cancel)
+        else:
+            nodes = discover_clients(grid, config.clients, startup_s, control.cancel)
+        roster = Roster(nodes, config.clients)
         if starting is not None:
             control.run_id = starting.result()
         num_tasks = len(scenario.tasks)

@@ -160,7 +160,7 @@ class _Engine(threading.Thread):
 def _run(config: Config, observer: RunObserver | None, verbose: bool,
          resume: dict[str, Any] | None, signals: TerminationSignals, owner: OutputOwner,
          out_dir: Path) -> dict[str, Any]:
-    control = RunControl(observer=observer, resume=resume)
+    control = RunControl(observer=observer, resume=resume, assign_partitions=True)
     if resume is not None:  # the MLflow run to mark, should a signal come before it resumes
         control.run_id = resume.get("mlflow_run_id")
         control.tracking_uri = resolve_tracking_uri(config)
