@@ -152,17 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the run whose output folder is DIR (from its checkpoint)")
 
-    cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
-    cmp_.add_argument("--experiment", default=Config().experiment,
-                      help="MLflow experiment name (default: %(default)s, where fedcl "
-                           "simulate logs unless told otherwise)")
+    cmp_ = sub.add_parser("compare", help="lay the runs of MLflow experiments side by side, "
+                                          "labelled by strategy and the settings that differ")
+    cmp_.add_argument("--experiment", action="append", metavar="NAME",
+                      help=f"MLflow experiment name (default: {Config().experiment}, where "
+                           "fedcl simulate logs unless told otherwise); repeat it, or give "
+                           "names separated by commas, to compare the runs of several")
     cmp_.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                            "sqlite:///mlflow.db)")
     cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table",
                       help="table (for reading), json or csv (for scripts); "
                            "default: %(default)s")
-    cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
+    cmp_.add_argument("--plot", metavar="FILE",
+                      help="also save a bar chart of ACC and forgetting per run (PNG, PDF, "
+                           "SVG: by the file's extension)")
 
     sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "
                                        "server was unreachable")
@@ -405,8 +409,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedcl.compare import compare
 
-    text = compare(args.experiment, tracking_uri=args.tracking_uri, fmt=args.format,
-                   plot=args.plot)
+    text = compare(args.experiment or [Config().experiment], tracking_uri=args.tracking_uri,
+                   fmt=args.format, plot_path=args.plot)
     print(text)
     return 0
 
