@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcl.config import Config, resolve_tracking_uri
+from fedcl.erasure import in_stream_order, parse_schedule
 from fedcl.errors import ConfigError, FedclError
 from fedcl.tracking import fetch_runs
 
@@ -175,8 +176,6 @@ def varying_settings(runs: list[dict[str, Any]]) -> list[str]:
 def _request_labels(params: dict[str, str], count: int | None = None) -> list[str]:
     """Short names (``client=7@t1``) of a run's erasure requests (the first ``count``), in the
     order the run carried them out; ``e<i>`` where its ``erasures`` param cannot be read."""
-    from fedcl.erasure import in_stream_order, parse_schedule  # only with erasures: torch
-
     try:
         requests = in_stream_order(parse_schedule(params.get("erasures", "")),
                                    int(params.get("rounds_per_task", "1")))
