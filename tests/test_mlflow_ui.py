@@ -71,6 +71,7 @@ def _js_number(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+@pytest.mark.e2e
 def test_a_run_on_a_server_prints_its_page_and_chromium_shows_it(
         tmp_path: Path, ray_env: dict, mlflow_server) -> None:  # noqa: F811
     out = tmp_path / "out"
