@@ -152,17 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the run whose output folder is DIR (from its checkpoint)")
 
-    cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
-    cmp_.add_argument("--experiment", default=Config().experiment,
-                      help="MLflow experiment name (default: %(default)s, where fedcl "
-                           "simulate logs unless told otherwise)")
+    cmp_ = sub.add_parser("compare", help="lay the runs of MLflow experiments side by side, "
+                                          "labelled by strategy and the settings that differ")
+    cmp_.add_argument("--experiment", action="append", metavar="NAME",
+                      help=f"MLflow experiment name (default: {Config().experiment}, where "
+                           "fedcl simulate logs unless told otherwise); repeat it, or give "
+                           "names separated by commas, to compare the runs of several")
     cmp_.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                            "sqlite:///mlflow.db)")
     cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table",
                       help="table (for reading), json or csv (for scripts); "
                            "default: %(default)s")
-    cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
+    cmp_.add_argument("--plot", metavar="FILE",
+                      help="also save a bar chart of ACC and forgetting per run (PNG, PDF, "
+                           "SVG: by the file's extension)")
 
     sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "
                                        "server was unreachable")
@@ -253,9 +257,13 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     # from here on a signal is only recorded (simulate holds them): the run is over
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
+    from fedcl.tracking import where_to_view
+
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
-          f"(experiment '{config.experiment}'): "
-          f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+          f"(experiment '{config.experiment}')")
+    for line in where_to_view(summary["mlflow_tracking_uri"],
+                              summary.get("mlflow_experiment_id"), summary["mlflow_run_id"]):
+        print(line)
     if summary.get("mlflow_outbox"):
         print(f"fedcl: warning: MLflow at {summary['mlflow_tracking_uri']} was unreachable at "
               f"the end; what it lacks is kept in {summary['mlflow_outbox']}: send it with "
@@ -401,8 +409,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedcl.compare import compare
 
-    text = compare(args.experiment, tracking_uri=args.tracking_uri, fmt=args.format,
-                   plot=args.plot)
+    text = compare(args.experiment or [Config().experiment], tracking_uri=args.tracking_uri,
+                   fmt=args.format, plot_path=args.plot)
     print(text)
     return 0
 

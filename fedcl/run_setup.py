@@ -31,7 +31,7 @@ from fedcl import checkpoint, plugins
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.datasets import DatasetInfo
 from fedcl.data.scenarios import split_classes
-from fedcl.erasure import ErasureRequest, parse_schedule, validate_requests
+from fedcl.erasure import ErasureRequest, in_stream_order, parse_schedule, validate_requests
 from fedcl.errors import ConfigError
 from fedcl.models import ModelSpec
 from fedcl.paths import NAME_MAX, check_folder, name_bytes, quoted, shown
@@ -265,4 +265,4 @@ def erasure_schedule(config: Config, num_classes: int) -> list[ErasureRequest]:
             if req.klass is not None and first is not None and first > req.task:
                 raise ConfigError(f"erasure '{req.to_text()}': class {req.klass} is first "
                                   f"trained in task {first}, after the request")
-    return sorted(requests, key=lambda r: r.point(config.rounds_per_task))
+    return in_stream_order(requests, config.rounds_per_task)

@@ -338,6 +338,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         files = write_outputs(summary, out_dir, config.to_toml())
         files += run.strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)
+        summary["mlflow_experiment_id"] = tracker.experiment_id  # for the UI's address
         unsent = tracker.finish(summary, files, wait_s=config.tracking_wait_s)
         if unsent:
             summary["mlflow_outbox"] = str(out_dir / OUTBOX_FILE)
