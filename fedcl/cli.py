@@ -267,9 +267,10 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     # from here on a signal is only recorded (simulate holds them): the run is over
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
+    from fedcl.submit import mlflow_hint
+
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
-          f"(experiment '{config.experiment}'): "
-          f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+          f"(experiment '{config.experiment}'): {mlflow_hint(summary['mlflow_tracking_uri'])}")
     if summary.get("mlflow_outbox"):
         print(f"fedcl: warning: MLflow at {summary['mlflow_tracking_uri']} was unreachable at "
               f"the end; what it lacks is kept in {summary['mlflow_outbox']}: send it with "

@@ -297,3 +297,76 @@ def test_submit_names_what_stopped_a_run(federation: Federation, tmp_path: Path)
         assert cause in error[0], error
         assert error[0].endswith(f"(`flwr log {run_id} fed` shows its log)")
     assert [r["status"] for r in runs_on(federation)] == ["finished:failed"] * 3
+
+
+OUTSIDER_APP = '''
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid, context):
+    with open(context.run_config["marker"], "w") as out:
+        out.write("ran on the SuperLink's host")
+'''
+
+
+def test_what_tls_and_supernode_authentication_protect(federation: Federation,
+                                                        tmp_path: Path) -> None:
+    """README.md's security model, claim by claim. Protected: a client that does not hold
+    the federation's CA certificate (none, or another CA's) cannot connect, neither `fedcl
+    submit` nor a SuperNode. Not protected: anyone who reaches the SuperLink's port with the
+    (public) CA certificate registers a SuperNode key of their own and starts a run of their
+    own app, whose ServerApp code runs on the SuperLink's host; account authentication, which
+    would restrict that, is not in this Flower distribution."""
+    federation.connect_cli()
+    config = federation.home / "flwr" / "config.toml"
+    config.write_text(config.read_text() + f'[superlink.nocert]\naddress = '
+                      f'"{federation.address}"\n')
+    other_ca = tmp_path / "other"
+    make_federation_certs(other_ca, ["127.0.0.1"], supernodes=0)
+
+    res = submit(federation, "nocert", timeout=180)  # the system's CAs do not vouch for it
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stdout + res.stderr
+    assert res.stderr.startswith("fedcl: error: the SuperLink 'nocert'")
+    federation.register(0)
+    args = federation.supernode_args(0, 1, key=0)
+    args[args.index("--root-certificates") + 1] = str(other_ca / "ca.crt")
+    node = federation.start([*args, "--max-retries", "1", "--max-wait-time", "10"],
+                            "other-ca.log")
+    assert node.wait(timeout=120) != 0
+    assert "could not establish a connection to the SuperLink" in federation.log("other-ca.log")
+    assert runs_on(federation) == []
+
+    # an outsider: only the CA certificate, no key of the federation's
+    app = tmp_path / "outsider"
+    app.mkdir()
+    marker = tmp_path / "marker.txt"
+    (app / "outsider.py").write_text(OUTSIDER_APP)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "outsider"\nversion = "1.0.0"\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n'
+        '[tool.flwr.app.components]\nserverapp = "outsider:app"\nclientapp = "outsider:client"\n'
+        f'[tool.flwr.app.config]\nmarker = "{marker}"\n')
+    federation.register(3)  # a key nobody of the federation made: accepted
+    res = subprocess.run([str(BIN / "flwr"), "run", str(app), "fed"], env=federation.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, federation.log("superlink.log")[-3000:]
+        time.sleep(0.5)
+    assert marker.read_text() == "ran on the SuperLink's host"
+
+    # the Control API's account authentication (OIDC) needs Flower Enterprise
+    res = subprocess.run([str(BIN / "flower-superlink"), "--insecure", "--port",
+                          str(free_port()), "--host", "127.0.0.1"],
+                         env={**federation.env, "FLWR_OIDC_ENABLED": "1"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "OIDC account authentication is unavailable in this Flower distribution" in (
+        res.stdout + res.stderr)

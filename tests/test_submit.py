@@ -124,3 +124,17 @@ def test_mlflow_hint_fits_the_store() -> None:
     assert mlflow_hint("sqlite:////srv/mlflow.db") == (
         "mlflow ui --backend-store-uri sqlite:////srv/mlflow.db")
     assert json.loads(format_event("end", {})[len("fedcl-event "):]) == {"event": "end"}
+
+
+def test_outputs_folder_follows_fedcl_outputs(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A SuperLink's ServerApps write to its working folder; FEDCL_OUTPUTS moves the runs'
+    output folders elsewhere (the run config's `output` still wins)."""
+    from pathlib import Path
+
+    from fedcl.run_setup import output_folder
+
+    monkeypatch.delenv("FEDCL_OUTPUTS", raising=False)
+    assert output_folder(Config(), "run-a") == Path("outputs/run-a")
+    monkeypatch.setenv("FEDCL_OUTPUTS", str(tmp_path))
+    assert output_folder(Config(), "run-a") == tmp_path / "run-a"
+    assert output_folder(Config(output="/srv/x"), "run-a") == Path("/srv/x")
