@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from fedcl.config import FIELDS, Config, _suggest, config_from_dict
 from fedcl.errors import ConfigError, FedclError, RunAborted
+from fedcl.progress import LiveDisplay, format_matrix
 from fedcl.results import RoundRecord
 from fedcl.run_events import parse
 
@@ -309,8 +310,6 @@ def mlflow_hint(uri: str) -> str:
 def print_result(summary: dict[str, Any], out: TextIO) -> None:
     """The accuracy matrix and scores, then where the outputs and the MLflow run are (paths
     on the SuperLink's host)."""
-    from fedcl.progress import format_matrix
-
     print(format_matrix(summary), file=out)
     print(f"summary: {summary['output_dir']}/summary.json (on the SuperLink's host)", file=out)
     uri = summary.get("mlflow_tracking_uri") or ""
@@ -337,8 +336,6 @@ class Submission:
 def submit(job: Submission, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Check, submit, follow to the end; returns 0 for a completed run, raises
     :class:`RunFailed` (one line) for a failed or stopped one."""
-    from fedcl.progress import LiveDisplay
-
     out, err = out or sys.stdout, err or sys.stderr
     _, declared = load_app(job.app)
     overrides = parse_run_config(job.run_config)
