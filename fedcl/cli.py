@@ -1,4 +1,5 @@
-"""The ``fedcl`` command: ``simulate``, ``compare``, ``sync``, ``strategies`` and ``config``.
+"""The ``fedcl`` command: ``simulate``, ``submit``, ``compare``, ``sync``, ``strategies``,
+``certs``, ``superexec`` and ``config``.
 
 Every :class:`~fedcl.config.Config` field is a flag of ``simulate`` and ``config``
 (``dirichlet_alpha`` -> ``--dirichlet-alpha``); ``--config FILE`` loads a TOML file first and
@@ -194,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="connect to the Runtime API without TLS (it serves on its own host)")
     sx.add_argument("--root-certificates", metavar="FILE",
                     help="CA certificate of a Runtime API served with TLS")
+
+    sm = sub.add_parser("submit", help="run the app on a SuperLink (as `flwr run`), follow it "
+                                       "to its end and exit non-zero if it fails")
+    sm.add_argument("superlink", nargs="?", metavar="SUPERLINK",
+                    help="the SuperLink connection's name in $FLWR_HOME/config.toml (default: "
+                         "its [superlink] default)")
+    sm.add_argument("--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
+                    help="run config overrides, as for `flwr run` (strings in quotes: "
+                         "\"clients=3 strategy='fedprox'\"); repeatable")
+    sm.add_argument("--app", default=".", metavar="DIR",
+                    help="the Flower App's folder, a checkout of fedcl (default: %(default)s)")
+    sm.add_argument("--verbose", action="store_true",
+                    help="also show the run's own log (Flower's lines)")
 
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
     add_config_flags(cfg)
@@ -439,6 +453,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fedcl.submit import Submission, submit
+
+    return submit(Submission(Path(args.app), args.superlink, args.run_config, args.verbose))
+
+
 def cmd_superexec(args: argparse.Namespace) -> int:
     from fedcl.warm_superexec import run_warm_superexec
 
@@ -449,7 +469,7 @@ def cmd_superexec(args: argparse.Namespace) -> int:
 
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
             "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs,
-            "superexec": cmd_superexec}
+            "superexec": cmd_superexec, "submit": cmd_submit}
 
 
 def one_line(text: str) -> str:

@@ -317,7 +317,7 @@ class Config:
         default=None,
         metadata=_doc(
             "Folder for summary.json and plots: a new or empty one (or the one --resume "
-            "continues); unset: outputs/<run name>."
+            "continues); unset: outputs/<run name>, or $FEDCL_OUTPUTS/<run name>."
         ),
     )
 

@@ -183,17 +183,23 @@ def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float,
-                     cancel: threading.Event | None) -> dict[int, int]:
-    """Ask every connected node for its partition id; returns partition id -> node id."""
+                     cancel: threading.Event | None, startup_timeout: float | None = None
+                     ) -> dict[int, int]:
+    """Wait up to ``timeout`` seconds for ``expected`` nodes to connect, then ask each for its
+    partition id, waiting up to ``startup_timeout`` (default ``timeout``) for the replies,
+    which include starting the nodes' ClientApp processes; returns partition id -> node id."""
     deadline = time.monotonic() + timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if cancel is not None and cancel.is_set():
             raise RunCancelled("run cancelled")
         if time.monotonic() > deadline:
             raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
-                             f"{timeout:.0f} s")
+                             f"{timeout:.0f} s (round_timeout_s): start one SuperNode per "
+                             "client, or run with fewer clients")
         time.sleep(0.2)
-    roster, problems = query_partitions(grid, node_ids, expected, timeout, cancel)
+    roster, problems = query_partitions(grid, node_ids, expected,
+                                        timeout if startup_timeout is None else startup_timeout,
+                                        cancel)
     if problems:
         raise RunAborted(problems[0])
     missing = sorted(set(range(expected)) - set(roster))

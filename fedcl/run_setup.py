@@ -130,9 +130,17 @@ def default_run_name(config: Config) -> str:
     return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
 
 
+#: The environment variable naming the folder that holds the runs' output folders when
+#: ``output`` is not given (default: ``outputs`` in the working folder). For a SuperLink,
+#: whose ServerApps run in its own working folder, it is where their outputs land.
+OUTPUTS_ENV = "FEDCL_OUTPUTS"
+
+
 def output_folder(config: Config, run_name: str) -> Path:
-    """The output folder: ``output``, else ``outputs/<run name>``."""
-    return Path(config.output) if config.output else Path("outputs") / run_name
+    """The output folder: ``output``, else ``<$FEDCL_OUTPUTS or outputs>/<run name>``."""
+    if config.output:
+        return Path(config.output)
+    return Path(os.environ.get(OUTPUTS_ENV) or "outputs") / run_name
 
 
 def _control_character(text: str) -> str | None:

@@ -55,6 +55,7 @@ from fedcl.rounds import (
     send_and_receive,
     train_round,
 )
+from fedcl.run_events import EventPrinter, WarningEvents
 from fedcl.run_setup import make_output, setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
@@ -309,7 +310,10 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         if isinstance(grid, AssignedGrid):
             nodes = assign_partitions(grid, config.clients, startup_s, control.cancel)
         else:
-            nodes = discover_clients(grid, config.clients, startup_s, control.cancel)
+            # too few nodes connected: the run stops after round_timeout_s; those connected
+            # get longer to answer, since their first answer starts their ClientApp processes
+            nodes = discover_clients(grid, config.clients, config.round_timeout_s,
+                                     control.cancel, startup_timeout=startup_s)
         roster = Roster(nodes, config.clients)
         if starting is not None:
             control.run_id = starting.result()
@@ -372,17 +376,32 @@ def build_server_app(config: Config | None = None, control: RunControl | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        ctl = control or RunControl()
-        ctl.started.set()
+        if control is not None:  # `fedcl simulate`: its driver reports the run
+            control.started.set()
+            try:
+                cfg = config if config is not None else Config.from_run_config(
+                    context.run_config)
+                control.summary = run_continual(grid, cfg, control)
+            except BaseException as err:
+                control.error = err
+            finally:
+                control.done.set()
+            return
+        # under `flwr run`: the run's log carries its progress and outcome to whoever follows
+        # it (fedcl.run_events, `fedcl submit`), and Flower marks a failed run failed
+        events = EventPrinter()
+        warnings = WarningEvents(events)
+        log.addHandler(warnings)
         try:
             cfg = config if config is not None else Config.from_run_config(context.run_config)
-            ctl.summary = run_continual(grid, cfg, ctl)
+            summary = run_continual(grid, cfg, RunControl(observer=events))
+            events.on_end(summary)
         except BaseException as err:
-            ctl.error = err
-            if control is None:  # under `flwr run`: let Flower report it
-                raise
+            events.on_failed(str(err) if isinstance(err, FedclError)
+                             else f"{type(err).__name__}: {err}")
+            raise
         finally:
-            ctl.done.set()
+            log.removeHandler(warnings)
 
     return app
 
