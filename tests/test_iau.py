@@ -258,5 +258,5 @@ def test_iau_with_gr_training_forgets_a_class_in_a_real_run(tmp_path: Path,
     rows = json.loads(compare("iau", f"sqlite:///{tmp_path / 'mlflow.db'}", fmt="json"))
     assert rows[0]["unlearning"] == "iau"
     for key in ("forget_acc", "retain_acc", "test_acc", "mia", "seconds"):
-        assert rows[0][f"e0_{key}"] == pytest.approx(entry[key])
-        assert rows[0][f"e0_oracle_{key}"] == pytest.approx(entry["oracle"][key])
+        assert rows[0][f"class=1@t0 {key}"] == pytest.approx(entry[key])
+        assert rows[0][f"class=1@t0 oracle_{key}"] == pytest.approx(entry["oracle"][key])
