@@ -20,6 +20,14 @@ to ``<out>/baselines.md`` and every number to ``<out>/baselines.json``::
     python benchmarks/baselines.py --benchmarks split-class --rows fedavg feder@200 \\
         --param fedewc:ewc_lambda=500
 
+``--cohort-size N`` trains the rows whose clients a batched cohort can train (fedcl's own check:
+no store kept between rounds, no training hooks of their own; FedAvg, FedProx, FOT, FedEWC) as
+cohorts of N clients on the device (``fedcl simulate --cohort-size``: the same per-client
+training, one process per cohort); the others (PRD, FedLwF, FedER, FedDER++) train one client
+per process whatever it says. ``--resume`` lets a run stopped by a signal go
+on from its checkpoint (``fedcl simulate --resume``) and keeps a finished run's summary instead
+of running it again.
+
 ``--quick`` proves the pipeline, not the methods: 6 clients, 2 tasks, 1 round per task, small
 evaluation sets.
 """
@@ -119,10 +127,22 @@ def read_row(row: Row, summary: dict[str, Any]) -> Row:
     return row
 
 
+def batchable(strategy: str) -> bool:
+    """Whether a batched cohort can train ``strategy``'s clients: the check ``fedcl simulate
+    --cohort-size`` makes (:func:`fedcl.run_setup.setup_run`), asked of the strategy's trainer."""
+    from fedcl import plugins
+    from fedcl.config import Config
+
+    trainer = plugins.build_trainer(Config(strategy=strategy))
+    return trainer.batchable and not trainer.keeps_client_store
+
+
 def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
                   folder: Path) -> list[str]:
     """The ``fedcl simulate`` command line of one row of one benchmark."""
     name, budget = strategy_of(row)
+    if args.resume and (folder / "checkpoint.pt").is_file():
+        return [sys.executable, "-m", "fedcl.cli", "simulate", "--resume", str(folder)]
     flags = list(BENCHMARKS[benchmark][1])
     if args.quick:  # two tasks, whatever the benchmark's count
         flags[flags.index("--tasks") + 1] = "2"
@@ -133,6 +153,9 @@ def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
            "--run-name", folder.name, "--output", str(folder)]
     if args.eval_samples:
         cmd += ["--eval-samples-per-task", str(args.eval_samples)]
+    if args.cohort_size and batchable(name):
+        cmd += ["--cohort-size", str(args.cohort_size), "--client-gpus", str(args.client_gpus),
+                "--client-cpus", str(args.client_cpus)]
     if budget is not None:
         cmd += ["--strategy-param", f"buffer_size={budget}", "--strategy-param",
                 "buffer_scope=total"]
@@ -148,10 +171,14 @@ def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
 
 def run_one(args: argparse.Namespace, benchmark: str, row: str) -> Row:
     folder = Path(args.out) / benchmark / row.replace("@", "-")
-    shutil.rmtree(folder, ignore_errors=True)  # a rerun replaces its own run
-    folder.parent.mkdir(parents=True, exist_ok=True)
     result = Row(benchmark, row, str(folder),
                  centralized_acc=CENTRALIZED.get(row, {}).get(benchmark))
+    if args.resume and (folder / "summary.json").is_file():  # finished before
+        result.extra["command"] = "(kept from an earlier run)"
+        return read_row(result, json.loads((folder / "summary.json").read_text()))
+    if not (args.resume and (folder / "checkpoint.pt").is_file()):
+        shutil.rmtree(folder, ignore_errors=True)  # a rerun replaces its own run
+    folder.parent.mkdir(parents=True, exist_ok=True)
     cmd = simulate_args(args, benchmark, row, folder)
     result.extra["command"] = shlex.join(cmd[2:])  # from "-m" on: fedcl.cli simulate ...
     started = time.monotonic()
@@ -250,6 +277,12 @@ def main() -> None:
                    help="STRATEGY:KEY=VALUE, a strategy parameter for that strategy's rows")
     p.add_argument("--extra", default="", help="more fedcl simulate flags for every run")
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--cohort-size", type=int, default=0,
+                   help="train the rows that allow it as batched cohorts of this many clients")
+    p.add_argument("--client-gpus", type=float, default=0.25, help="per cohort, with --cohort-size")
+    p.add_argument("--client-cpus", type=float, default=2.0, help="per cohort, with --cohort-size")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from each run's checkpoint; keep finished runs")
     p.add_argument("--quick", action="store_true",
                    help="6 clients, 2 tasks, 1 round per task, 300 test samples per task")
     p.add_argument("--out", default="outputs/baselines")

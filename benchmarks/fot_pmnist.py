@@ -15,6 +15,8 @@ The paper trains 200 rounds per task (the default); ``--rounds-per-task`` runs a
 budget, and the table says which. ``--fot-eps`` overrides FOT's threshold alone (does the
 threshold explain a gap?). ``--device cuda`` trains the clients on the GPU as batched cohorts
 (``--cohort-size``, ``--client-gpus``, ``--client-cpus``). ``--dry-run`` prints the commands.
+``--resume`` goes on from a run's checkpoint (a run stopped by a signal: ``fedcl simulate
+--resume``) and keeps a finished run instead of running it again.
 
     python benchmarks/fot_pmnist.py --presets both --device cuda          # 8 runs, 200 rounds
     python benchmarks/fot_pmnist.py --only fot_pmnist fedavg_pmnist --device cuda
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra", default="", help="more fedcl simulate flags for every run, "
                    "as one string")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from each run's checkpoint; keep finished runs")
     return p.parse_args(argv)
 
 
@@ -86,6 +90,10 @@ def commands(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
                     str(args.client_gpus), "--client-cpus", str(args.client_cpus)]
         if args.fot_eps is not None and name.startswith("fot"):
             cmd += ["--strategy-param", f"eps={args.fot_eps}"]
+        if args.resume and (run_out / "checkpoint.pt").is_file():
+            cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--resume", str(run_out)]
+            runs.append((name, run_out, cmd))
+            continue
         runs.append((name, run_out, cmd + shlex.split(args.extra)))
     return runs
 
@@ -101,11 +109,14 @@ def main() -> None:
     results = {}
     for name, run_out, cmd in runs:
         t0 = time.monotonic()
-        shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
-        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if res.returncode != 0:
-            print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-            continue
+        finished = args.resume and (run_out / "summary.json").is_file()
+        if not finished:
+            if "--resume" not in cmd:
+                shutil.rmtree(run_out, ignore_errors=True)  # a rerun replaces its own run
+            res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if res.returncode != 0:
+                print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                continue
         s = json.loads((run_out / "summary.json").read_text())
         config = s["config"]
         results[name] = {"acc": s["acc"], "fgt": s["forgetting_at_task_end"],

@@ -1,4 +1,5 @@
-"""The ``fedcl`` command: ``simulate``, ``compare``, ``sync``, ``strategies`` and ``config``.
+"""The ``fedcl`` command: ``simulate``, ``submit``, ``compare``, ``sync``, ``strategies``,
+``certs``, ``superexec`` and ``config``.
 
 Every :class:`~fedcl.config.Config` field is a flag of ``simulate`` and ``config``
 (``dirichlet_alpha`` -> ``--dirichlet-alpha``); ``--config FILE`` loads a TOML file first and
@@ -153,17 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR",
                      help="continue the run whose output folder is DIR (from its checkpoint)")
 
-    cmp_ = sub.add_parser("compare", help="lay the runs of an MLflow experiment side by side")
-    cmp_.add_argument("--experiment", default=Config().experiment,
-                      help="MLflow experiment name (default: %(default)s, where fedcl "
-                           "simulate logs unless told otherwise)")
+    cmp_ = sub.add_parser("compare", help="lay the runs of MLflow experiments side by side, "
+                                          "labelled by strategy and the settings that differ")
+    cmp_.add_argument("--experiment", action="append", metavar="NAME",
+                      help=f"MLflow experiment name (default: {Config().experiment}, where "
+                           "fedcl simulate logs unless told otherwise); repeat it, or give "
+                           "names separated by commas, to compare the runs of several")
     cmp_.add_argument("--tracking-uri", default=None,
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                            "sqlite:///mlflow.db)")
     cmp_.add_argument("--format", choices=("table", "json", "csv"), default="table",
                       help="table (for reading), json or csv (for scripts); "
                            "default: %(default)s")
-    cmp_.add_argument("--plot", metavar="FILE", help="also save a bar chart of ACC/forgetting")
+    cmp_.add_argument("--plot", metavar="FILE",
+                      help="also save a bar chart of ACC and forgetting per run (PNG, PDF, "
+                           "SVG: by the file's extension)")
 
     sync = sub.add_parser("sync", help="send to MLflow what a run kept while its tracking "
                                        "server was unreachable")
@@ -191,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="connect to the Runtime API without TLS (it serves on its own host)")
     sx.add_argument("--root-certificates", metavar="FILE",
                     help="CA certificate of a Runtime API served with TLS")
+
+    sm = sub.add_parser("submit", help="run the app on a SuperLink (as `flwr run`), follow it "
+                                       "to its end and exit non-zero if it fails")
+    sm.add_argument("superlink", nargs="?", metavar="SUPERLINK",
+                    help="the SuperLink connection's name in $FLWR_HOME/config.toml (default: "
+                         "its [superlink] default)")
+    sm.add_argument("--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
+                    help="run config overrides, as for `flwr run` (strings in quotes: "
+                         "\"clients=3 strategy='fedprox'\"); repeatable")
+    sm.add_argument("--app", default=".", metavar="DIR",
+                    help="the Flower App's folder, a checkout of fedcl (default: %(default)s)")
+    sm.add_argument("--verbose", action="store_true",
+                    help="also show the run's own log (Flower's lines)")
 
     cfg = sub.add_parser("config", help="print the resolved config as TOML")
     add_config_flags(cfg)
@@ -255,9 +273,13 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     # from here on a signal is only recorded (simulate holds them): the run is over
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
+    from fedcl.tracking import where_to_view
+
     print(f"MLflow run {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']} "
-          f"(experiment '{config.experiment}'): "
-          f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}")
+          f"(experiment '{config.experiment}')")
+    for line in where_to_view(summary["mlflow_tracking_uri"],
+                              summary.get("mlflow_experiment_id"), summary["mlflow_run_id"]):
+        print(line)
     if summary.get("mlflow_outbox"):
         print(f"fedcl: warning: MLflow at {summary['mlflow_tracking_uri']} was unreachable at "
               f"the end; what it lacks is kept in {summary['mlflow_outbox']}: send it with "
@@ -403,8 +425,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedcl.compare import compare
 
-    text = compare(args.experiment, tracking_uri=args.tracking_uri, fmt=args.format,
-                   plot=args.plot)
+    text = compare(args.experiment or [Config().experiment], tracking_uri=args.tracking_uri,
+                   fmt=args.format, plot_path=args.plot)
     print(text)
     return 0
 
@@ -433,6 +455,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fedcl.submit import Submission, submit
+
+    return submit(Submission(Path(args.app), args.superlink, args.run_config, args.verbose))
+
+
 def cmd_superexec(args: argparse.Namespace) -> int:
     from fedcl.warm_superexec import run_warm_superexec
 
@@ -443,7 +471,7 @@ def cmd_superexec(args: argparse.Namespace) -> int:
 
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
             "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs,
-            "superexec": cmd_superexec}
+            "superexec": cmd_superexec, "submit": cmd_submit}
 
 
 def one_line(text: str) -> str:

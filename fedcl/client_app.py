@@ -19,7 +19,11 @@ removes them from every client's buffers at once, and empties an erased client's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import socket
+import sys
 import time
 
 import numpy as np
@@ -38,6 +42,16 @@ from fedcl.training import ClientStore, RoundContext, TrainResult, resolve_devic
 from fedcl.validation import stacked_problems
 
 app = ClientApp()
+
+
+def adopt_assigned_partition(msg: Message, context: Context) -> None:
+    """Under ``fedcl simulate`` the server assigns every node its partition id and sends it in
+    each message (:class:`fedcl.rounds.AssignedGrid`); it stands for the node config's for
+    this call. Messages without one (a deployment's) leave the node config as it is."""
+    cfg = msg.content.get(protocol.CONFIG)
+    if isinstance(cfg, ConfigRecord) and protocol.ASSIGNED_PARTITION_ID in cfg:
+        context.node_config[protocol.NODE_PARTITION_ID] = int(
+            cfg[protocol.ASSIGNED_PARTITION_ID])  # type: ignore[arg-type]
 
 
 def client_identity(context: Context) -> tuple[int, int]:
@@ -113,6 +127,18 @@ def buffer_report(store: ClientStore) -> dict[str, int | list[int]]:
             protocol.BUFFER_CLASSES: store.buffered_classes()}
 
 
+@functools.cache
+def worker_node() -> str:
+    """Where this client runs: the id of its Ray node when it runs in a Ray worker (the
+    simulation engine, a cluster fedcl joined), else the host's name (a SuperNode)."""
+    ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here for this
+    if ray is not None:
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                return str(ray.get_runtime_context().get_node_id())
+    return socket.gethostname()
+
+
 def _info(context: Context, device: torch.device | None = None,
           partition_id: int | None = None, started: float | None = None,
           store: ClientStore | None = None) -> ConfigRecord:
@@ -129,6 +155,7 @@ def _info(context: Context, device: torch.device | None = None,
         info.update(buffer_report(store))  # type: ignore[arg-type]
     if started is not None:
         info[protocol.HANDLER_SECONDS] = time.perf_counter() - started
+        info[protocol.WORKER_NODE] = worker_node()
     if device is not None and device.type == "cuda":
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
@@ -165,6 +192,7 @@ def reply_metrics(result: TrainResult) -> MetricRecord:
 def query(msg: Message, context: Context) -> Message:
     """Say who this client is (the server's roster call at start-up), or run an unlearning
     method's operation on this client's data (:mod:`fedcl.client_ops`)."""
+    adopt_assigned_partition(msg, context)
     cfg_record = msg.content.get(protocol.CONFIG)
     if cfg_record is not None and protocol.OP in cfg_record:
         return run_operation(msg, context)
@@ -240,6 +268,7 @@ def run_operation(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
+    adopt_assigned_partition(msg, context)
     cfg_record = msg.content[protocol.CONFIG]
     config = Config.from_json(str(cfg_record[protocol.RUN_CONFIG_JSON]))
     task = int(cfg_record[protocol.TASK])

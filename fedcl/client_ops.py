@@ -90,4 +90,28 @@ def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return torch.nn.functional.cross_entropy(model(x, head), y)
 
 
-__all__ = ["ClientData", "TaskData", "cross_entropy", "find_operation", "operation"]
+def mean_gradient(data: ClientData, which: str) -> tuple[dict[str, torch.Tensor], float, int]:
+    """The gradient of the mean cross-entropy over the client's ``which`` (``"forget"`` or
+    ``"retain"``) samples of every task, each scored by its task's head, with the model in
+    eval mode (no dropout; batch norm's running statistics); that mean loss; and the sample
+    count. Gradients (one CPU tensor per trainable parameter, by name; zero where the loss
+    does not reach) are summed over batches of 256, so the result is the whole set's gradient
+    whatever the batching. With no sample: zeros, 0.0 and 0."""
+    model = data.model
+    model.eval()
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = {k: torch.zeros_like(p) for k, p in params.items()}
+    n = data.count(which)
+    total = 0.0
+    for x, y, head in data.batches(which, 256):
+        loss = torch.nn.functional.cross_entropy(model(x, head), y, reduction="sum") / n
+        got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for k, g in zip(params, got, strict=True):
+            if g is not None:
+                grads[k] += g
+        total += float(loss.detach())
+    return {k: g.cpu() for k, g in grads.items()}, total, n
+
+
+__all__ = ["ClientData", "TaskData", "cross_entropy", "find_operation", "mean_gradient",
+           "operation"]

@@ -195,6 +195,18 @@ class Config:
     lr: float = field(default=0.01, metadata=_doc("Local learning rate."))
     momentum: float = field(default=0.0, metadata=_doc("SGD momentum."))
     weight_decay: float = field(default=0.0, metadata=_doc("Local weight decay."))
+    gradient_restriction: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Weight alpha of the gradient-restriction loss in local training, for every "
+            "strategy: each step minimises L + alpha * sum over parameter tensors of "
+            "||grad L||_2, L the batch's loss before any regularizer (the cross-entropy, and a "
+            "method's own loss terms), by double backprop; small gradients let one gradient "
+            "step approximate removing data (IAU, Liu et al., arXiv 2507.23257; the paper's "
+            "alpha is 0.005). 0 turns it off; not with "
+            "cohort_size > 1."
+        ),
+    )
     # --- strategy --------------------------------------------------------------------------
     strategy: str = field(
         default="fedavg", metadata=_doc("Server strategy by name (see `fedcl strategies`).")
@@ -244,6 +256,15 @@ class Config:
             "(not for dropout masks); no batch-norm models; simulation only."
         ),
     )
+    ray_address: str = field(
+        default="",
+        metadata=_doc(
+            "Ray cluster the simulated clients run on: empty starts a private Ray instance on "
+            "this machine (stopped at the end); 'auto' joins the cluster that `ray start` "
+            "runs on this machine; HOST:PORT joins the cluster whose head listens there. A "
+            "cluster fedcl joined is left running. Simulation only."
+        ),
+    )
     # --- erasure requests and unlearning -----------------------------------------------------
     erasures: str = field(
         default="",
@@ -260,7 +281,7 @@ class Config:
             "How the model forgets an erasure: retrain (the exact oracle: retrain from the "
             "initial model without the data: each round's sampled clients minus the erased ones, "
             "same seeds), ssd, federaser, "
-            "projection or gs-lora (see `fedcl strategies`)."
+            "projection, gs-lora or iau (see `fedcl strategies`)."
         ),
     )
     unlearning_params: dict[str, StrategyParam] = field(
@@ -296,7 +317,7 @@ class Config:
         default=None,
         metadata=_doc(
             "Folder for summary.json and plots: a new or empty one (or the one --resume "
-            "continues); unset: outputs/<run name>."
+            "continues); unset: outputs/<run name>, or $FEDCL_OUTPUTS/<run name>."
         ),
     )
 
@@ -326,7 +347,8 @@ class Config:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value}")
-        for name in ("momentum", "weight_decay", "client_gpus", "tracking_wait_s"):
+        for name in ("momentum", "weight_decay", "gradient_restriction", "client_gpus",
+                     "tracking_wait_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value}")
@@ -334,12 +356,17 @@ class Config:
             raise ConfigError(f"client_fault_rate must be in [0, 1], got {self.client_fault_rate}")
         if self.momentum >= 1:
             raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+        if self.gradient_restriction > 0 and self.cohort_size > 1:
+            raise ConfigError("gradient_restriction > 0 cannot train in cohorts (cohort_size > "
+                              "1): its double backprop is not batched across a cohort's "
+                              "members; use cohort_size = 1")
         _check_choice("client_fault_mode", self.client_fault_mode, FAULT_MODES)
         _check_choice("scenario", self.scenario, SCENARIOS)
         _check_choice("domain_shift", self.domain_shift, DOMAIN_SHIFTS)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("device", self.device, DEVICES)
+        check_ray_address(self.ray_address)
         reference = reference_accuracies(self.intransigence_reference)
         if reference is not None and len(reference) != self.tasks:
             raise ConfigError(
@@ -433,6 +460,18 @@ def field_type(name: str) -> tuple[type, bool]:
     if typing.get_origin(hint) is dict:
         return dict, False
     return hint, False
+
+
+def check_ray_address(address: str) -> None:
+    """``ray_address`` is empty, ``auto`` or ``HOST:PORT`` (port 1-65535); else
+    :class:`ConfigError` naming the forms."""
+    if address in ("", "auto"):
+        return
+    host, sep, port = address.rpartition(":")
+    if sep and host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host:
+        return
+    raise ConfigError(f"ray_address must be empty, 'auto' or HOST:PORT (e.g. 10.0.0.5:6379), "
+                      f"got {address!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -65,6 +65,13 @@ class ErasureRequest:
                 else f"at round {self.round} of task {self.task}")
         return f"{what} {when}"
 
+    def label(self) -> str:
+        """A short name (``fedcl compare``): ``client=7@t1`` (after task 1), ``class=3@t2``,
+        ``client=3,class=1@t1r2`` (at round 2 of task 1)."""
+        what = ",".join([*([] if self.client is None else [f"client={self.client}"]),
+                         *([] if self.klass is None else [f"class={self.klass}"])])
+        return f"{what}@t{self.task}" + ("" if self.round is None else f"r{self.round}")
+
     def to_text(self) -> str:
         parts = [] if self.client is None else [f"client={self.client}"]
         parts += [] if self.klass is None else [f"class={self.klass}"]
@@ -112,6 +119,14 @@ def parse_schedule(text: str) -> list[ErasureRequest]:
     return [parse_erasure(part) for part in text.split(";") if part.strip()]
 
 
+def in_stream_order(requests: list[ErasureRequest], rounds_per_task: int
+                    ) -> list[ErasureRequest]:
+    """The requests in the order a run carries them out (:meth:`ErasureRequest.point`; those
+    at the same point as given): the order of summary.json's ``erasures`` and of MLflow's
+    ``erasure_<i>_*`` metrics."""
+    return sorted(requests, key=lambda r: r.point(rounds_per_task))
+
+
 def validate_requests(requests: list[ErasureRequest], *, clients: int, tasks: int,
                       rounds_per_task: int, classes: int) -> None:
     """Refuse (one-line :class:`ConfigError`) a schedule that names an unknown client or class,
@@ -119,8 +134,7 @@ def validate_requests(requests: list[ErasureRequest], *, clients: int, tasks: in
     erased_clients: set[int] = set()
     erased_classes: set[int] = set()
     erased_pairs: set[tuple[int, int]] = set()
-    order = sorted(requests, key=lambda r: r.point(rounds_per_task))
-    for req in order:
+    for req in in_stream_order(requests, rounds_per_task):
         where = f"erasure '{req.to_text()}'"
         if req.client is not None and not 0 <= req.client < clients:
             raise ConfigError(f"{where}: no client {req.client} (clients are 0..{clients - 1})")

@@ -119,6 +119,7 @@ BUILTIN_STRATEGIES: dict[str, str] = {
 BUILTIN_UNLEARNING: dict[str, str] = {
     "federaser": "strategies.unlearning.federaser:build_federaser",
     "gs-lora": "strategies.unlearning.gs_lora:build_gs_lora",
+    "iau": "strategies.unlearning.iau:build_iau",
     "projection": "strategies.unlearning.projection:build_projection",
     "retrain": "strategies.unlearning.retrain:build_retrain",
     "ssd": "strategies.unlearning.ssd:build_ssd",

@@ -108,12 +108,17 @@ def kill(procs: Iterable[psutil.Process], wait_s: float = KILL_WAIT_S) -> int:
 
 
 def ray_session_dir() -> str | None:
-    """The folder of this process's Ray session, while Ray runs in it."""
+    """The folder of the Ray session this process started, while it runs; None when there is
+    none or when the process joined a cluster it did not start (``ray_address``): that
+    cluster's processes are never the run's to stop."""
     try:
         import ray
 
         if ray.is_initialized():
-            return str(ray._private.worker.global_worker.node.get_session_dir_path())
+            node = ray._private.worker.global_worker.node
+            if not getattr(node, "ray_init_cluster", True):  # joined, not started here
+                return None
+            return str(node.get_session_dir_path())
     except Exception:
         pass
     return None

@@ -52,6 +52,7 @@ STATE_BYTES = "state-bytes"  # and the bytes their values take
 GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
 GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
 HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ran
+WORKER_NODE = "worker-node"  # where it ran: the Ray node's id in a simulation, else the host
 BUFFER_SAMPLES = "buffer-samples"  # raw samples the client's trainer keeps (ClientStore buffers)
 BUFFER_BYTES = "buffer-bytes"  # and the bytes they take
 BUFFER_CLASSES = "buffer-classes"  # the dataset classes they belong to (sorted)
@@ -70,6 +71,9 @@ NODE_DATA_DIR = "data-dir"
 
 # Query message asking a client who it is (sent once at start-up).
 QUERY_IDENTITY = "fedcl.identity"
+# In every message's CONFIG record under ``fedcl simulate``: the partition id the server
+# assigned to the destination node, which stands for the node config's (fedcl.rounds.AssignedGrid).
+ASSIGNED_PARTITION_ID = "assigned-partition-id"
 
 # The client's own slice of Context.state.
 CLIENT_STATE = "fedcl.client"

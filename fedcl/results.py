@@ -46,7 +46,9 @@
                        of the round's training, and the largest CUDA memory an allocator held
                        after it, over the replies; null on CPU), ``client_compute_s`` (the
                        longest a client's train handler ran: the rest of the ``clients``
-                       phase is messaging and scheduling), ``phases`` (seconds of the
+                       phase is messaging and scheduling), ``client_nodes`` (replies per
+                       worker node: Ray node id in a simulation, host name in a deployment),
+                       ``phases`` (seconds of the
                        round in each phase: ``clients`` (sampling, sending, local training,
                        replies), ``screen``, ``aggregate``, ``evaluate``, ``log`` (MLflow and
                        the display), ``end_task`` (in a task's last round), ``checkpoint``; they
@@ -150,6 +152,7 @@ class RoundRecord:
     client_gpu_peak_mb: float | None = None
     client_gpu_reserved_mb: float | None = None
     client_compute_s: float | None = None
+    client_nodes: dict[str, int] = field(default_factory=dict)  # replies per worker node
     phases: dict[str, float] = field(default_factory=dict)
     connected: int | None = None  # clients connected at the round's start
     lost: list[int] = field(default_factory=list)  # partition ids gone since the last round

@@ -118,18 +118,88 @@ def query_partitions(grid: Grid, node_ids: list[int], expected: int, timeout: fl
     return found, problems
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float,
-                     cancel: threading.Event | None) -> dict[int, int]:
-    """Ask every connected node for its partition id; returns partition id -> node id."""
+#: Nodes asked who they are when the server assigns the partitions (:func:`assign_partitions`):
+#: enough for every client process of a simulation to load the ClientApp before round 1.
+WARMUP_NODES = 64
+
+
+class AssignedGrid:
+    """A view of the grid for a federation whose partition ids the server assigns (``fedcl
+    simulate``): the nodes, in the order of their node ids, serve partitions 0, 1, ...; every
+    message pushed through it carries its destination's partition id in its CONFIG record
+    (:data:`~fedcl.protocol.ASSIGNED_PARTITION_ID`), which the client takes for its node
+    config's. No node is asked anything to learn the roster, so start-up costs nothing per
+    client that is never sampled (a query per node would: one ClientApp call each, about
+    30 ms under Flower's simulation engine, minutes for 10^4 clients)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        stamped = []
+        for msg in messages:
+            pid = self.partition_of.get(msg.metadata.dst_node_id)
+            if pid is not None:  # a copy: Flower's strategies share one content record
+                content = RecordDict(dict(msg.content.items()))
+                cfg = msg.content.get(protocol.CONFIG)
+                config = ConfigRecord(dict(cfg) if isinstance(cfg, ConfigRecord) else {})
+                config[protocol.ASSIGNED_PARTITION_ID] = pid
+                content[protocol.CONFIG] = config
+                msg.content = content
+            stamped.append(msg)
+        return self._grid.push_messages(stamped)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
+                      cancel: threading.Event | None) -> dict[int, int]:
+    """Once ``expected`` nodes are registered, assign partition ids by node id order and ask
+    the first :data:`WARMUP_NODES` who they are (which starts their client processes and checks
+    that they take the assignment); returns partition id -> node id. Raises
+    :class:`~fedcl.errors.RunAborted` with one line when too few nodes register in
+    ``timeout`` or a node answers wrongly."""
     deadline = time.monotonic() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected:
+    while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if cancel is not None and cancel.is_set():
             raise RunCancelled("run cancelled")
         if time.monotonic() > deadline:
             raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
                              f"{timeout:.0f} s")
         time.sleep(0.2)
-    roster, problems = query_partitions(grid, node_ids, expected, timeout, cancel)
+    nodes = dict(enumerate(node_ids[:expected]))
+    grid.partition_of = {node: pid for pid, node in nodes.items()}
+    warm = node_ids[:min(expected, WARMUP_NODES)]
+    found, problems = query_partitions(grid, warm, expected, timeout, cancel)  # type: ignore[arg-type]
+    if problems:
+        raise RunAborted(problems[0])
+    wrong = sorted(pid for pid, node in found.items() if grid.partition_of[node] != pid)
+    if wrong or len(found) < len(warm):
+        raise RunAborted(f"{len(warm) - len(found) + len(wrong)} of {len(warm)} clients asked "
+                         "at start-up did not take the partition id the server assigned")
+    return nodes
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float,
+                     cancel: threading.Event | None, startup_timeout: float | None = None
+                     ) -> dict[int, int]:
+    """Wait up to ``timeout`` seconds for ``expected`` nodes to connect, then ask each for its
+    partition id, waiting up to ``startup_timeout`` (default ``timeout``) for the replies,
+    which include starting the nodes' ClientApp processes; returns partition id -> node id."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
+                             f"{timeout:.0f} s (round_timeout_s): start one SuperNode per "
+                             "client, or run with fewer clients")
+        time.sleep(0.2)
+    roster, problems = query_partitions(grid, node_ids, expected,
+                                        timeout if startup_timeout is None else startup_timeout,
+                                        cancel)
     if problems:
         raise RunAborted(problems[0])
     missing = sorted(set(range(expected)) - set(roster))
@@ -197,10 +267,11 @@ class PhaseClock:
         self.last = now
 
 
-def client_reports(replies: list[Message]) -> dict[str, float | None]:
-    """From the clients' own reports: the longest time a train handler ran (s), and the
-    largest CUDA memory peak and allocator reserve (MiB); None where no reply said."""
-    out: dict[str, float | None] = {}
+def client_reports(replies: list[Message]) -> dict[str, Any]:
+    """From the clients' own reports: the longest time a train handler ran (s), the largest
+    CUDA memory peak and allocator reserve (MiB), None where no reply said; and how many
+    replies came from each worker node (``client_nodes``: Ray node id or host name -> count)."""
+    out: dict[str, Any] = {}
     for field_name, key, scale in (("client_compute_s", protocol.HANDLER_SECONDS, 1.0),
                                    ("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES, 2**-20),
                                    ("client_gpu_reserved_mb", protocol.GPU_RESERVED_BYTES,
@@ -208,6 +279,12 @@ def client_reports(replies: list[Message]) -> dict[str, float | None]:
         values = [float(m.content[protocol.CLIENT_INFO][key]) for m in replies
                   if key in m.content[protocol.CLIENT_INFO]]
         out[field_name] = max(values) * scale if values else None
+    nodes: dict[str, int] = {}
+    for m in replies:
+        node = m.content[protocol.CLIENT_INFO].get(protocol.WORKER_NODE)
+        if node is not None:
+            nodes[str(node)] = nodes.get(str(node), 0) + 1
+    out["client_nodes"] = dict(sorted(nodes.items()))
     return out
 
 
@@ -427,7 +504,8 @@ def round_stop_reason(info: RoundInfo, replay: bool, pids: list[int], replies: l
             f"min_train_clients={min_train_clients}{hint}")
 
 
-__all__ = ["CLIENT_STARTUP_TIMEOUT_S", "PhaseClock", "Roster", "RoundOutcome", "SampledGrid",
-           "client_reports", "connected_clients", "discover_clients", "error_line",
+__all__ = ["CLIENT_STARTUP_TIMEOUT_S", "AssignedGrid", "PhaseClock", "Roster", "RoundOutcome",
+           "SampledGrid", "assign_partitions", "client_reports", "connected_clients",
+           "discover_clients", "error_line",
            "keep_dtypes", "purge_stores", "query_partitions", "sample_clients",
            "send_and_receive", "train_round"]

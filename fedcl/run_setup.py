@@ -31,7 +31,7 @@ from fedcl import checkpoint, plugins
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.datasets import DatasetInfo
 from fedcl.data.scenarios import split_classes
-from fedcl.erasure import ErasureRequest, parse_schedule, validate_requests
+from fedcl.erasure import ErasureRequest, in_stream_order, parse_schedule, validate_requests
 from fedcl.errors import ConfigError
 from fedcl.models import ModelSpec
 from fedcl.paths import NAME_MAX, check_folder, name_bytes, quoted, shown
@@ -130,9 +130,17 @@ def default_run_name(config: Config) -> str:
     return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
 
 
+#: The environment variable naming the folder that holds the runs' output folders when
+#: ``output`` is not given (default: ``outputs`` in the working folder). For a SuperLink,
+#: whose ServerApps run in its own working folder, it is where their outputs land.
+OUTPUTS_ENV = "FEDCL_OUTPUTS"
+
+
 def output_folder(config: Config, run_name: str) -> Path:
-    """The output folder: ``output``, else ``outputs/<run name>``."""
-    return Path(config.output) if config.output else Path("outputs") / run_name
+    """The output folder: ``output``, else ``<$FEDCL_OUTPUTS or outputs>/<run name>``."""
+    if config.output:
+        return Path(config.output)
+    return Path(os.environ.get(OUTPUTS_ENV) or "outputs") / run_name
 
 
 def _control_character(text: str) -> str | None:
@@ -265,4 +273,4 @@ def erasure_schedule(config: Config, num_classes: int) -> list[ErasureRequest]:
             if req.klass is not None and first is not None and first > req.task:
                 raise ConfigError(f"erasure '{req.to_text()}': class {req.klass} is first "
                                   f"trained in task {first}, after the request")
-    return sorted(requests, key=lambda r: r.point(config.rounds_per_task))
+    return in_stream_order(requests, config.rounds_per_task)

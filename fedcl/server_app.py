@@ -45,8 +45,10 @@ from fedcl.results import (
 )
 from fedcl.rounds import (
     CLIENT_STARTUP_TIMEOUT_S,
+    AssignedGrid,
     PhaseClock,
     Roster,
+    assign_partitions,
     client_reports,
     connected_clients,
     discover_clients,
@@ -55,6 +57,7 @@ from fedcl.rounds import (
     train_round,
 )
 from fedcl.run_clock import RunClock
+from fedcl.run_events import EventPrinter, WarningEvents
 from fedcl.run_setup import make_output, setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
@@ -98,6 +101,12 @@ class RunControl:
     #: time, in summary.json and in the MLflow run's duration alike
     close_later: bool = False
     closing: Callable[[], None] | None = None  # what :meth:`close` does, once there is a run
+    # Called before every round; raises a FedclError to stop the run with its line (fedcl
+    # simulate's check that no node left the Ray cluster it joined).
+    health: Callable[[], None] | None = None
+    # The server assigns partition ids to nodes (fedcl simulate, where every node is a
+    # simulated client of this run) instead of asking each node for its node config's.
+    assign_partitions: bool = False
 
     def check(self) -> None:
         """Raise :class:`~fedcl.errors.RunCancelled` once the driver asked the run to stop."""
@@ -207,6 +216,8 @@ class LiveRun(TaskStreamDriver):
 
     def run_round(self, info: RoundInfo) -> None:
         p, config, clock = self.state, self.config, self.clock
+        if self.control.health is not None:
+            self.control.health()
         p.global_round = info.round
         connected, lost, back = connected_clients(
             self.roster, self.grid, config, f"round {info.round} (task {info.task})",
@@ -296,6 +307,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     make_output(out_dir)
     tracker = Tracker(tracking_uri, config.experiment, run_name, outbox=out_dir / OUTBOX_FILE)
     control.tracking_uri = tracking_uri
+    if control.assign_partitions:  # fedcl simulate: no node is asked who it is at start-up
+        grid = AssignedGrid(grid)  # type: ignore[assignment]
     erasures = Erasures(grid, config, scenario, evaluator, tracker, out_dir)
     for line in erasures.method.check_requests(config, scenario, schedule):
         log.warning(line)  # a request the method cannot act on (SSD's selection bound)
@@ -331,9 +344,15 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         # the MLflow run is created while the clients start up (each takes seconds)
         starting = _in_background(tracker.start, config.to_dict(), clock.start_unix())
     try:
-        roster = Roster(discover_clients(grid, config.clients,
-                                         max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S),
-                                         control.cancel), config.clients)
+        startup_s = max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S)
+        if isinstance(grid, AssignedGrid):
+            nodes = assign_partitions(grid, config.clients, startup_s, control.cancel)
+        else:
+            # too few nodes connected: the run stops after round_timeout_s; those connected
+            # get longer to answer, since their first answer starts their ClientApp processes
+            nodes = discover_clients(grid, config.clients, config.round_timeout_s,
+                                     control.cancel, startup_timeout=startup_s)
+        roster = Roster(nodes, config.clients)
         if starting is not None:
             control.run_id = starting.result()
         num_tasks = len(scenario.tasks)
@@ -364,6 +383,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         files = write_outputs(summary, out_dir, config.to_toml())
         files += run.strategy.save_state(out_dir)
         summary["output_dir"] = str(out_dir)
+        summary["mlflow_experiment_id"] = tracker.experiment_id  # for the UI's address
 
         def close() -> None:
             summary.update(clock.figures(final=True))
@@ -412,17 +432,33 @@ def build_server_app(config: Config | None = None, control: RunControl | None = 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        ctl = control or RunControl()
-        ctl.started.set()
+        if control is not None:  # `fedcl simulate`: its driver reports the run
+            control.started.set()
+            try:
+                cfg = config if config is not None else Config.from_run_config(
+                    context.run_config)
+                control.summary = run_continual(grid, cfg, control)
+            except BaseException as err:
+                control.error = err
+            finally:
+                control.done.set()
+            return
+        # under `flwr run`: the run's log carries its progress and outcome to whoever follows
+        # it (fedcl.run_events, `fedcl submit`), and Flower marks a failed run failed
+        clock = RunClock.since(0.0)  # the run's time starts with the ServerApp here
+        events = EventPrinter(clock=clock)
+        warnings = WarningEvents(events)
+        log.addHandler(warnings)
         try:
             cfg = config if config is not None else Config.from_run_config(context.run_config)
-            ctl.summary = run_continual(grid, cfg, ctl)
+            summary = run_continual(grid, cfg, RunControl(observer=events, clock=clock))
+            events.on_end(summary)
         except BaseException as err:
-            ctl.error = err
-            if control is None:  # under `flwr run`: let Flower report it
-                raise
+            events.on_failed(str(err) if isinstance(err, FedclError)
+                             else f"{type(err).__name__}: {err}")
+            raise
         finally:
-            ctl.done.set()
+            log.removeHandler(warnings)
 
     return app
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,8 @@ SHUTDOWN_GRACE_S = 30.0
 # ... and then, after a signal, Flower's engine and Ray to shut down (a few seconds) before
 # what is left of them is killed.
 ENGINE_GRACE_S = 15.0
+# Seconds to wait for a Ray cluster's head to accept a connection (ray_address).
+JOIN_PROBE_S = 10.0
 # Seconds between the main thread's looks at the engine.
 POLL_S = 0.25
 
@@ -147,6 +151,8 @@ class _Engine(threading.Thread):
         try:
             with shielded_children():  # Ray's processes ignore the group's signals: see there
                 _start_ray(self.config)
+            if self.config.ray_address:
+                self.control.health = cluster_watch(Path(self.config.output))
             self.session_dir = ray_session_dir()
             self.ray_up.set()
             if not self.control.cancel.is_set():
@@ -161,7 +167,8 @@ class _Engine(threading.Thread):
 def _run(config: Config, observer: RunObserver | None, verbose: bool,
          resume: dict[str, Any] | None, signals: TerminationSignals, owner: OutputOwner,
          out_dir: Path, clock: RunClock) -> dict[str, Any]:
-    control = RunControl(observer=observer, resume=resume, clock=clock, close_later=True)
+    control = RunControl(observer=observer, resume=resume, clock=clock, close_later=True,
+                         assign_partitions=True)
     if resume is not None:  # the MLflow run to mark, should a signal come before it resumes
         control.run_id = resume.get("mlflow_run_id")
         control.tracking_uri = resolve_tracking_uri(config)
@@ -208,6 +215,9 @@ def _run(config: Config, observer: RunObserver | None, verbose: bool,
     if engine is not None and engine.error is not None:
         if isinstance(control.error, FedclError) and not isinstance(control.error, RunCancelled):
             raise control.error
+        if isinstance(engine.error, FedclError):  # e.g. a cluster that cannot be joined
+            _mark_failed(control, str(engine.error))
+            raise engine.error
         cause = engine.error
         while cause.__cause__ is not None:  # Flower wraps the backend's error twice
             cause = cause.__cause__
@@ -302,7 +312,8 @@ def _import_engine() -> SimulationEngine:
 
 def _start_ray(config: Config) -> None:
     """``ray.init`` as Flower's Ray backend would call it (its backend config's init args; the
-    driver's ``sys.path`` as the workers' PYTHONPATH)."""
+    driver's ``sys.path`` as the workers' PYTHONPATH), on a private instance or, with
+    ``config.ray_address``, joining that cluster (:func:`join_cluster`)."""
     import ray
 
     if ray.is_initialized():
@@ -311,8 +322,69 @@ def _start_ray(config: Config) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
-             **backend_config(config)["init_args"])
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if config.ray_address:
+        join_cluster(config.ray_address, runtime_env, backend_config(config)["init_args"])
+        return
+    ray.init(runtime_env=runtime_env, **backend_config(config)["init_args"])
+
+
+def join_cluster(address: str, runtime_env: dict[str, Any], init_args: dict[str, Any]) -> None:
+    """Join the Ray cluster at ``address`` (``auto`` or ``HOST:PORT``) as its driver.
+
+    The ServerApp stays in this process; Flower's engine sizes its pool of client actors from
+    every node's resources (``ray.nodes()``), so actors and cohorts land on every node with
+    the CPUs (and GPUs) a client asks for. Each worker gets the driver's ``sys.path`` as its
+    PYTHONPATH (``runtime_env``): fedcl and the data must sit at the same paths on every
+    node. Leaving (:func:`_shutdown_ray`) only disconnects: the job's actors end with it, the
+    cluster runs on. Raises :class:`~fedcl.errors.RunAborted` with one line when nothing
+    answers at ``address`` (a TCP probe of ``HOST:PORT`` first, within
+    :data:`JOIN_PROBE_S`: Ray itself would retry for minutes)."""
+    import ray
+
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=JOIN_PROBE_S).close()
+        except OSError as err:
+            raise RunAborted(f"cannot join the Ray cluster at ray_address={address!r}: nothing "
+                             f"answers there ({err.strerror or err}); start its head with "
+                             f"`ray start --head --port={port}`") from None
+    try:
+        ray.init(address=address, runtime_env=runtime_env, **init_args)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise RunAborted(f"cannot join the Ray cluster at ray_address={address!r}: "
+                         f"{_first_line(err)}") from None
+
+
+def _alive_nodes() -> dict[str, str]:
+    """The Ray cluster's live nodes: node id -> address."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def cluster_watch(out_dir: Path) -> Callable[[], None]:
+    """A check, run before every round, that every node of the joined cluster that was alive
+    when the run joined still is. Flower's engine keeps a lost node's client actors in its
+    pool, and every message sent to them fails, so a run that went on would lose those
+    clients' updates round after round; it stops instead with one line
+    (:class:`~fedcl.errors.RunAborted`), its MLflow run FAILED and its last checkpoint kept:
+    ``fedcl simulate --resume`` continues it on the nodes the cluster has then. A node that
+    joins later is welcome and not watched."""
+    joined = _alive_nodes()
+
+    def check() -> None:
+        alive = _alive_nodes()
+        gone = sorted(set(joined) - set(alive))
+        if gone:
+            hint = (f"; `fedcl simulate --resume {out_dir}` continues it on the nodes left"
+                    if (out_dir / "checkpoint.pt").is_file() else "")
+            raise RunAborted(f"Ray node {gone[0][:12]} ({joined[gone[0]]}) left the cluster "
+                             f"({len(alive)} of {len(joined)} nodes left); the run stops "
+                             f"here{hint}")
+
+    return check
 
 
 def _output_to(path: Path) -> tuple[int, int]:

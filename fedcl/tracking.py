@@ -11,8 +11,9 @@ One MLflow run per simulation. Params: the whole config (strategy parameters as
 run starts when the run started and ends when they were taken, so its duration is
 ``wall_time_s``). Artifacts: config.toml,
 summary.json, accuracy_matrix.csv, accuracy_matrix.png and accuracy_per_round.png. Tags:
-``fedcl.strategy``, ``fedcl.scenario``,
-``fedcl.dataset``.
+``fedcl.strategy``, ``fedcl.scenario``, ``fedcl.dataset``, ``fedcl.status`` and, when a run
+fails, ``fedcl.error`` (the reason). The experiment carries :data:`EXPERIMENT_KIND_TAG`, so that
+MLflow's UI shows it as model training.
 
 The client is used directly (no fluent API, no global active run), so the tracker is safe to use
 from the ServerApp's thread.
@@ -91,6 +92,30 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
+#: The experiment-level tag that tells MLflow's UI (3.x) what kind of experiment it is, and the
+#: value for classic model training. fedcl sets it on every experiment it logs to. Sources, in
+#: the installed package: the UI's "Experiment type" selector writes this tag
+#: (``setExperimentTag({key: "mlflow.experimentKind", value: kind})`` in
+#: ``mlflow/server/js/build/static/js``, with the kinds ``genai_development``,
+#: ``custom_model_development``, ...), and MLflow's own demo sets ``genai_development`` on its
+#: GenAI experiment (``mlflow/demo/generators/traces.py``). A UI that picks the page by this tag
+#: opens a ``custom_model_development`` experiment on its runs ("Model training"), not on the
+#: GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Kinds that nobody chose (empty, or what MLflow's UI inferred): replaced by EXPERIMENT_KIND.
+UNCHOSEN_KINDS = ("", "no_inferred_type", "genai_development_inferred",
+                  "custom_model_development_inferred")
+
+#: MLflow 3.17's UI also keeps a GenAI / Model training switch per browser (default GenAI, in
+#: its local storage) and takes the page from it rather than from the tag; a link may set it
+#: with this query, which the UI itself adds to its own links. fedcl's links carry it, so they
+#: open with the runs' navigation.
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
+
+#: Where ``mlflow ui`` serves by default.
+MLFLOW_UI_ADDRESS = "http://127.0.0.1:5000"
+
 #: MLflow's limits: a run's name (its ``runs.name`` column) and an experiment's name.
 MAX_RUN_NAME = 250
 MAX_EXPERIMENT_NAME = 500
@@ -160,21 +185,64 @@ def store_lock(tracking_uri: str, timeout_s: float = STORE_LOCK_TIMEOUT_S) -> It
 
 
 def _experiment_id(client: Any, name: str) -> str:
-    """The id of experiment ``name``, made if the store lacks it. Runs started together
-    may both find it missing: the one whose create fails takes the other's."""
+    """The id of experiment ``name``, made if the store lacks it, with the
+    :data:`EXPERIMENT_KIND` tag (set too on an experiment made before without it, or with a
+    kind MLflow's UI only inferred; a kind the user chose stays). Runs started together may
+    both find it missing: the one whose create fails takes the other's."""
     for attempt in range(2):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise FedclError(f"MLflow experiment '{name}' is deleted; "
                                  "restore it or choose another name")
+            if exp.tags.get(EXPERIMENT_KIND_TAG, "") in UNCHOSEN_KINDS:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                          EXPERIMENT_KIND)
             return str(exp.experiment_id)
         try:
-            return str(client.create_experiment(name))
+            return str(client.create_experiment(name,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
         except Exception:
             if attempt:  # not made by another run: the store's own refusal
                 raise
     raise AssertionError("unreachable")
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str,
+                 server: str | None = None) -> str:
+    """The address of a run's page in MLflow's UI: on the tracking server ``tracking_uri``
+    (http or https), or on ``server`` (an ``mlflow ui`` of a local store)."""
+    base = (server or tracking_uri).rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_WORKFLOW_QUERY}"
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The ``mlflow ui`` command that shows a local store (an sqlite file or a file store) from
+    any folder: its path made absolute. None for a server or another scheme."""
+    import shlex
+
+    store = local_store(tracking_uri)
+    if store is None:
+        return None
+    kind, path = store
+    uri = f"sqlite:///{path.absolute()}" if kind == "sqlite" else path.absolute().as_uri()
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def where_to_view(tracking_uri: str, experiment_id: str | None, run_id: str) -> list[str]:
+    """Lines that say how to open a run in MLflow's UI: the run page's address on a tracking
+    server; for a local store, the ``mlflow ui`` command, then the address it serves the run
+    at. [] when neither applies (another scheme)."""
+    if urlparse(tracking_uri).scheme in ("http", "https"):
+        return [f"  {run_page_url(tracking_uri, experiment_id, run_id)}"] if experiment_id else []
+    command = ui_command(tracking_uri)
+    if command is None:
+        return []
+    lines = [f"  view it with: {command}"]
+    if experiment_id:
+        url = run_page_url(tracking_uri, experiment_id, run_id, MLFLOW_UI_ADDRESS)
+        lines.append(f"  then open {url}")
+    return lines
 
 
 def flatten_params(config: dict[str, Any]) -> dict[str, str]:
@@ -203,6 +271,7 @@ class Tracker:
         self.experiment = experiment
         self.run_name = run_name
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.outbox = outbox
         self.retry_every_s = retry_every_s
         self._client: Any = None
@@ -253,6 +322,7 @@ class Tracker:
                              f"{_first_line(err)}") from None
         self._client = client
         self.run_id = run.info.run_id
+        self.experiment_id = exp_id
         params = [Param(k, v[:6000]) for k, v in flatten_params(config).items()]
         for i in range(0, len(params), 100):
             client.log_batch(self.run_id, params=params[i:i + 100],
@@ -270,6 +340,7 @@ class Tracker:
             raise FedclError(f"cannot resume: MLflow run {run_id} not found at "
                              f"{self.tracking_uri}") from None
         self._client, self.run_id = client, run.info.run_id
+        self.experiment_id = str(run.info.experiment_id)
         if self.outbox is not None and self.outbox.exists():
             self._pending = read_outbox(self.outbox, run_id)[1]
         self._start_sender()

@@ -27,6 +27,7 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
+from fedcl.unlearning_math import gradient_restriction_term
 
 
 def resolve_device(name: str) -> torch.device:
@@ -241,10 +242,17 @@ class LocalTrainer:
                     loss = batch_loss(ctx, model, inputs, targets)
                         # by default cross-entropy of model(inputs, ctx.head),
                         # + extra_loss(ctx, outputs, inputs, targets) unless None
+                    loss = loss + alpha * sum_i ||d loss / d w_i||_2  # unless alpha = 0
                     loss = loss + regularizer(ctx, params, reference)  # unless None
                     every optimizer's zero_grad; loss.backward(); every optimizer's step
                 after_epoch(ctx, epoch)
         after_training(ctx, result)         # the client app, with the trained model
+
+    ``alpha`` is the run's ``config.gradient_restriction``: IAU's gradient-restriction term
+    (:func:`~fedcl.unlearning_math.gradient_restriction_term`, by double backprop over the
+    model's trainable parameters), on the loss :meth:`batch_loss` returns, whatever the
+    trainer; so every strategy's clients can train with it. It never sees the regularizer
+    (FedProx's proximal term).
 
     A cohort (``cohort_size`` > 1, :mod:`fedcl.cohort_training`) trains its members as one
     batched computation that runs only :meth:`regularizer` (each member with its own context)
@@ -371,6 +379,8 @@ class LocalTrainer:
         steps = 0
         x_dev, y_dev = ctx.x.to(ctx.device), ctx.y.to(ctx.device)
         self.before_training(ctx, model)
+        restriction = ctx.config.gradient_restriction
+        trainable = [p for p in params if p.requires_grad]
         for epoch in range(ctx.config.local_epochs):
             self.before_epoch(ctx, epoch)
             order = torch.randperm(n, generator=gen).to(ctx.device)
@@ -378,6 +388,8 @@ class LocalTrainer:
                 batch = order[start:start + ctx.config.batch_size]
                 inputs = self.batch_inputs(ctx, x_dev[batch])
                 loss = self.batch_loss(ctx, model, inputs, y_dev[batch])
+                if restriction > 0:
+                    loss = loss + restriction * gradient_restriction_term(loss, trainable)
                 extra = self.regularizer(ctx, params, reference)
                 if extra is not None:
                     loss = loss + extra

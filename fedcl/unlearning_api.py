@@ -116,11 +116,13 @@ class UnlearningJob:
         """Clients that keep data after the request."""
         return [q for q in self.connected() if q not in self.after.clients]
 
-    def sample(self, pool: list[int], step: int, salt: int) -> list[int]:
-        """``max(1, int(fraction_train * len(pool)))`` clients of ``pool`` for step ``step`` of
-        a method (``salt`` tells methods apart), seeded by the run seed and the request's
-        round."""
-        k = sample_size(len(pool), self.config.fraction_train)
+    def sample(self, pool: list[int], step: int, salt: int, fraction: float | None = None
+               ) -> list[int]:
+        """``max(1, int(fraction * len(pool)))`` clients of ``pool`` (``fraction``: the run's
+        ``fraction_train`` unless given) for step ``step`` of a method (``salt`` tells methods
+        apart), seeded by the run seed and the request's round."""
+        share = self.config.fraction_train if fraction is None else fraction
+        k = sample_size(len(pool), share)
         rng = np.random.default_rng([self.config.seed, self.progress.global_round, step, salt])
         return sorted(int(q) for q in rng.choice(pool, size=k, replace=False))
 

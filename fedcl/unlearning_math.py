@@ -28,6 +28,13 @@ detail open); the unlearning methods in ``strategies/unlearning/`` are built on 
   clients' products ``B_k A_k`` (what merging each client's adapters would add, averaged), not
   ``mean(B) mean(A)``.
 - :func:`relative_distance`: relative L2 distance between two sets of weights.
+- :func:`gradient_restriction_term`: IAU's gradient-restriction (GR) term, the sum over
+  parameter tensors of the L2 norm of the loss's gradient, differentiable (double backprop)
+  so that training can minimise it (Liu, Wu, Lian and Chen, "Efficient Machine Unlearning via
+  Influence Approximation", arXiv 2507.23257, and their code).
+- :func:`fresh_adam_step` and :func:`sgd_step`: IAU's one unlearning step on a given
+  gradient; a fresh Adam's bias-corrected first step is ``lr * g / (|g| + eps)``, about
+  ``lr * sign(g)`` per coordinate.
 """
 
 from __future__ import annotations
@@ -189,6 +196,61 @@ def relative_distance(a: Tensors, b: Tensors) -> float:
     return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
 
 
-__all__ = ["entropy_mia", "federaser_calibrate", "fisher_importance", "linear_cka",
-           "prediction_entropy", "project_forget_gradient", "relative_distance", "ssd_dampen",
+def gradient_restriction_term(loss: torch.Tensor, params: Iterable[torch.Tensor]
+                              ) -> torch.Tensor:
+    """``sum_i ||d loss / d params_i||_2`` over the tensors ``params`` (each norm over all of
+    the tensor's entries), as a scalar tensor that stays differentiable in ``params``: the
+    gradient is taken with ``create_graph=True``, so ``backward`` of a loss holding this term
+    differentiates through it (double backprop). A tensor the loss does not reach (another
+    task's head) adds 0. ``loss`` is a scalar with a graph to ``params``; raises ValueError for
+    a non-scalar loss. The norm's gradient at a zero gradient is taken as 0 (PyTorch's
+    subgradient). IAU trains with ``CE + alpha * gradient_restriction_term(CE, params)``,
+    alpha 0.005 (Liu et al., arXiv 2507.23257)."""
+    if loss.dim() != 0:
+        raise ValueError(f"the gradient-restriction term needs a scalar loss, got shape "
+                         f"{tuple(loss.shape)}")
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    norms = [torch.linalg.vector_norm(g) for g in grads if g is not None]
+    if not norms:
+        return loss.new_zeros(())
+    return torch.stack(norms).sum()
+
+
+def fresh_adam_step(params: Tensors, grads: Tensors, lr: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+                    ) -> dict[str, torch.Tensor]:
+    """One step of Adam from a fresh state (moments zero, step 1), as ``torch.optim.Adam``
+    takes it (no weight decay, no amsgrad), for every name in ``grads``:
+    ``m = (1 - b1) g``, ``v = (1 - b2) g^2``, ``m_hat = m / (1 - b1)``,
+    ``v_hat = v / (1 - b2)``, ``theta - lr * m_hat / (sqrt(v_hat) + eps)``. The bias
+    corrections cancel the moments' factors, so the step is ``lr * g / (|g| + eps)``: about
+    ``lr * sign(g)`` wherever ``|g| >> eps``, whatever the gradient's scale. Computed in
+    float64 and returned in each parameter's dtype; a parameter without a gradient is left
+    out. Raises ValueError for ``lr <= 0`` or betas outside [0, 1)."""
+    b1, b2 = betas
+    if not lr > 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"Adam needs lr > 0 and betas in [0, 1), got lr={lr}, betas={betas}")
+    out = {}
+    for name, g in grads.items():
+        theta, g64 = params[name], g.double()
+        m_hat = (1 - b1) * g64 / (1 - b1)
+        v_hat = (1 - b2) * g64 * g64 / (1 - b2)
+        step = lr * m_hat / (v_hat.sqrt() + eps)
+        out[name] = (theta.double() - step).to(theta.dtype)
+    return out
+
+
+def sgd_step(params: Tensors, grads: Tensors, lr: float) -> dict[str, torch.Tensor]:
+    """``theta - lr * g`` for every name in ``grads``, in float64, returned in each
+    parameter's dtype. Raises ValueError for ``lr <= 0``."""
+    if not lr > 0:
+        raise ValueError(f"SGD needs lr > 0, got {lr}")
+    return {name: (params[name].double() - lr * g.double()).to(params[name].dtype)
+            for name, g in grads.items()}
+
+
+__all__ = ["entropy_mia", "federaser_calibrate", "fisher_importance", "fresh_adam_step",
+           "gradient_restriction_term", "linear_cka", "prediction_entropy",
+           "project_forget_gradient", "relative_distance", "sgd_step", "ssd_dampen",
            "weighted_mean"]

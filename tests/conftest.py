@@ -140,6 +140,7 @@ class MlflowServer:
             self.port = sock.getsockname()[1]
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []  # more `mlflow server` options
 
     def start(self, timeout: float = 120) -> None:
         import time
@@ -153,7 +154,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(exe), "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
+             "--port", str(self.port), "--workers", "1", *self.extra_args],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             # no background job workers (MLflow's GenAI jobs): idle processes that poll the CPU
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})

@@ -88,6 +88,23 @@ SIMULATE_CASES = [
                  id="param-unknown-for-fedavg"),
     pytest.param(["--strategy", "fedprox", "--strategy-param", "proximal_mu=-1"],
                  "proximal_mu must be >= 0", id="param-negative-mu"),
+    pytest.param(["--gradient-restriction", "-0.005"],
+                 "gradient_restriction must be a number >= 0, got -0.005",
+                 id="gradient-restriction-negative"),
+    pytest.param(["--gradient-restriction", "nan"],
+                 "config key 'gradient_restriction' in the command line must be a finite number",
+                 id="gradient-restriction-nan"),
+    pytest.param(["--gradient-restriction", "0.005", "--cohort-size", "2"],
+                 "gradient_restriction > 0 cannot train in cohorts (cohort_size > 1)",
+                 id="gradient-restriction-cohort"),
+    pytest.param(["--unlearning", "iau", "--unlearning-param", "optimizer=rmsprop"],
+                 "iau optimizer must be one of adam, sgd, got 'rmsprop'", id="iau-optimizer"),
+    pytest.param(["--unlearning", "iau", "--unlearning-param", "retain_fraction=1.5"],
+                 "iau retain_fraction must be in (0, 1], got 1.5", id="iau-retain-fraction"),
+    pytest.param(["--unlearning", "iau", "--unlearning-param", "lr=-1"],
+                 "iau lr must be a positive number, got -1", id="iau-lr"),
+    pytest.param(["--unlearning", "iau", "--unlearning-param", "steps=2"],
+                 "unknown parameter 'steps' for unlearning method 'iau'", id="iau-unknown"),
     pytest.param(["--strategy-param", "novalue"],
                  "--strategy-param needs KEY=VALUE, got 'novalue'", id="param-no-equals"),
     pytest.param(["--device", "cuda"], "no CUDA GPU", id="device-cuda",
@@ -157,7 +174,7 @@ def test_strategies_lists_each_with_its_summary_and_parameters(tmp_path: Path,
         for line in section.splitlines()[1:]:
             if not line[0].isspace():
                 assert len(line.split()) > 1, f"no summary: {line!r}"
-    assert entries[1] == ["federaser", "gs-lora", "projection", "retrain", "ssd"]
+    assert entries[1] == ["federaser", "gs-lora", "iau", "projection", "retrain", "ssd"]
     assert {"fedavg", "fedprox", "fot", "prd"} <= set(entries[0])
     assert {"mlp", "cnn", "resnet18"} <= set(entries[2]) and "mnist" in entries[3]
     assert "\n  proximal_mu: float = 0.01  Weight mu of the proximal term" in result.stdout

@@ -142,12 +142,28 @@ def federation() -> Iterator[Federation]:
         assert not left, f"processes left running: {left}"
 
 
+def submit(federation: Federation, *args: str, timeout: float = 600
+           ) -> subprocess.CompletedProcess[str]:
+    """``fedcl submit`` (as an operator runs it, from a checkout) against ``fed``."""
+    return subprocess.run([sys.executable, "-m", "fedcl.cli", "submit", *args], cwd=ROOT,
+                          env=federation.env, capture_output=True, text=True, timeout=timeout)
+
+
+def runs_on(federation: Federation) -> list[dict]:
+    """The SuperLink's runs, as ``flwr ls --format json`` lists them."""
+    res = subprocess.run([str(BIN / "flwr"), "ls", "fed", "--format", "json"],
+                         env=federation.env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return json.loads(res.stdout)["runs"]
+
+
 def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Path) -> None:
     """Two registered SuperNodes verify the SuperLink's certificate against the federation's
-    CA and sign in with their keys; `flwr run` (over TLS too) runs a 2-task class-IL job;
-    summary.json and the MLflow run agree. A SuperNode with an unregistered key, and one that
-    connects without TLS (and so without a key: Flower allows keys only over TLS), are refused
-    with Flower's error line."""
+    CA and sign in with their keys; `fedcl submit` sends the app over TLS as `flwr run` does,
+    shows fedcl's progress per round, the accuracy matrix and where the outputs and the
+    MLflow run are, and exits 0; summary.json and the MLflow run agree. A SuperNode with an
+    unregistered key, and one that connects without TLS (and so without a key: Flower allows
+    keys only over TLS), are refused with Flower's error line."""
     federation.connect_cli()
     for key in range(2):  # key 2 stays unregistered
         federation.register(key)
@@ -157,13 +173,27 @@ def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Pa
     overrides = (f"clients=2 tasks=2 rounds-per-task=1 partition='iid' "
                  f"eval-samples-per-task=300 experiment='deployment' output='{out}' "
                  f"tracking-uri='sqlite:///{db}' round-timeout-s=300")
-    res = subprocess.run([str(BIN / "flwr"), "run", ".", "fed", "--run-config", overrides,
-                          "--stream"], cwd=ROOT, env=federation.env, capture_output=True,
-                         text=True, timeout=600)
+    res = submit(federation, "fed", "--run-config", overrides)
     logs = "\n".join(federation.log(f"supernode-{i}.log")[-2000:] for i in range(2))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:] + logs
+    lines = res.stdout.splitlines()
+    run_id = runs_on(federation)[0]["run-id"]
+    assert lines[0] == (f"fedcl: run {run_id} submitted to SuperLink 'fed' "
+                        f"({federation.address}); waiting for its SuperNodes")
+    assert lines[1].startswith("fedcl: fedavg on mnist class-il, 2 tasks (0-1) x 1 rounds, 2 "
+                               "clients")
+    assert lines[2].startswith("task 0 of 0-1  round 1/1  avg acc ")
+    assert lines[3].startswith("task 1 of 0-1  round 1/1  avg acc ")
+    assert lines[4].startswith("accuracy (%)   task0   task1")
+    assert f"summary: {out}/summary.json (on the SuperLink's host)" in lines
+    assert res.stderr == ""
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_clients"] == 2 and summary["num_tasks"] == 2
+    # the run's time (from the ServerApp's start on the SuperLink) as the table shows it
+    times = [summary[k] for k in ("time_startup_s", "time_rounds_s", "time_shutdown_s")]
+    assert sum(times) == pytest.approx(summary["wall_time_s"])
+    assert sum(r["seconds"] for r in summary["rounds"]) == pytest.approx(times[1])
+    assert f"wall time {summary['wall_time_s']:.1f} s = start-up {times[0]:.1f} s" in res.stdout
     assert [r["clients"] for r in summary["rounds"]] == [2, 2]
     matrix = summary["accuracy_matrix"]
     assert len(matrix) == 2 and matrix[0][0] > 0.8
@@ -172,6 +202,9 @@ def test_tls_federation_runs_a_two_task_job(federation: Federation, tmp_path: Pa
     assert [r["status"] for r in runs] == ["FINISHED"]
     assert runs[0]["run_id"] == summary["mlflow_run_id"]
     assert runs[0]["metrics"]["acc"] == pytest.approx(summary["acc"])
+    assert (f"MLflow run {summary['mlflow_run_id']} in sqlite:///{db} (experiment "
+            f"'deployment'): mlflow ui --backend-store-uri sqlite:///{db}") in lines
+    assert f"ACC {summary['acc'] * 100:.2f}%" in res.stdout
 
     # (a SuperNode's ClientApp runner would keep a captured pipe open: log to files instead)
     refused = {name: federation.start([*args, "--max-retries", "1", "--max-wait-time", "10"],
@@ -233,3 +266,113 @@ def test_a_killed_supernode_leaves_and_the_run_goes_on(federation: Federation,
         float(r["connected"]) for r in rounds]
     assert [v for _, v in tracking.metric_history(uri, run["run_id"], "failures")] == [
         float(r["failures"]) for r in rounds]
+
+
+def test_submit_names_what_stopped_a_run(federation: Federation, tmp_path: Path) -> None:
+    """`fedcl submit` names a run config key the app does not declare before anything is
+    sent (no run appears on the SuperLink); a run that the ServerApp stops (an unknown
+    strategy, no clients, too few SuperNodes connected within round_timeout_s) ends the
+    command with fedcl's one line, no traceback, and exit status 1, and the SuperLink has
+    it as failed."""
+    federation.connect_cli()
+    bad = submit(federation, "fed", "--run-config", "clients=2 rounds-per-tsk=1")
+    assert bad.returncode == 2
+    assert bad.stderr == ("fedcl: error: --run-config: unknown key 'rounds-per-tsk' (did you "
+                          "mean 'rounds-per-task'?): the app's pyproject.toml declares the "
+                          "keys a run takes (`fedcl config --flower` lists them)\n")
+    assert runs_on(federation) == []
+
+    out = tmp_path / "out"
+    cases = {"strategy='nope'": "unknown strategy 'nope'",
+             "clients=0": "clients must be a positive integer, got 0",
+             "clients=2 round-timeout-s=2": "only 0 of 2 clients connected within 2 s "
+                                            "(round_timeout_s)"}
+    for i, (overrides, cause) in enumerate(cases.items()):
+        before = {r["run-id"] for r in runs_on(federation)}
+        started = time.monotonic()
+        res = submit(federation, "fed", "--run-config",
+                     f"{overrides} output='{out}-{i}' tracking-uri='sqlite:///{tmp_path}/m.db'",
+                     timeout=240)
+        assert res.returncode == 1, overrides + res.stdout + res.stderr
+        assert time.monotonic() - started < 90, overrides  # not the 300 s start-up allowance
+        assert "Traceback" not in res.stdout + res.stderr, overrides
+        error = res.stderr.splitlines()
+        assert len(error) == 1, res.stderr
+        [run_id] = {r["run-id"] for r in runs_on(federation)} - before
+        assert error[0].startswith(f"fedcl: error: run {run_id} failed: "), error
+        assert cause in error[0], error
+        assert error[0].endswith(f"(`flwr log {run_id} fed` shows its log)")
+    assert [r["status"] for r in runs_on(federation)] == ["finished:failed"] * 3
+
+
+OUTSIDER_APP = '''
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid, context):
+    with open(context.run_config["marker"], "w") as out:
+        out.write("ran on the SuperLink's host")
+'''
+
+
+def test_what_tls_and_supernode_authentication_protect(federation: Federation,
+                                                        tmp_path: Path) -> None:
+    """README.md's security model, claim by claim. Protected: a client that does not hold
+    the federation's CA certificate (none, or another CA's) cannot connect, neither `fedcl
+    submit` nor a SuperNode. Not protected: anyone who reaches the SuperLink's port with the
+    (public) CA certificate registers a SuperNode key of their own and starts a run of their
+    own app, whose ServerApp code runs on the SuperLink's host; account authentication, which
+    would restrict that, is not in this Flower distribution."""
+    federation.connect_cli()
+    config = federation.home / "flwr" / "config.toml"
+    config.write_text(config.read_text() + f'[superlink.nocert]\naddress = '
+                      f'"{federation.address}"\n')
+    other_ca = tmp_path / "other"
+    make_federation_certs(other_ca, ["127.0.0.1"], supernodes=0)
+
+    res = submit(federation, "nocert", timeout=180)  # the system's CAs do not vouch for it
+    assert res.returncode == 1 and len(res.stderr.splitlines()) == 1, res.stdout + res.stderr
+    assert res.stderr.startswith("fedcl: error: the SuperLink 'nocert'")
+    federation.register(0)
+    args = federation.supernode_args(0, 1, key=0)
+    args[args.index("--root-certificates") + 1] = str(other_ca / "ca.crt")
+    node = federation.start([*args, "--max-retries", "1", "--max-wait-time", "10"],
+                            "other-ca.log")
+    assert node.wait(timeout=120) != 0
+    assert "could not establish a connection to the SuperLink" in federation.log("other-ca.log")
+    assert runs_on(federation) == []
+
+    # an outsider: only the CA certificate, no key of the federation's
+    app = tmp_path / "outsider"
+    app.mkdir()
+    marker = tmp_path / "marker.txt"
+    (app / "outsider.py").write_text(OUTSIDER_APP)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "outsider"\nversion = "1.0.0"\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n'
+        '[tool.flwr.app.components]\nserverapp = "outsider:app"\nclientapp = "outsider:client"\n'
+        f'[tool.flwr.app.config]\nmarker = "{marker}"\n')
+    federation.register(3)  # a key nobody of the federation made: accepted
+    res = subprocess.run([str(BIN / "flwr"), "run", str(app), "fed"], env=federation.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, federation.log("superlink.log")[-3000:]
+        time.sleep(0.5)
+    assert marker.read_text() == "ran on the SuperLink's host"
+
+    # the Control API's account authentication (OIDC) needs Flower Enterprise
+    res = subprocess.run([str(BIN / "flower-superlink"), "--insecure", "--port",
+                          str(free_port()), "--host", "127.0.0.1"],
+                         env={**federation.env, "FLWR_OIDC_ENABLED": "1"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "OIDC account authentication is unavailable in this Flower distribution" in (
+        res.stdout + res.stderr)

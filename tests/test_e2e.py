@@ -98,6 +98,15 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     assert len(runs) == 1
     run = runs[0]
     assert run["run_id"] == s["mlflow_run_id"] and run["status"] == "FINISHED"
+    # ... and the command's last lines say how to see it: the exact `mlflow ui` command (the
+    # store's absolute path: it works from any folder) and the run's page it then serves
+    exp_id = tracking._client(uri).get_experiment_by_name("e2e").experiment_id
+    db = (tmp_path / "mlflow.db").resolve()
+    assert res.stdout.strip().splitlines()[-3:] == [
+        f"MLflow run {run['run_id']} in sqlite:///mlflow.db (experiment 'e2e')",
+        f"  view it with: mlflow ui --backend-store-uri sqlite:///{db}",
+        f"  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run['run_id']}"
+        "?workflowType=machine_learning"]
     assert run["params"]["strategy"] == "fedavg" and run["params"]["clients"] == "3"
     assert run["metrics"]["acc"] == pytest.approx(s["acc"])
     assert run["metrics"]["forgetting"] == pytest.approx(s["forgetting"])

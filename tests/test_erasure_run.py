@@ -136,8 +136,10 @@ def test_federaser_under_fot_forgets_a_class_and_a_client(tmp_path: Path,
 
     rows = json.loads(compare("unlearn", f"sqlite:///{tmp_path / 'mlflow.db'}", fmt="json"))
     assert rows[0]["unlearning"] == "federaser"
-    assert rows[0]["e1_forget_acc"] == pytest.approx(second["forget_acc"])
-    assert rows[0]["e0_oracle_seconds"] == pytest.approx(first["oracle"]["seconds"])
+    # erasure columns are named by their request: erasure 1 is client 2's at round 2 of task 1
+    assert rows[0]["client=2@t1r2 forget_acc"] == pytest.approx(second["forget_acc"])
+    assert rows[0]["class=1@t0 oracle_seconds"] == pytest.approx(first["oracle"]["seconds"])
+    assert rows[0]["class=1@t0 mia"] == pytest.approx(first["mia"])
 
 
 def test_a_failing_unlearning_keeps_the_model_and_marks_the_run(tmp_path: Path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedcl.compare import format_table, rows_for
+from fedcl.compare import compare_runs, format_table
 from fedcl.config import Config, reference_accuracies
 from fedcl.errors import ConfigError
 from fedcl.progress import format_matrix
@@ -61,10 +61,12 @@ def test_a_bad_reference_is_one_line(text: str, phrase: str) -> None:
 
 
 def test_compare_shows_learning_accuracy_and_intransigence() -> None:
-    run = {"run_name": "a", "status": "FINISHED", "run_id": "1", "params": {"strategy": "fot"},
+    run = {"run_name": "a", "status": "FINISHED", "run_id": "1", "experiment": "x",
+           "params": {"strategy": "fot"}, "tags": {},
            "metrics": {"acc": 0.33, "forgetting": 0.0, "learning_accuracy": 0.33}}
-    rows = rows_for([run])
-    assert rows[0]["learning_acc"] == 0.33 and rows[0]["intransigence"] is None
-    header = format_table(rows).splitlines()[0].split()
-    assert header[header.index("learning_acc") + 1] == "%"
-    assert "33.00" in format_table(rows).splitlines()[1].split()
+    comparison = compare_runs([run], ["x"])
+    assert comparison.rows[0]["learning_accuracy"] == 0.33
+    assert comparison.rows[0]["intransigence"] is None
+    lines = format_table(comparison).splitlines()
+    assert "accuracy %" in lines[1] and "intransigence" not in lines[1]  # where present
+    assert lines[3].split()[:5] == ["fot", "FINISHED", "33.00", "0.00", "33.00"]

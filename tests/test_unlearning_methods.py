@@ -180,28 +180,31 @@ def test_gs_lora_group_lasso_and_merge() -> None:
 
 
 def test_compare_shows_erasure_columns_only_when_present() -> None:
-    from fedcl.compare import COLUMNS, format_csv, format_table, rows_for
+    from fedcl.compare import ERASURE_METRICS, compare_runs, format_csv, format_table
 
-    plain = {"run_name": "a", "status": "FINISHED", "run_id": "1",
-             "params": {"strategy": "fedavg", "unlearning": "retrain"},
+    plain = {"run_name": "a", "status": "FINISHED", "run_id": "1", "experiment": "x",
+             "tags": {}, "params": {"strategy": "fedavg", "unlearning": "retrain",
+                                     "rounds_per_task": "2"},
              "metrics": {"acc": 0.5}}
-    assert list(rows_for([plain])[0]) == [c for c, _, _ in COLUMNS]
-    erased = {"run_name": "b", "status": "FINISHED", "run_id": "2",
-              "params": {"strategy": "fot", "unlearning": "ssd"},
+    alone = compare_runs([plain], ["x"])
+    assert "unlearning" not in alone.rows[0] and alone.requests == []
+    assert "erasures" not in format_table(alone)
+    erased = {"run_name": "b", "status": "FINISHED", "run_id": "2", "experiment": "x",
+              "tags": {}, "params": {"strategy": "fot", "unlearning": "ssd",
+                                     "erasures": "class=3,after-task=0", "rounds_per_task": "2"},
               "metrics": {"acc": 0.25, "erasure_0_forget_acc": 0.125, "erasure_0_seconds": 3.0,
                           "erasure_0_oracle_forget_acc": 0.0, "erasure_0_weights": 0.0625}}
-    rows = rows_for([plain, erased])
-    cols = list(rows[0])
+    both = compare_runs([plain, erased], ["x"])
+    cols = list(both.rows[0])
     assert cols[-1] == "run_id" and "unlearning" in cols
-    assert cols.index("e0_forget_acc") < cols.index("e0_oracle_forget_acc")
-    assert "e1_forget_acc" not in cols
-    assert rows[1]["e0_forget_acc"] == 0.125 and rows[0]["e0_forget_acc"] is None
-    table = format_table(rows).splitlines()
-    header = table[0].split()
-    assert "e0_forget_acc" in header and header[header.index("e0_forget_acc") + 1] == "%"
-    cells = table[2].split()
-    assert "12.50" in cells and "3.0" in cells and "0.0625" in cells
-    assert format_csv(rows).splitlines()[0].split(",") == cols
+    assert [c for c in cols if "@" in c] == [f"class=3@t0 {m}" for m in ERASURE_METRICS]
+    assert both.rows[1]["class=3@t0 forget_acc"] == 0.125
+    assert both.rows[0]["class=3@t0 forget_acc"] is None
+    table = format_table(both, width=200).splitlines()
+    at = table.index("erasures")
+    assert table[at + 4].split() == ["fot", "erasures=class=3@t0", "class=3@t0", "ssd",
+                                     "12.50", "3.0", "0.00", "0.0625"]
+    assert format_csv(both).splitlines()[0].split(",") == cols
 
 
 def test_gs_lora_client_step_ascends_the_forget_loss_up_to_the_bound() -> None:

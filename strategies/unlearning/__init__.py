@@ -10,7 +10,8 @@ go on with. Work on client data runs on the clients, as named operations of a QU
 (:mod:`fedcl.client_ops`).
 
 Methods: ``retrain`` (the exact oracle, also what every other method is judged against),
-``ssd``, ``federaser``, ``projection``, ``gs-lora``; see each module.
+``ssd``, ``federaser``, ``projection``, ``gs-lora``, ``iau`` (whose training half is the
+config field ``gradient_restriction``); see each module.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedcl import plugins
-from fedcl.client_ops import ClientData, operation
+from fedcl.client_ops import ClientData, mean_gradient, operation
 from fedcl.data.datasets import to_float
 from fedcl.erasure import original_labels, original_test_labels, request_split
 from fedcl.errors import ConfigError
@@ -64,25 +64,6 @@ class ProjectionParams:
             raise ConfigError(f"projection lr must be positive, got {self.lr}")
         if self.bound < 0:
             raise ConfigError(f"projection bound must be >= 0, got {self.bound}")
-
-
-def mean_gradient(data: ClientData, which: str) -> tuple[dict[str, torch.Tensor], float, int]:
-    """Gradient of the mean cross-entropy over the client's ``which`` samples, that loss, and
-    the sample count."""
-    model = data.model
-    model.eval()
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    grads = {k: torch.zeros_like(p) for k, p in params.items()}
-    n = data.count(which)
-    total = 0.0
-    for x, y, head in data.batches(which, 256):
-        loss = torch.nn.functional.cross_entropy(model(x, head), y, reduction="sum") / n
-        got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for k, g in zip(params, got, strict=True):
-            if g is not None:
-                grads[k] += g
-        total += float(loss)
-    return {k: g.cpu() for k, g in grads.items()}, total, n
 
 
 @operation("projection.gradients")
