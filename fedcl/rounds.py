@@ -154,6 +154,21 @@ class AssignedGrid:
         return getattr(self._grid, name)
 
 
+def wait_for_nodes(grid: Grid | AssignedGrid, expected: int, timeout: float,
+                   cancel: threading.Event | None, hint: str = "") -> list[int]:
+    """The node ids connected once ``expected`` are; raises :class:`RunCancelled` on cancel
+    and :class:`RunAborted` (its line ending in ``hint``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if cancel is not None and cancel.is_set():
+            raise RunCancelled("run cancelled")
+        if time.monotonic() > deadline:
+            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
+                             f"{timeout:.0f} s{hint}")
+        time.sleep(0.2)
+    return node_ids
+
+
 def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
                       cancel: threading.Event | None) -> dict[int, int]:
     """Once ``expected`` nodes are registered, assign partition ids by node id order and ask
@@ -161,24 +176,17 @@ def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
     that they take the assignment); returns partition id -> node id. Raises
     :class:`~fedcl.errors.RunAborted` with one line when too few nodes register in
     ``timeout`` or a node answers wrongly."""
-    deadline = time.monotonic() + timeout
-    while len(node_ids := sorted(grid.get_node_ids())) < expected:
-        if cancel is not None and cancel.is_set():
-            raise RunCancelled("run cancelled")
-        if time.monotonic() > deadline:
-            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
-                             f"{timeout:.0f} s")
-        time.sleep(0.2)
+    node_ids = sorted(wait_for_nodes(grid, expected, timeout, cancel))
     nodes = dict(enumerate(node_ids[:expected]))
     grid.partition_of = {node: pid for pid, node in nodes.items()}
     warm = node_ids[:min(expected, WARMUP_NODES)]
     found, problems = query_partitions(grid, warm, expected, timeout, cancel)  # type: ignore[arg-type]
     if problems:
         raise RunAborted(problems[0])
-    wrong = sorted(pid for pid, node in found.items() if grid.partition_of[node] != pid)
-    if wrong or len(found) < len(warm):
-        raise RunAborted(f"{len(warm) - len(found) + len(wrong)} of {len(warm)} clients asked "
-                         "at start-up did not take the partition id the server assigned")
+    took = sum(grid.partition_of[node] == pid for pid, node in found.items())
+    if took < len(warm):
+        raise RunAborted(f"{len(warm) - took} of {len(warm)} clients asked at start-up did not "
+                         "take the partition id the server assigned")
     return nodes
 
 
@@ -188,15 +196,9 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
     """Wait up to ``timeout`` seconds for ``expected`` nodes to connect, then ask each for its
     partition id, waiting up to ``startup_timeout`` (default ``timeout``) for the replies,
     which include starting the nodes' ClientApp processes; returns partition id -> node id."""
-    deadline = time.monotonic() + timeout
-    while len(node_ids := list(grid.get_node_ids())) < expected:
-        if cancel is not None and cancel.is_set():
-            raise RunCancelled("run cancelled")
-        if time.monotonic() > deadline:
-            raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
-                             f"{timeout:.0f} s (round_timeout_s): start one SuperNode per "
-                             "client, or run with fewer clients")
-        time.sleep(0.2)
+    node_ids = wait_for_nodes(grid, expected, timeout, cancel,
+                              " (round_timeout_s): start one SuperNode per client, or run with "
+                              "fewer clients")
     roster, problems = query_partitions(grid, node_ids, expected,
                                         timeout if startup_timeout is None else startup_timeout,
                                         cancel)
