@@ -139,6 +139,15 @@ def worker_node() -> str:
     return socket.gethostname()
 
 
+def physical_gpu(device: torch.device) -> str:
+    """The physical index of CUDA ``device``: its position in ``CUDA_VISIBLE_DEVICES`` (which
+    Ray sets for each actor to the GPUs it was given) where that names GPUs, else the index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 def _info(context: Context, device: torch.device | None = None,
           partition_id: int | None = None, started: float | None = None,
           store: ClientStore | None = None) -> ConfigRecord:
@@ -159,6 +168,7 @@ def _info(context: Context, device: torch.device | None = None,
     if device is not None and device.type == "cuda":
         info[protocol.GPU_PEAK_BYTES] = int(torch.cuda.max_memory_allocated(device))
         info[protocol.GPU_RESERVED_BYTES] = int(torch.cuda.memory_reserved(device))
+        info[protocol.GPU_ID] = physical_gpu(device)
     return info
 
 

@@ -34,7 +34,9 @@ CONFIG_COLUMNS = ("strategy", "scenario", "dataset", "clients", "tasks", "rounds
                   "partition", "seed", "cohort_size")
 #: The final metrics, in this order (those no run has are left out of the table).
 METRICS = ("acc", "forgetting", "forgetting_at_task_end", "learning_accuracy", "intransigence",
-           "bwt", "fwt", "wall_time_s")
+           "bwt", "fwt", "bytes_down_per_round", "bytes_up_per_round", "wall_time_s")
+#: Bytes, shown in the table in MB (10^6 bytes; JSON and CSV keep bytes).
+BYTES = {"bytes_down_per_round", "bytes_up_per_round"}
 PERCENT = {"acc", "forgetting", "forgetting_at_task_end", "learning_accuracy", "intransigence",
            "bwt", "fwt"}
 #: Where and how a run was stored, not what it did: never part of a label.
@@ -50,6 +52,7 @@ HEADERS = {"acc": "ACC %", "forgetting": "forgetting %",
            "forgetting_at_task_end": "forgetting at\ntask end %",
            "learning_accuracy": "learning\naccuracy %", "intransigence": "intransigence %",
            "bwt": "BWT %", "fwt": "FWT %", "wall_time_s": "wall\ntime s",
+           "bytes_down_per_round": "MB down\n/round", "bytes_up_per_round": "MB up\n/round",
            "oracle_forget_acc": "oracle\nforget_acc %", "oracle_retain_acc": "oracle\nretain_acc %",
            "oracle_test_acc": "oracle\ntest_acc %", "oracle_mia": "oracle\nmia %",
            "oracle_seconds": "oracle\nseconds"}
@@ -251,6 +254,8 @@ def _cell(key: str, value: Any) -> str:
     metric = key.rsplit(" ", 1)[-1]
     if key in PERCENT or metric in ERASURE_PERCENT:
         return f"{float(value) * 100:.2f}"
+    if key in BYTES:
+        return f"{float(value) / 1e6:.3f}"
     if key == "wall_time_s" or metric.endswith("seconds"):
         return f"{float(value):.1f}"
     if isinstance(value, float):

@@ -52,6 +52,7 @@ STATE_BYTES = "state-bytes"  # and the bytes their values take
 GPU_PEAK_BYTES = "gpu-peak-bytes"  # CUDA memory the round's training peaked at (GPU clients)
 GPU_RESERVED_BYTES = "gpu-reserved-bytes"  # and what the process's allocator holds afterwards
 HANDLER_SECONDS = "handler-seconds"  # how long the ClientApp's train handler ran
+GPU_ID = "gpu"  # the physical index of the GPU it trained on (its CUDA_VISIBLE_DEVICES entry)
 WORKER_NODE = "worker-node"  # where it ran: the Ray node's id in a simulation, else the host
 BUFFER_SAMPLES = "buffer-samples"  # raw samples the client's trainer keeps (ClientStore buffers)
 BUFFER_BYTES = "buffer-bytes"  # and the bytes they take

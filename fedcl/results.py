@@ -57,6 +57,11 @@
                        ``clients_connected``), ``lost`` and ``back`` (partition ids whose node
                        left, or came back, since the previous round: a deployment's SuperNodes),
                        ``sampled`` (the partition ids sampled for the round),
+                       ``bytes_down`` and ``bytes_up`` (bytes the round's messages carried to
+                       and from all its clients; ``bytes_by_record``: the same by record name:
+                       :mod:`fedcl.communication`), ``client_gpus`` (GPU clients: per GPU, as
+                       ``<worker node>/gpu<physical index>``, the largest CUDA memory peak of
+                       the round's training there in MiB and how many replies trained there),
                        ``tracking_wait_s`` (seconds the run spent in MLflow logging calls
                        since the previous round was recorded, that round's logging
                        included: a background thread sends, so this stays near zero even
@@ -79,6 +84,11 @@
                        ``bytes_kept`` (left at the end: none once every request ran),
                        ``rounds_stored``, ``rounds_not_stored`` (due for storing after the
                        last request, which nothing could use)
+``communication``      the run's traffic (:func:`fedcl.communication.communication_summary`):
+                       ``bytes_down`` and ``bytes_up`` (totals), ``per_round`` and
+                       ``per_client_round`` (means), ``by_record`` (totals by record name),
+                       ``tasks`` (per task: bytes down and up, and ``task_end_bytes_up``, the
+                       strategy's task-end payloads), ``counted`` (what is counted)
 ``erasure_view``       what the accuracy matrix and the end metrics are measured on after
                        erasures: ``excluded_classes`` (erased everywhere: left out of every
                        row, so the requested forgetting is not counted as catastrophic
@@ -153,6 +163,7 @@ class RoundRecord:
     client_gpu_reserved_mb: float | None = None
     client_compute_s: float | None = None
     client_nodes: dict[str, int] = field(default_factory=dict)  # replies per worker node
+    client_gpus: dict[str, dict[str, float]] = field(default_factory=dict)  # peak MiB per GPU
     phases: dict[str, float] = field(default_factory=dict)
     connected: int | None = None  # clients connected at the round's start
     lost: list[int] = field(default_factory=list)  # partition ids gone since the last round
@@ -162,6 +173,9 @@ class RoundRecord:
     empty: int = 0  # sampled clients with no sample left to train on (erased): not failures
     tracking_wait_s: float = 0.0  # seconds the run spent in MLflow logging calls (see above)
     tracking_queued: int = 0  # MLflow operations not sent yet when the round was recorded
+    bytes_down: int = 0  # bytes the round's messages carried to its clients (fedcl.communication)
+    bytes_up: int = 0  # and from them
+    bytes_by_record: dict[str, dict[str, int]] = field(default_factory=dict)  # down/up by record
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

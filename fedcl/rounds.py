@@ -29,6 +29,7 @@ from fedcl.cohort_wire import (
     reply_members,
     split_cohort_replies,
 )
+from fedcl.communication import RoundTraffic, round_traffic
 from fedcl.config import Config, sample_size
 from fedcl.erasure import ErasedData
 from fedcl.errors import RunAborted, RunCancelled
@@ -272,7 +273,9 @@ class PhaseClock:
 def client_reports(replies: list[Message]) -> dict[str, Any]:
     """From the clients' own reports: the longest time a train handler ran (s), the largest
     CUDA memory peak and allocator reserve (MiB), None where no reply said; and how many
-    replies came from each worker node (``client_nodes``: Ray node id or host name -> count)."""
+    replies came from each worker node (``client_nodes``: Ray node id or host name -> count);
+    per GPU (``client_gpus``: ``<worker node>/gpu<physical index>`` -> ``peak_mb``, the
+    largest CUDA memory peak of a reply that trained there, and ``replies``)."""
     out: dict[str, Any] = {}
     for field_name, key, scale in (("client_compute_s", protocol.HANDLER_SECONDS, 1.0),
                                    ("client_gpu_peak_mb", protocol.GPU_PEAK_BYTES, 2**-20),
@@ -287,6 +290,15 @@ def client_reports(replies: list[Message]) -> dict[str, Any]:
         if node is not None:
             nodes[str(node)] = nodes.get(str(node), 0) + 1
     out["client_nodes"] = dict(sorted(nodes.items()))
+    gpus: dict[str, dict[str, float]] = {}
+    for m in replies:
+        info = m.content[protocol.CLIENT_INFO]
+        if protocol.GPU_ID in info and protocol.GPU_PEAK_BYTES in info:
+            where = f"{info.get(protocol.WORKER_NODE, '')}/gpu{info[protocol.GPU_ID]}"
+            entry = gpus.setdefault(where, {"peak_mb": 0.0, "replies": 0})
+            entry["peak_mb"] = max(entry["peak_mb"], float(info[protocol.GPU_PEAK_BYTES]) * 2**-20)
+            entry["replies"] += 1
+    out["client_gpus"] = dict(sorted(gpus.items()))
     return out
 
 
@@ -349,6 +361,7 @@ class RoundOutcome:
     # its members)
     empty: list[int] = field(default_factory=list)  # sampled clients with no sample left to
     # train on (erased): neither aggregated nor counted as failures
+    traffic: RoundTraffic = field(default_factory=RoundTraffic)  # the round's bytes
 
 
 def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config: Config,
@@ -399,6 +412,7 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         replies = send_and_receive(grid, messages, config.round_timeout_s, cancel)
     if clock:
         clock("clients")
+    traffic = round_traffic(messages, replies)  # before the payloads leave the replies
     pid = protocol.reply_partition_id
     answered = [m for m in replies if not m.has_error()]
     empty_replies = [m for m in answered if protocol.is_empty_reply(m) and _has_id(m)
@@ -423,7 +437,7 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         # no sampled client holds data of the task any more (erased): nothing to learn
         log.warning("round %d: the sampled clients hold no samples after erasures", info.round)
         strategy.take_payloads(empty_replies)
-        return RoundOutcome(arrays, [], rejected, failures, None, clients, empty)
+        return RoundOutcome(arrays, [], rejected, failures, None, clients, empty, traffic)
     new_arrays, train_metrics = strategy.aggregate_train(info.round, ok)
     if new_arrays is not None:  # None: Flower's "no aggregate", the model stays
         fitted = (keep_dtypes(new_arrays, arrays) if isinstance(new_arrays, ArrayRecord)
@@ -435,7 +449,7 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         arrays = fitted
     if clock:
         clock("aggregate")
-    return RoundOutcome(arrays, ok, rejected, failures, train_metrics, clients, empty)
+    return RoundOutcome(arrays, ok, rejected, failures, train_metrics, clients, empty, traffic)
 
 
 def purge_stores(grid: Grid, roster: Roster, erased: ErasedData, timeout: float,

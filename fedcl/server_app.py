@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
+from fedcl.communication import communication_summary
 from fedcl.config import Config, resolve_tracking_uri
 from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
@@ -250,6 +251,8 @@ class LiveRun(TaskStreamDriver):
             connected=len(connected), lost=lost, back=back, sampled=pids,
             seconds=time.monotonic() - self.t0, ended_at=time.time(), phases=clock.phases,
             tracking_wait_s=self.tracker.take_waited(), tracking_queued=self.tracker.pending,
+            bytes_down=outcome.traffic.bytes_down, bytes_up=outcome.traffic.bytes_up,
+            bytes_by_record={"down": outcome.traffic.down, "up": outcome.traffic.up},
             **client_reports(outcome.ok))
         p.records.append(record)
         self.tracker.log_round(record)
@@ -374,6 +377,8 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
             baseline=view.pop("baseline"), rounds=p.records, times=clock.figures(),
             mlflow_run_id=control.run_id, tracking_uri=tracking_uri)
         summary["erasure_view"] = view
+        summary["communication"] = communication_summary(summary["rounds"],
+                                                         run.strategy.payload_keys)
         summary["strategy_state"] = p.strategy_state
         summary["erasures"] = p.erasures
         summary["client_state"] = {str(k): v for k, v in sorted(p.client_state.items())}

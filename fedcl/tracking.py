@@ -362,7 +362,8 @@ class Tracker:
                       client_compute_s=record.client_compute_s,
                       clients_connected=record.connected,
                       tracking_wait_s=record.tracking_wait_s,
-                      tracking_queued=record.tracking_queued)
+                      tracking_queued=record.tracking_queued,
+                      bytes_down=record.bytes_down, bytes_up=record.bytes_up)
         self.log_metrics(values, step=record.round)
 
     def log_metrics(self, values: dict[str, float | None], step: int = 0) -> None:
@@ -380,6 +381,11 @@ class Tracker:
         after MLflow's HTTP timeout). Returns the number of operations left unsent (kept in
         the outbox file)."""
         self.log_metrics({k: summary.get(k) for k in FINAL_METRICS}, step=0)
+        if comm := summary.get("communication"):
+            self.log_metrics({"bytes_down_per_round": comm["per_round"]["bytes_down"],
+                              "bytes_up_per_round": comm["per_round"]["bytes_up"],
+                              "bytes_down_total": comm["bytes_down"],
+                              "bytes_up_total": comm["bytes_up"]}, step=0)
         for path in files:
             self._submit({"op": "artifact", "path": str(Path(path).resolve())})
         self._submit({"op": "tag", "key": "fedcl.status", "value": "finished"})

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from flwr.app import ArrayRecord
 
-from fedcl import checkpoint, metrics, tracking
+from fedcl import checkpoint, metrics, plugins, tracking
+from fedcl.communication import record_bytes
+from fedcl.config import Config
+from fedcl.data.scenarios import build_scenario
 from fedcl.errors import FedclError
 from tests.conftest import alive, ray_session_processes, run_fedcl
 from tests.pinned import assert_pinned
@@ -81,6 +85,19 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     assert s["rounds"][1]["wc_acc"] == pytest.approx((matrix[1][1] + matrix[1][0]) / 2)
     assert all(r["clients"] == 3 and r["failures"] == 0 for r in s["rounds"])
     assert s["config"]["clients"] == 3
+    # communication: each of the 3 clients receives the model and sends its update, a round
+    model = ArrayRecord(plugins.build_model(Config(tasks=2, clients=3),
+                                            build_scenario(Config(tasks=2, clients=3)))
+                        .state_dict())
+    for r in s["rounds"]:
+        assert r["bytes_by_record"]["down"]["arrays"] == 3 * record_bytes(model)
+        assert r["bytes_by_record"]["up"]["arrays"] == 3 * record_bytes(model)
+        assert r["bytes_down"] == sum(r["bytes_by_record"]["down"].values())
+    comm = s["communication"]
+    assert comm["bytes_down"] == sum(r["bytes_down"] for r in s["rounds"])
+    assert comm["per_client_round"]["bytes_up"] == pytest.approx(
+        sum(r["bytes_up"] for r in s["rounds"]) / 6)
+    assert [t["task_end_bytes_up"] for t in comm["tasks"]] == [0, 0]  # FedAvg sends none
     for name in ("config.toml", "accuracy_matrix.csv", "accuracy_matrix.png",
                  "accuracy_per_round.png"):
         assert (out / name).stat().st_size > 0
@@ -113,6 +130,9 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     history = tracking.metric_history(uri, s["mlflow_run_id"], "acc_task_0")
     assert [step for step, _ in history] == [1, 2]
     assert [v for _, v in history] == pytest.approx([r["acc_per_task"][0] for r in s["rounds"]])
+    assert [v for _, v in tracking.metric_history(uri, s["mlflow_run_id"], "bytes_up")] \
+        == [r["bytes_up"] for r in s["rounds"]]
+    assert run["metrics"]["bytes_down_per_round"] == pytest.approx(comm["per_round"]["bytes_down"])
     art = _artifacts(tmp_path, s["mlflow_run_id"])
     assert {"summary.json", "config.toml", "accuracy_matrix.csv", "accuracy_matrix.png",
             "accuracy_per_round.png"} <= art
@@ -124,6 +144,7 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     assert rows[0]["run_id"] == s["mlflow_run_id"]
     assert rows[0]["acc"] == pytest.approx(s["acc"])
     assert rows[0]["strategy"] == "fedavg"
+    assert rows[0]["bytes_up_per_round"] == pytest.approx(comm["per_round"]["bytes_up"])
 
 
 def _artifacts(root: Path, run_id: str) -> set[str]:
