@@ -280,6 +280,14 @@ def main() -> None:
                         if r.get("client_gpu_reserved_mb") is not None]
             if peaks:
                 gpu_client_peak = {"peak_mb_per_round": peaks, "reserved_mb_per_round": reserved}
+                per_gpu: dict[str, dict[str, float]] = {}  # rounds[].client_gpus over the run
+                for r in summary["rounds"]:
+                    for gpu, v in (r.get("client_gpus") or {}).items():
+                        e = per_gpu.setdefault(gpu.rsplit("/", 1)[-1],
+                                               {"peak_mb": 0.0, "replies": 0})
+                        e["peak_mb"] = max(e["peak_mb"], v["peak_mb"])
+                        e["replies"] += v["replies"]
+                gpu_client_peak["per_gpu"] = per_gpu
             names = summary["rounds"][-1]["phases"]
             phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in summary["rounds"])
                       for k in names}
@@ -332,6 +340,10 @@ def main() -> None:
             print(f"{way}: per-client CUDA peak {peaks[0]:.1f} MiB in round 1, "
                   f"{peaks[-1]:.1f} MiB in round {len(peaks)} (max {max(peaks):.1f}); "
                   f"allocator reserve {res_[0]:.1f} -> {res_[-1]:.1f} MiB")
+            if r["client_gpu"].get("per_gpu"):
+                print(f"{way}: per GPU: " + ", ".join(
+                    f"{g} peak {v['peak_mb']:.0f} MiB, {v['replies']} replies"
+                    for g, v in sorted(r["client_gpu"]["per_gpu"].items())))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device,
                                                "results": results}, indent=1))
