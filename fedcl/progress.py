@@ -77,6 +77,11 @@ class LiveDisplay:
             self._bar.start()
             self._task_id = self._bar.add_task("starting clients...", total=total_rounds)
 
+    def on_startup(self, line: str) -> None:
+        """A start-up line: ``starting: <what> [run time]``."""
+        print(f"starting: {line}  [{clock_text(self.clock.elapsed())}]", file=self.stream,
+              flush=True)
+
     def on_round(self, record: RoundRecord) -> None:
         text = (f"{task_label(record.task, self.num_tasks)}  round {record.task_round}/"
                 f"{self.rounds_per_task}  avg acc {_pct(record.avg_acc)}%  current task "

@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,32 +155,52 @@ class AssignedGrid:
         return getattr(self._grid, name)
 
 
+#: Seconds between two start-up progress lines while clients register.
+STARTUP_REPORT_S = 5.0
+
+#: Receives one line of start-up progress (``RunObserver.on_startup``).
+Progress = Callable[[str], None]
+
+
 def wait_for_nodes(grid: Grid | AssignedGrid, expected: int, timeout: float,
-                   cancel: threading.Event | None, hint: str = "") -> list[int]:
+                   cancel: threading.Event | None, hint: str = "",
+                   progress: Progress | None = None) -> list[int]:
     """The node ids connected once ``expected`` are; raises :class:`RunCancelled` on cancel
-    and :class:`RunAborted` (its line ending in ``hint``) after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    and :class:`RunAborted` (its line ending in ``hint``) after ``timeout`` seconds.
+    ``progress`` hears how many are connected, every :data:`STARTUP_REPORT_S` seconds while
+    some are missing."""
+    start = time.monotonic()
+    deadline, next_report = start + timeout, start + STARTUP_REPORT_S
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if cancel is not None and cancel.is_set():
             raise RunCancelled("run cancelled")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise RunAborted(f"only {len(node_ids)} of {expected} clients connected within "
                              f"{timeout:.0f} s{hint}")
+        if progress is not None and now >= next_report:
+            progress(f"{len(node_ids)} of {expected} clients registered "
+                     f"({now - start:.0f} s)")
+            next_report = now + STARTUP_REPORT_S
         time.sleep(0.2)
     return node_ids
 
 
 def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
-                      cancel: threading.Event | None) -> dict[int, int]:
+                      cancel: threading.Event | None, progress: Progress | None = None
+                      ) -> dict[int, int]:
     """Once ``expected`` nodes are registered, assign partition ids by node id order and ask
     the first :data:`WARMUP_NODES` who they are (which starts their client processes and checks
     that they take the assignment); returns partition id -> node id. Raises
     :class:`~fedcl.errors.RunAborted` with one line when too few nodes register in
     ``timeout`` or a node answers wrongly."""
-    node_ids = sorted(wait_for_nodes(grid, expected, timeout, cancel))
+    node_ids = sorted(wait_for_nodes(grid, expected, timeout, cancel, progress=progress))
     nodes = dict(enumerate(node_ids[:expected]))
     grid.partition_of = {node: pid for pid, node in nodes.items()}
     warm = node_ids[:min(expected, WARMUP_NODES)]
+    if progress is not None:
+        progress(f"{expected} clients registered; starting the client processes "
+                 f"(the first {len(warm)} clients answer)")
     found, problems = query_partitions(grid, warm, expected, timeout, cancel)  # type: ignore[arg-type]
     if problems:
         raise RunAborted(problems[0])
@@ -192,14 +212,16 @@ def assign_partitions(grid: AssignedGrid, expected: int, timeout: float,
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float,
-                     cancel: threading.Event | None, startup_timeout: float | None = None
-                     ) -> dict[int, int]:
+                     cancel: threading.Event | None, startup_timeout: float | None = None,
+                     progress: Progress | None = None) -> dict[int, int]:
     """Wait up to ``timeout`` seconds for ``expected`` nodes to connect, then ask each for its
     partition id, waiting up to ``startup_timeout`` (default ``timeout``) for the replies,
     which include starting the nodes' ClientApp processes; returns partition id -> node id."""
     node_ids = wait_for_nodes(grid, expected, timeout, cancel,
                               " (round_timeout_s): start one SuperNode per client, or run with "
-                              "fewer clients")
+                              "fewer clients", progress)
+    if progress is not None:
+        progress(f"{expected} clients connected; asking each for its partition id")
     roster, problems = query_partitions(grid, node_ids, expected,
                                         timeout if startup_timeout is None else startup_timeout,
                                         cancel)

@@ -79,6 +79,11 @@ class RunObserver(Protocol):
         """A round is complete: evaluated, its task end and the erasure requests due after it
         carried out, its checkpoint written (``record.seconds`` is the whole round)."""
 
+    def on_startup(self, line: str) -> None:
+        """What the run is doing before its first round (data and partitions, clients
+        registering, client processes starting): one line at a time, every few seconds while
+        clients register."""
+
 
 @dataclass
 class RunControl:
@@ -301,6 +306,9 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     run_name = config.run_name = setup.run_name
     out_dir = setup.output
     tracking_uri = resolve_tracking_uri(config)
+    startup = getattr(control.observer, "on_startup", None)
+    if startup is not None:
+        startup(f"preparing {config.dataset} and {config.clients} clients' partitions")
     scenario = plugins.build_scenario(config)
     check_partitions(config)  # every task's, before anything starts (as `fedcl simulate`)
     device = resolve_device(config.device)
@@ -349,12 +357,13 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
     try:
         startup_s = max(config.round_timeout_s, CLIENT_STARTUP_TIMEOUT_S)
         if isinstance(grid, AssignedGrid):
-            nodes = assign_partitions(grid, config.clients, startup_s, control.cancel)
+            nodes = assign_partitions(grid, config.clients, startup_s, control.cancel, startup)
         else:
             # too few nodes connected: the run stops after round_timeout_s; those connected
             # get longer to answer, since their first answer starts their ClientApp processes
             nodes = discover_clients(grid, config.clients, config.round_timeout_s,
-                                     control.cancel, startup_timeout=startup_s)
+                                     control.cancel, startup_timeout=startup_s,
+                                     progress=startup)
         roster = Roster(nodes, config.clients)
         if starting is not None:
             control.run_id = starting.result()

@@ -182,6 +182,10 @@ def _run(config: Config, observer: RunObserver | None, verbose: bool,
             with signals.held():
                 saved_fds = None if verbose else _output_to(out_dir / "flower.log")
             signals.hold()  # from here on a signal is recorded, and seen by _watch
+            if (startup := getattr(observer, "on_startup", None)) is not None:
+                startup(f"Flower's simulation engine for {config.clients} clients on "
+                        + (f"the Ray cluster at {config.ray_address}" if config.ray_address
+                           else "a private Ray instance"))
             engine = _Engine(config, control, verbose, simulation_engine)
             engine.start()
             _watch(engine, signals, owner)

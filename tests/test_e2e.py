@@ -104,6 +104,15 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     csv_rows = (out / "accuracy_matrix.csv").read_text().splitlines()
     assert csv_rows[0] == "after_task,task_0,task_1"
     assert float(csv_rows[2].split(",")[1]) == pytest.approx(matrix[1][0], abs=1e-6)
+    # what it does before the first round, one line a stage, then the run's header
+    lines = res.stdout.splitlines()
+    stages = [line.split("  [")[0] for line in lines if line.startswith("starting: ")]
+    assert stages == [
+        "starting: Flower's simulation engine for 3 clients on a private Ray instance",
+        "starting: preparing mnist and 3 clients' partitions",
+        "starting: 3 clients registered; starting the client processes (the first 3 clients "
+        "answer)"]
+    assert lines[len(stages)].startswith("fedcl: fedavg on mnist class-il")
     # the table at the end of the command
     assert f"ACC {s['acc'] * 100:.2f}%" in res.stdout
     assert s["mlflow_run_id"] in res.stdout
