@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 from fedcl.config import (
     FIELDS,
     PARAM_TABLES,
+    RESUME_KEY,
     Config,
     config_from_dict,
     field_type,
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
                     help="run config overrides, as for `flwr run` (strings in quotes: "
                          "\"clients=3 strategy='fedprox'\"); repeatable")
+    sm.add_argument("--resume", metavar="DIR",
+                    help="continue a stopped run from the checkpoint in its output folder DIR "
+                         "(as the ServerApp's host sees it), with its own config: no "
+                         "--run-config with it")
     sm.add_argument("--app", default=".", metavar="DIR",
                     help="the Flower App's folder, a checkout of fedcl (default: %(default)s)")
     sm.add_argument("--verbose", action="store_true",
@@ -458,6 +463,13 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from fedcl.submit import Submission, submit
 
+    if args.resume is not None:
+        if args.run_config:
+            raise ConfigError("--resume continues the run with its own config; drop "
+                              "--run-config")
+        if not args.resume or "'" in args.resume:
+            raise ConfigError(f"--resume: not a folder name: {args.resume!r}")
+        args.run_config = [f"{RESUME_KEY}='{args.resume}'"]
     return submit(Submission(Path(args.app), args.superlink, args.run_config, args.verbose))
 
 

@@ -405,8 +405,10 @@ class Config:
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flower's flat, kebab-case run config. Every field is present (Flower refuses
-        overrides of keys its defaults lack); an unset field is the empty string."""
-        out: dict[str, bool | int | float | str] = {}
+        overrides of keys its defaults lack); an unset field is the empty string. It also
+        holds :data:`RESUME_KEY`, empty: a run's output folder there makes a deployment run
+        continue that run from its checkpoint instead (:func:`fedcl.server_app.run_config_job`)."""
+        out: dict[str, bool | int | float | str] = {RESUME_KEY: ""}
         for key, value in self.to_dict().items():
             if key in PARAM_TABLES:
                 out[RUN_CONFIG_PARAM_LISTS[key]] = ""
@@ -425,6 +427,8 @@ class Config:
         tables: dict[str, dict[str, Any]] = {}
         lists = {k: t for t, k in RUN_CONFIG_PARAM_LISTS.items()}
         for key, value in run_config.items():
+            if key == RESUME_KEY:  # not a setting: which run to continue (read by the ServerApp)
+                continue
             table = next((t for t, prefix in PARAM_TABLES.items() if key.startswith(prefix)),
                          None)
             if key in lists:  # "strategy-params": a list of KEY=VALUE
@@ -448,6 +452,11 @@ class Config:
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+
+#: The Flower run config's key naming the output folder of a stopped deployment run to continue
+#: from its checkpoint (``flwr run --run-config "resume='DIR'"``, ``fedcl submit --resume
+#: DIR``); not a :class:`Config` field: the run goes on with the config in its checkpoint.
+RESUME_KEY = "resume"
 _HINTS = typing.get_type_hints(Config)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from fedcl import checkpoint, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.cohort_wire import reply_members
 from fedcl.communication import communication_summary
-from fedcl.config import Config, resolve_tracking_uri
+from fedcl.config import RESUME_KEY, Config, resolve_tracking_uri
 from fedcl.data.partition import check_partitions
 from fedcl.erasure import ErasedData, check_requests_hold_data
 from fedcl.errors import FedclError, RunAborted, RunCancelled
@@ -59,7 +59,7 @@ from fedcl.rounds import (
 )
 from fedcl.run_clock import RunClock
 from fedcl.run_events import EventPrinter, WarningEvents
-from fedcl.run_setup import make_output, setup_run
+from fedcl.run_setup import make_output, output_folder, setup_run
 from fedcl.strategy import RoundInfo
 from fedcl.stream import TaskStreamDriver
 from fedcl.tracking import OUTBOX_FILE, Tracker
@@ -438,6 +438,32 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
         raise
 
 
+def run_config_job(run_config: Mapping[str, Any]) -> tuple[Config, dict[str, Any] | None]:
+    """The config and the checkpoint (None for a new run) a deployment run starts with, from
+    Flower's run config: with :data:`~fedcl.config.RESUME_KEY` set to a stopped run's output
+    folder (as the ServerApp's host sees it), that run's checkpoint and its own config (the
+    other keys are not read: a run goes on as it began); else a new run of the config the
+    keys give. Raises a one-line :class:`~fedcl.errors.ConfigError` for a folder without a
+    readable checkpoint."""
+    folder = str(run_config.get(RESUME_KEY, "") or "")
+    if not folder:
+        return Config.from_run_config(run_config), None
+    payload = checkpoint.load(folder)
+    return checkpoint.config_of(payload), payload
+
+
+def resume_hint(config: Config | None) -> str:
+    """For a failed deployment run whose output folder holds a checkpoint: how to continue it
+    (empty when there is none to continue from)."""
+    if config is None or not (config.output or config.run_name):
+        return ""
+    folder = output_folder(config, config.run_name or "")
+    if not (folder / checkpoint.FILE).is_file():
+        return ""
+    return (f"; `fedcl submit --resume {folder}` (run config resume='{folder}') continues it "
+            "from its last saved round")
+
+
 def build_server_app(config: Config | None = None, control: RunControl | None = None
                      ) -> ServerApp:
     """A ServerApp running :func:`run_continual` with ``config`` (or, when None, the config
@@ -463,13 +489,18 @@ def build_server_app(config: Config | None = None, control: RunControl | None = 
         events = EventPrinter(clock=clock)
         warnings = WarningEvents(events)
         log.addHandler(warnings)
+        cfg: Config | None = config
         try:
-            cfg = config if config is not None else Config.from_run_config(context.run_config)
-            summary = run_continual(grid, cfg, RunControl(observer=events, clock=clock))
+            resume = None
+            if cfg is None:
+                cfg, resume = run_config_job(context.run_config)
+            summary = run_continual(grid, cfg, RunControl(observer=events, clock=clock,
+                                                          resume=resume))
             events.on_end(summary)
         except BaseException as err:
-            events.on_failed(str(err) if isinstance(err, FedclError)
-                             else f"{type(err).__name__}: {err}")
+            message = (str(err) if isinstance(err, FedclError)
+                       else f"{type(err).__name__}: {err}")
+            events.on_failed(message + resume_hint(cfg))
             raise
         finally:
             log.removeHandler(warnings)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcl import tracking
+from fedcl import checkpoint, tracking
 from fedcl.certs import make_federation_certs
 from tests.conftest import ROOT
 
@@ -304,6 +304,61 @@ def test_submit_names_what_stopped_a_run(federation: Federation, tmp_path: Path)
         assert error[0].endswith(f"(`flwr log {run_id} fed` shows its log)")
     assert [r["status"] for r in runs_on(federation)] == ["finished:failed"] * 3
 
+
+
+def test_a_stopped_deployment_run_resumes_where_it_stopped(federation: Federation,
+                                                           tmp_path: Path) -> None:
+    """Two SuperNodes; one is killed once the first round's checkpoint is written. With
+    min_train_clients = 2 the run stops, and `fedcl submit`'s one line says how to continue
+    it. A SuperNode for that partition comes back (another host, another key); `fedcl submit
+    --resume OUT` continues the run from its last saved round, in the same output folder and
+    MLflow run, to the end; summary.json records the resume."""
+    federation.connect_cli()
+    for key in range(3):
+        federation.register(key)
+    nodes = [federation.start_warm_supernode(pid, 2, key=pid) for pid in range(2)]
+    out, db = tmp_path / "out", tmp_path / "mlflow.db"
+    overrides = (f"clients=2 tasks=2 rounds-per-task=2 partition='iid' min-train-clients=2 "
+                 f"eval-samples-per-task=300 experiment='resume' output='{out}' "
+                 f"tracking-uri='sqlite:///{db}' round-timeout-s=30")
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "fedcl.cli", "submit", "fed",
+                                  "--run-config", overrides], cwd=ROOT, env=federation.env,
+                                 stdout=log, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+    federation.procs.append(first)
+    deadline = time.monotonic() + 400
+    while not (out / "checkpoint.pt").exists():
+        assert first.poll() is None and time.monotonic() < deadline, (
+            (tmp_path / "first.log").read_text()[-3000:])
+        time.sleep(0.2)
+    for proc in nodes[1]:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    _, stderr = first.communicate(timeout=400)
+    assert first.returncode == 1, stderr
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    assert f"`fedcl submit --resume {out}` (run config resume='{out}') continues it" in stderr
+    saved = checkpoint.load(out)["progress"]["global_round"]
+    assert 1 <= saved < 4
+    [stopped] = tracking.fetch_runs(f"sqlite:///{db}", "resume")
+    assert stopped["status"] == "FAILED"
+
+    federation.start_warm_supernode(1, 2, key=2)  # partition 1 again, from another node
+    res = submit(federation, "fed", "--resume", str(out), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
+    assert summary["resumes"] == [{"after_round": saved, "client_stores_lost": False}]
+    assert all(r["clients"] == 2 for r in summary["rounds"][saved:])
+    [run] = tracking.fetch_runs(f"sqlite:///{db}", "resume")  # the same MLflow run, finished
+    assert run["run_id"] == stopped["run_id"] == summary["mlflow_run_id"]
+    assert run["status"] == "FINISHED"
+
+    # --resume goes with nothing else: the run keeps its own config
+    both = submit(federation, "fed", "--resume", str(out), "--run-config", "clients=3")
+    assert (both.returncode, both.stderr) == (2, "fedcl: error: --resume continues the run "
+                                                 "with its own config; drop --run-config\n")
 
 OUTSIDER_APP = '''
 from flwr.clientapp import ClientApp
