@@ -48,8 +48,8 @@ __all__ = [
     "perturb_prototype",
     "prototype_gradient",
     "proxy_network",
-    "recover_label",
     "reconstruction_accuracy",
+    "recover_label",
     "relation_target",
     "unflatten",
 ]
