@@ -20,6 +20,7 @@ from fedcl.data.partition import client_positions
 from fedcl.data.scenarios import build_scenario
 from fedcl.erasure import original_labels
 from fedcl.errors import ConfigError
+from fedcl.run_setup import setup_run
 from fedcl.strategy import RoundInfo
 from strategies.baselines.glfc import (
     BUFFER,
@@ -104,7 +105,7 @@ def test_glfc_loss_by_hand() -> None:
     assert rd0 is None and float(alone.detach()) == float(gc0.detach())
     assert float(alone.detach()) == pytest.approx(2.3671, abs=1e-4)
     empty, _, _ = glfc_loss(z[:0], torch.zeros(0, dtype=torch.long), torch.tensor([0]), None)
-    assert float(empty) == 0.0
+    assert float(empty.detach()) == 0.0
 
 
 # --- the memory ---------------------------------------------------------------------------
@@ -343,6 +344,17 @@ def test_glfc_parameters_are_refused_in_one_line() -> None:
         with pytest.raises(ConfigError) as err:
             plugins.parse_strategy_params("glfc", values)
         assert str(err.value) == f"glfc {line}"
+
+
+def test_glfc_runs_only_in_class_il_and_never_in_cohorts() -> None:
+    for scenario in ("task-il", "domain-il"):
+        with pytest.raises(ConfigError) as err:
+            setup_run(Config(strategy="glfc", scenario=scenario), paths=False)
+        assert str(err.value) == (f"strategy 'glfc' is not defined for scenario '{scenario}' "
+                                  "(it declares class-il)")
+    with pytest.raises(ConfigError, match="cannot train strategy 'glfc': its clients keep a "
+                       "store between rounds"):
+        setup_run(Config(strategy="glfc", cohort_size=2), paths=False)
 
 
 # --- tiny runs of the real command ------------------------------------------------------
