@@ -4,11 +4,12 @@ seed and settings for every row, the DER paper's centralized figures beside them
 Benchmarks: Split-MNIST class-IL and task-IL (5 tasks of 2 classes), Permuted-MNIST and
 Rotated-MNIST (domain-IL, 20 tasks as the DER paper's). 50 clients, Dirichlet(0.5) split of
 every task, the MLP, fedcl's default local training. Rows: FedAvg, FedProx, FOT, PRD, FedEWC,
-FedLwF, and FedER and FedDER++ at two buffer budgets (200 and 500 samples in total across the
-federation). Columns: ACC, forgetting, BWT, learning accuracy (mean of each task's accuracy
-right after its own training, the accuracy matrix's diagonal), buffer bytes (mean per client,
-raw samples kept on clients), seconds per round (mean), and the centralized ACC that the DER
-paper reports for the same method, benchmark and buffer (METHODS.md section 20: mammoth's
+FedLwF, and FedER, FedDER++ and GLFC at two buffer budgets (200 and 500 samples in total across
+the federation; GLFC, a class-IL method, only in the Split-MNIST class-IL table, with its
+default proxy settings). Columns: ACC, forgetting, BWT, learning accuracy (mean of each task's
+accuracy right after its own training, the accuracy matrix's diagonal), buffer bytes (mean per
+client, raw samples kept on clients), seconds per round (mean), and the centralized ACC that the
+DER paper reports for the same method, benchmark and buffer (METHODS.md section 20: mammoth's
 MLP 784-100-100, one epoch per task, batch 10 or 128: not fedcl's settings; labelled
 centralized).
 
@@ -23,13 +24,13 @@ to ``<out>/baselines.md`` and every number to ``<out>/baselines.json``::
 ``--cohort-size N`` trains the rows whose clients a batched cohort can train (fedcl's own check:
 no store kept between rounds, no training hooks of their own; FedAvg, FedProx, FOT, FedEWC) as
 cohorts of N clients on the device (``fedcl simulate --cohort-size``: the same per-client
-training, one process per cohort); the others (PRD, FedLwF, FedER, FedDER++) train one client
-per process whatever it says. ``--resume`` lets a run stopped by a signal go
+training, one process per cohort); the others (PRD, FedLwF, FedER, FedDER++, GLFC) train one
+client per process whatever it says. ``--resume`` lets a run stopped by a signal go
 on from its checkpoint (``fedcl simulate --resume``) and keeps a finished run's summary instead
 of running it again.
 
 ``--quick`` proves the pipeline, not the methods: 6 clients, 2 tasks, 1 round per task, small
-evaluation sets.
+evaluation sets (and GLFC's gradient inversion cut to 10 L-BFGS steps).
 """
 
 from __future__ import annotations
@@ -59,9 +60,13 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
 }
 
 ROWS = ["fedavg", "fedprox", "fot", "prd", "fedewc", "fedlwf", "feder@200", "feder@500",
-        "fedderpp@200", "fedderpp@500"]
+        "fedderpp@200", "fedderpp@500", "glfc@200", "glfc@500"]
 LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fot": "FOT", "prd": "PRD",
-          "fedewc": "FedEWC", "fedlwf": "FedLwF", "feder": "FedER", "fedderpp": "FedDER++"}
+          "fedewc": "FedEWC", "fedlwf": "FedLwF", "feder": "FedER", "fedderpp": "FedDER++",
+          "glfc": "GLFC"}
+BUDGETED = ("feder", "fedderpp", "glfc")  # the rows that take a buffer budget (@N)
+#: methods defined for one scenario only: their rows run in those benchmarks alone
+ONLY_IN: dict[str, tuple[str, ...]] = {"glfc": ("split-class",)}
 
 #: The DER paper's centralized final accuracy (%), from mammoth's README at its first commit
 #: (METHODS.md section 20): method as fedcl names its federated version -> benchmark -> ACC.
@@ -166,6 +171,9 @@ def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
     if args.quick and name == "fedewc" and not any(s.startswith("fedewc:fisher_samples")
                                                    for s in args.param):
         cmd += ["--strategy-param", "fisher_samples=32"]
+    if args.quick and name == "glfc" and not any(s.startswith("glfc:inversion_steps")
+                                                 for s in args.param):
+        cmd += ["--strategy-param", "inversion_steps=10"]
     return cmd + shlex.split(args.extra)
 
 
@@ -288,13 +296,14 @@ def main() -> None:
     p.add_argument("--out", default="outputs/baselines")
     args = p.parse_args()
     for row in args.rows:
-        if strategy_of(row)[1] is not None and strategy_of(row)[0] not in ("feder", "fedderpp"):
-            p.error(f"row {row}: only feder and fedderpp take a buffer budget")
+        if strategy_of(row)[1] is not None and strategy_of(row)[0] not in BUDGETED:
+            p.error(f"row {row}: only {', '.join(BUDGETED)} take a buffer budget")
     if args.quick:
         args.clients, args.rounds_per_task = 6, 1
         args.eval_samples = args.eval_samples or 300
     command = shlex.join(["python", "benchmarks/baselines.py", *sys.argv[1:]])
-    jobs = [(b, r) for b in args.benchmarks for r in args.rows]
+    jobs = [(b, r) for b in args.benchmarks for r in args.rows
+            if b in ONLY_IN.get(strategy_of(r)[0], (b,))]
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(lambda job: run_one(args, *job), jobs))

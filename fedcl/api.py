@@ -9,9 +9,11 @@ the FedAvg family). Client half: :class:`LocalTrainer` (one training loop with h
 (what a trainer keeps on its client between rounds) and :class:`SampleBuffer` (raw samples in
 it, purged by fedcl on erasures), :class:`Scenario` (the task stream). Registering:
 :func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
-:func:`register_dataset`, :class:`NoParams`. Unlearning: :class:`UnlearningMethod`,
-:class:`UnlearningJob`, :class:`ClientData` and :func:`operation` (the client half). Errors:
-:class:`ConfigError` (a bad parameter: one line, exit 2). Wire keys: :mod:`fedcl.protocol`.
+:func:`register_dataset`, :class:`NoParams`. The run's model and scenario as fedcl builds them,
+for a server half that evaluates models itself (GLFC's proxy server): :func:`build_model`,
+:func:`build_scenario`. Unlearning: :class:`UnlearningMethod`, :class:`UnlearningJob`,
+:class:`ClientData` and :func:`operation` (the client half). Errors: :class:`ConfigError` (a bad
+parameter: one line, exit 2). Wire keys: :mod:`fedcl.protocol`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import (
     NoParams,
+    build_model,
+    build_scenario,
     register_dataset,
     register_model,
     register_strategy,
@@ -40,7 +44,7 @@ from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 __all__ = [
     "Capabilities", "ClientData", "ClientStore", "ConfigError", "ContinualStrategy",
     "LocalTrainer", "NoParams", "RoundContext", "RoundInfo", "SampleBuffer", "Scenario",
-    "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "flower_kwargs",
-    "operation", "protocol", "register_dataset", "register_model", "register_strategy",
-    "register_unlearning",
+    "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "build_model",
+    "build_scenario", "flower_kwargs", "operation", "protocol", "register_dataset",
+    "register_model", "register_strategy", "register_unlearning",
 ]

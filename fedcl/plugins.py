@@ -111,6 +111,7 @@ BUILTIN_STRATEGIES: dict[str, str] = {
     "fedewc": "strategies.baselines.ewc:build_fedewc",
     "fedlwf": "strategies.baselines.lwf:build_fedlwf",
     "fedprox": "strategies.fedprox:build_fedprox",
+    "glfc": "strategies.baselines.glfc:build_glfc",
     "fot": "strategies.fot:build_fot",
     "prd": "strategies.prd:build_prd",
 }
