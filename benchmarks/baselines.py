@@ -99,6 +99,8 @@ class Row:
     buffer_bytes_per_client: float | None = None
     buffer_bytes_total: int | None = None
     seconds_per_round: float | None = None
+    bytes_up_per_client_round: float | None = None  # summary.json's communication block
+    bytes_down_per_client_round: float | None = None
     wall_s: float | None = None
     centralized_acc: float | None = None
     error: str | None = None
@@ -129,6 +131,10 @@ def read_row(row: Row, summary: dict[str, Any]) -> Row:
     row.buffer_bytes_per_client = sum(held) / summary["num_clients"]
     seconds = [r["seconds"] for r in summary["rounds"]]
     row.seconds_per_round = sum(seconds) / len(seconds) if seconds else None
+    comm = summary.get("communication")  # older summaries lack it
+    if comm:
+        row.bytes_up_per_client_round = comm["per_client_round"]["bytes_up"]
+        row.bytes_down_per_client_round = comm["per_client_round"]["bytes_down"]
     return row
 
 
@@ -219,7 +225,9 @@ def markdown(args: argparse.Namespace, rows: list[Row], command: str) -> str:
              "with:", "",
              f"    {command}", "",
              "ACC, forgetting, BWT and learning accuracy (LA: each task's accuracy right after "
-             "its own training) in %; buffer: raw-sample bytes kept per client (mean); s/round: "
+             "its own training) in %; buffer: raw-sample bytes kept per client (mean); kB up / "
+             "down: what one client sends and receives a round, mean over the run (task-end "
+             "payloads and extra records included; fedcl.communication); s/round: "
              "mean seconds per round. *Centralized ACC*: the DER paper's figure for the same "
              "method and buffer (mammoth's MLP 784-100-100, 1 epoch per task; METHODS.md "
              "section 20), not a federated run; a federated ACC more than "
@@ -227,16 +235,16 @@ def markdown(args: argparse.Namespace, rows: list[Row], command: str) -> str:
     for benchmark in args.benchmarks:
         title = BENCHMARKS[benchmark][0]
         lines += [f"## {title}", "",
-                  "| method | ACC | forgetting | BWT | LA | buffer B/client | s/round "
-                  "| centralized ACC (DER paper) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| method | ACC | forgetting | BWT | LA | buffer B/client | kB up / down "
+                  "per client-round | s/round | centralized ACC (DER paper) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r.benchmark == benchmark):
             name, budget = strategy_of(r.row)
             label = LABELS.get(name, name) + (f" ({budget})" if budget else "")
             ref = "–" if r.centralized_acc is None else (
                 f"{r.centralized_acc:.2f} ({CENTRALIZED_NAMES[r.row]})")
             if r.error is not None:
-                lines.append(f"| {label} | failed: {r.error} | | | | | | {ref} |")
+                lines.append(f"| {label} | failed: {r.error} | | | | | | | {ref} |")
                 continue
             if r.centralized_acc is not None and r.acc is not None:
                 gap = r.centralized_acc - 100 * r.acc
@@ -244,11 +252,14 @@ def markdown(args: argparse.Namespace, rows: list[Row], command: str) -> str:
                     ref += f", {gap:.1f} below"
             buffer = "0" if not r.buffer_bytes_per_client else f"{r.buffer_bytes_per_client:,.0f}"
             spr = "–" if r.seconds_per_round is None else f"{r.seconds_per_round:.2f}"
+            traffic = ("–" if r.bytes_up_per_client_round is None else
+                       f"{r.bytes_up_per_client_round / 1e3:,.1f} / "
+                       f"{r.bytes_down_per_client_round / 1e3:,.1f}")
             lines.append(f"| {label} | {pct(r.acc)} | {pct(r.forgetting)} | {pct(r.bwt)} | "
-                         f"{pct(r.learning_accuracy)} | {buffer} | {spr} | {ref} |")
+                         f"{pct(r.learning_accuracy)} | {buffer} | {traffic} | {spr} | {ref} |")
         joint = CENTRALIZED["joint"].get(benchmark)
         if joint is not None:
-            lines.append(f"| *JOINT, centralized (DER paper)* | *{joint:.2f}* | | | | | | |")
+            lines.append(f"| *JOINT, centralized (DER paper)* | *{joint:.2f}* | | | | | | | |")
         lines.append("")
     lines += checks(rows)
     return "\n".join(lines) + "\n"
