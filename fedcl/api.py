@@ -4,10 +4,13 @@ model, dataset or unlearning method (``docs/writing-a-method.md`` builds one end
 Server half of a strategy: :class:`ContinualStrategy` (the seams fedcl's task-stream driver
 calls), :class:`Capabilities` (what it declares it supports), :class:`RoundInfo`,
 :class:`StrategyWrapper`, :func:`flower_kwargs` (the settings fedcl gives a Flower strategy of
-the FedAvg family). Client half: :class:`LocalTrainer` (one training loop with hooks),
-:class:`RoundContext` (what each hook receives), :class:`TrainResult`, :class:`ClientStore`
-(what a trainer keeps on its client between rounds) and :class:`SampleBuffer` (raw samples in
-it, purged by fedcl on erasures), :class:`Scenario` (the task stream). Registering:
+the FedAvg family), :func:`build_scenario` and :func:`build_model` (the run's task stream and
+its model, as the server and every client build them: for a server half that runs the model
+itself, such as TARGET's data synthesis). Client half: :class:`LocalTrainer` (one training
+loop with hooks), :class:`RoundContext` (what each hook receives), :class:`TrainResult`,
+:class:`ClientStore` (what a trainer keeps on its client between rounds) and
+:class:`SampleBuffer` (raw samples in it, purged by fedcl on erasures), :class:`Scenario` (the
+task stream). Registering:
 :func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
 :func:`register_dataset`, :class:`NoParams`. Unlearning: :class:`UnlearningMethod`,
 :class:`UnlearningJob`, :class:`ClientData` and :func:`operation` (the client half). Errors:
@@ -22,6 +25,8 @@ from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import (
     NoParams,
+    build_model,
+    build_scenario,
     register_dataset,
     register_model,
     register_strategy,
@@ -40,7 +45,8 @@ from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 __all__ = [
     "Capabilities", "ClientData", "ClientStore", "ConfigError", "ContinualStrategy",
     "LocalTrainer", "NoParams", "RoundContext", "RoundInfo", "SampleBuffer", "Scenario",
-    "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "flower_kwargs",
+    "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "build_model",
+    "build_scenario", "flower_kwargs",
     "operation", "protocol", "register_dataset", "register_model", "register_strategy",
     "register_unlearning",
 ]

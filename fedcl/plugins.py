@@ -113,6 +113,7 @@ BUILTIN_STRATEGIES: dict[str, str] = {
     "fedprox": "strategies.fedprox:build_fedprox",
     "fot": "strategies.fot:build_fot",
     "prd": "strategies.prd:build_prd",
+    "target": "strategies.baselines.target:build_target",
 }
 
 #: The built-in unlearning methods, as :data:`BUILTIN_STRATEGIES`.
