@@ -78,7 +78,10 @@ Deviations from the code, beside the defaults above:
   synthetic batch (a new permutation of the set whenever it is used up); the code zips the two
   loaders, so its epoch ends with the shorter one (about 6 real batches on CIFAR-100).
   ``synthetic_batch`` 0 sizes the synthetic batch as the code means to, ``N //
-  real batches per epoch`` (the code's ``nums / ceil(N_real / batch)`` with ``nums`` 8000);
+  real batches per epoch`` (the code's ``nums / ceil(N_real / batch)`` with ``nums`` 8000),
+  but never below the run's ``batch_size`` (or the whole set when it is smaller): a small set
+  spread over many real batches gave batches of one image, and one image at weight 25
+  diverged to NaN within 30 steps (64 images, 41 real batches of 64, lr 0.01);
 * ``synthetic_size`` > 0 sends a seeded uniform subset of that many of the images made (the
   code keeps the first ``nums`` files by name), and the student trains on all of them;
 * aggregation is uniform over the replying clients (the code's ``average_weights``) by default,
@@ -157,7 +160,7 @@ class TargetParams:
     seeded uniform subset of that many."""
     synthetic_batch: int = 0
     """Synthetic images per client step: 0 = the set's size over the real batches of an epoch
-    (TARGET's sizing), else this many."""
+    (TARGET's sizing), at least the run's batch_size (or the whole set), else this many."""
     generator_steps: int = 10
     """Adam steps of the generator clone and latents per call (TARGET's g_steps: 10)."""
     student_steps: int = 400
@@ -500,6 +503,7 @@ class Target(ContinualStrategy, FedAvg):
             "target_teacher_agreement": result.teacher_agreement,
             "target_generator_loss": result.call_losses[-1][1],
             "target_bn_layers": float(result.bn_layers),
+            "target_classes_left_out": float(len(self.excluded)),
         }
         return result
 
@@ -512,7 +516,8 @@ class Target(ContinualStrategy, FedAvg):
         """The synthetic set the task just finished trained with (none after task 0): its
         images and bytes, the synthesis's seconds, the share of images the teacher gives the
         label they were made for, the last call's lowest generator loss, and the teacher's
-        batch-norm layers that L_BN read."""
+        batch-norm layers that L_BN read, and how many seen classes its labels left out
+        (erased on every client)."""
         return dict(self.metrics)
 
     def state_dict(self) -> dict[str, Any]:
@@ -576,7 +581,8 @@ class TargetTrainer(LocalTrainer):
         self._teacher = teacher
         self._synthetic = images.to(ctx.device)
         real_batches = max(1, math.ceil(int(ctx.y.shape[0]) / ctx.config.batch_size))
-        self._batch = self.params.synthetic_batch or max(1, len(images) // real_batches)
+        self._batch = self.params.synthetic_batch or max(
+            len(images) // real_batches, min(len(images), ctx.config.batch_size))
 
     def before_epoch(self, ctx: RoundContext, epoch: int) -> None:
         if self._synthetic is not None:
