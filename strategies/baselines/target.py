@@ -63,10 +63,10 @@ of our own), nor domain-IL a split of old and new classes (every task has the sa
 
 **Defaults.** The code's CIFAR-100 values, except where a CPU run on MNIST needs smaller
 ones: ``synthesis_batch`` 128 (code 256, so 10 calls make 1,280 images, not 2,560) and
-``generator_width`` 32 (code 64); with them a synthesis against the MLP takes about 10 s on
-one CPU core. As in the code on CIFAR-100, ``warmup`` 20 > ``synthesis_calls`` 10: no student
+``generator_width`` 32 (code 64); with them a synthesis against the MLP takes 12-18 s on a
+2-core CPU (4x that at the code's sizes). As in the code on CIFAR-100, ``warmup`` 20 > ``synthesis_calls`` 10: no student
 and no L_adv run (METHODS.md 16.2); ``warmup=0`` turns them on (``student_steps`` 400 each call,
-the most expensive part). The paper's values: ``synthesis_batch=256 generator_width=64``.
+the most expensive part). The code's sizes: ``synthesis_batch=256 generator_width=64``.
 
 **Batch norm.** L_BN reads the teacher's ``BatchNorm1d/2d/3d`` layers (the code: 2d only).
 fedcl's MLP and small CNN have none: L_BN is then 0 and the generator learns from the
@@ -92,7 +92,8 @@ Deviations from the code, beside the defaults above:
   normal weights, N(0, 1) Linear biases, N(1, 0.02) BN scales); ``reset_l0`` at call 120 and the
   Tiny-ImageNet setting's Reptile step are left out;
 * the crop pads with zeros (kornia's default) and flips only with ``augment_flip`` (digits
-  are not mirror-symmetric: off by default; the code flips CIFAR images);
+  are not mirror-symmetric: off by default; the code flips CIFAR images); the clients' real
+  batches are not augmented (fedcl's loop; the code crops and flips them too);
 * the synthesis is seeded from the run's seed and the task, reproducible on the CPU.
 """
 
@@ -283,7 +284,7 @@ class Synthesizer:
         self.columns = torch.tensor(columns, dtype=torch.long, device=device)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.rng = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
+        with self._own_rng():
             torch.manual_seed(seed)
             self.generator = SynthesisGenerator(input_shape, params.latent_dim,
                                                 params.generator_width).to(device).train()
@@ -301,6 +302,12 @@ class Synthesizer:
         self.pool: list[torch.Tensor] = []
         self.pool_labels: list[torch.Tensor] = []
         self.calls = 0
+
+    def _own_rng(self):  # type: ignore[no-untyped-def]
+        """torch's global RNG (and the GPU's, when synthesising on one) restored afterwards:
+        the seeding inside leaves the caller's draws as they were."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
+                                     else [])
 
     def _teacher_view(self, x: torch.Tensor) -> torch.Tensor:
         """The augmented, normalised input the teacher (and student) read."""
@@ -389,8 +396,7 @@ class Synthesizer:
         started = time.monotonic()
         p = self.params
         losses = []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda"
-                                   else []):
+        with self._own_rng():
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng)))
             for i in range(p.synthesis_calls):
                 losses.append(self.call())
