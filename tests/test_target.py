@@ -44,6 +44,7 @@ from strategies.baselines.target import (
     erased_everywhere,
 )
 from tests.conftest import run_fedcl
+from tests.pinned import assert_pinned
 from tests.test_e2e import TINY, ray_env  # noqa: F401  (the fixture)
 
 
@@ -376,9 +377,9 @@ def test_a_client_trains_on_synthetic_data_and_keeps_no_sample(flower_identity: 
 def test_target_class_il_run_keeps_no_sample_on_clients(tmp_path: Path,
                                                         ray_env: dict) -> None:  # noqa: F811
     """Split-MNIST class-IL, 3 clients, 2 tasks of one round, a class of task 0 erased after
-    it (the retrain oracle's strategy goes on): the set is made once, before task 1, 64 images
-    whose labels leave the erased class out, and no client keeps anything but fedcl's
-    counters."""
+    it (the retrain oracle's strategy goes on): the same seed gives the pinned matrix; the set
+    is made once, before task 1, 64 images whose labels leave the erased class out, and no
+    client keeps anything but fedcl's counters."""
     klass = build_scenario(Config(tasks=2)).tasks[0].classes[0]
     out = tmp_path / "out"
     args = [a for k, v in SMALL.items() for a in ("--strategy-param", f"{k}={v}")]
@@ -389,6 +390,7 @@ def test_target_class_il_run_keeps_no_sample_on_clients(tmp_path: Path,
     assert "Traceback" not in res.stderr + res.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["strategy"] == "target" and s["scenario"] == "class-il" and s["num_tasks"] == 2
+    assert_pinned("target_class_il", s)  # the same seed, the same matrix as recorded
     matrix = s["accuracy_matrix"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
     assert matrix[0][0] > 0.8
