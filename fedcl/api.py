@@ -4,10 +4,13 @@ model, dataset or unlearning method (``docs/writing-a-method.md`` builds one end
 Server half of a strategy: :class:`ContinualStrategy` (the seams fedcl's task-stream driver
 calls), :class:`Capabilities` (what it declares it supports), :class:`RoundInfo`,
 :class:`StrategyWrapper`, :func:`flower_kwargs` (the settings fedcl gives a Flower strategy of
-the FedAvg family). Client half: :class:`LocalTrainer` (one training loop with hooks),
-:class:`RoundContext` (what each hook receives), :class:`TrainResult`, :class:`ClientStore`
-(what a trainer keeps on its client between rounds) and :class:`SampleBuffer` (raw samples in
-it, purged by fedcl on erasures), :class:`Scenario` (the task stream). Registering:
+the FedAvg family), :func:`build_scenario` and :func:`build_model` (the run's task stream and
+its model, as the server and every client build them: for a server half that runs the model
+itself, such as TARGET's data synthesis). Client half: :class:`LocalTrainer` (one training
+loop with hooks), :class:`RoundContext` (what each hook receives), :class:`TrainResult`,
+:class:`ClientStore` (what a trainer keeps on its client between rounds) and
+:class:`SampleBuffer` (raw samples in it, purged by fedcl on erasures), :class:`Scenario` (the
+task stream). Registering:
 :func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
 :func:`register_dataset`, :class:`NoParams`. The run's model and scenario as fedcl builds them,
 for a server half that evaluates models itself (GLFC's proxy server): :func:`build_model`,

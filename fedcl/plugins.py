@@ -114,6 +114,7 @@ BUILTIN_STRATEGIES: dict[str, str] = {
     "glfc": "strategies.baselines.glfc:build_glfc",
     "fot": "strategies.fot:build_fot",
     "prd": "strategies.prd:build_prd",
+    "target": "strategies.baselines.target:build_target",
 }
 
 #: The built-in unlearning methods, as :data:`BUILTIN_STRATEGIES`.

@@ -14,6 +14,13 @@ round loop is in :mod:`strategies.baselines.ewc`, :mod:`~strategies.baselines.lw
 * DER / DER++ (Buzzega et al., "Dark Experience for General Continual Learning", NeurIPS
   2020): :func:`logit_matching`, :func:`derpp_terms`.
 * :func:`outputs_by_head`: a batch whose rows belong to different heads (task-IL replay).
+* TARGET (Zhang, Chen, Zhuang and Lyu, "TARGET: Federated Class-Continual Learning via
+  Exemplar-Free Distillation", ICCV 2023), wired in :mod:`~strategies.baselines.target`: the
+  generator :class:`SynthesisGenerator`; its losses :func:`bn_statistics_loss` (through
+  :class:`BNStatisticsHooks`), :func:`adversarial_disagreement` and
+  :func:`class_cross_entropy`; the server student's :func:`kl_distillation`; the first-order
+  meta step :func:`accumulate_meta_gradients`; :func:`random_crop_flip` and
+  :func:`quantise_images`; the clients' loss :func:`target_client_loss`.
 """
 
 from __future__ import annotations
@@ -29,16 +36,27 @@ from torch.nn import functional as F
 from fedcl.api import SampleBuffer
 
 __all__ = [
+    "BNStatisticsHooks",
     "FisherAnchor",
+    "SynthesisGenerator",
+    "accumulate_meta_gradients",
+    "adversarial_disagreement",
+    "batch_statistics",
+    "bn_statistics_loss",
+    "class_cross_entropy",
     "derpp_terms",
     "diagonal_fisher",
     "distillation_loss",
     "ewc_penalty",
+    "kl_distillation",
     "logit_matching",
     "outputs_by_head",
+    "quantise_images",
+    "random_crop_flip",
     "replay_draw",
     "reservoir_add",
     "reservoir_slots",
+    "target_client_loss",
 ]
 
 
@@ -297,3 +315,235 @@ def derpp_terms(outputs_logits: torch.Tensor, stored_logits: torch.Tensor,
     else:
         ce = F.cross_entropy(outputs_labels, stored_labels)
     return match, beta * ce
+
+
+# --------------------------------------------------------------------------------------------
+# TARGET
+# --------------------------------------------------------------------------------------------
+BATCH_NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean and biased variance of a batch-norm layer's input ``x``
+    ``[N, C, ...]`` (channels on dimension 1, every other dimension pooled), each ``[C]``: what
+    the layer would normalise with in train mode."""
+    if x.dim() < 2:
+        raise ValueError(f"batch statistics of an input of shape {tuple(x.shape)}: need "
+                         "[N, C, ...]")
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+
+
+def bn_statistics_loss(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                       running_var: torch.Tensor,
+                       momentum_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       momentum: float = 0.9) -> torch.Tensor:
+    """One batch-norm layer's term of TARGET's L_BN (DeepInversion's feature-statistics
+    prior, as TARGET's ``DeepInversionHook``): ``||running_var - v||_2 + ||running_mean -
+    m||_2``, plain L2 norms (not squared) over the ``[C]`` channels. ``(m, v)`` is the batch's
+    ``(mean, var)``, or, given ``momentum_stats`` (the running blend of earlier synthesis
+    calls' statistics), ``(1 - momentum) * batch + momentum * momentum_stats``. A scalar.
+
+    By hand: running (0, 1), a batch of mean 1 and variance 1: ``|1 - 1| + |0 - 1| = 1``."""
+    if momentum_stats is not None:
+        mean = (1 - momentum) * mean + momentum * momentum_stats[0]
+        var = (1 - momentum) * var + momentum * momentum_stats[1]
+    return torch.linalg.vector_norm(running_var - var) + \
+        torch.linalg.vector_norm(running_mean - mean)
+
+
+class BNStatisticsHooks:
+    """L_BN of a teacher: forward hooks on each of ``model``'s batch-norm layers with running
+    statistics (``BatchNorm1d/2d/3d``) that record, on every forward, the layer's
+    :func:`bn_statistics_loss` for the batch it sees. :meth:`loss` sums them over the layers
+    (a model without batch norm, fedcl's MLP, has none: L_BN is 0 and the generator learns from
+    its other terms); :meth:`update_momentum` folds the last forward's statistics into the
+    running blend, once per synthesis call (TARGET's ``bn_mmt``: the first call compares the
+    plain batch statistics, later ones the blend). :meth:`remove` takes the hooks off."""
+
+    def __init__(self, model: nn.Module, momentum: float) -> None:
+        self.momentum = momentum
+        self.layers = [m for m in model.modules() if isinstance(m, BATCH_NORM_LAYERS)
+                       and getattr(m, "running_mean", None) is not None]
+        self.terms: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.blend: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self.handles = [layer.register_forward_hook(self._hook(i))
+                        for i, layer in enumerate(self.layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _hook(self, i: int):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+                 ) -> None:
+            mean, var = batch_statistics(inputs[0])
+            self.terms[i] = bn_statistics_loss(mean, var, module.running_mean,  # type: ignore[arg-type]
+                                               module.running_var,  # type: ignore[arg-type]
+                                               self.blend[i], self.momentum)
+            self.last[i] = (mean.detach(), var.detach())
+        return hook
+
+    def loss(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum of the layers' terms from the last forward (a scalar of ``like``'s dtype
+        and device; 0 without batch-norm layers)."""
+        total = like.new_zeros(())
+        for term in self.terms:
+            if term is not None:
+                total = total + term
+        return total
+
+    def update_momentum(self) -> None:
+        """``blend <- last`` at the first call, ``momentum * blend + (1 - momentum) * last``
+        after (TARGET's ``update_mmt``)."""
+        m = self.momentum
+        for i, last in enumerate(self.last):
+            if last is None:
+                continue
+            old = self.blend[i]
+            self.blend[i] = last if old is None else (m * old[0] + (1 - m) * last[0],
+                                                      m * old[1] + (1 - m) * last[1])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor
+                        ) -> torch.Tensor:
+    """Cross-entropy over the logit columns ``columns`` ``[K]`` (long) only, each label of
+    ``labels`` ``[B]`` (a class, i.e. a column of ``logits`` ``[B, C]``) taken as its position
+    among ``columns``: TARGET's ``CE(z[:, C_old:], y - C_old)`` when ``columns`` are
+    ``C_old .. C_t - 1``. Raises ValueError for a label outside ``columns``. 0 for ``B == 0``."""
+    if labels.shape[0] == 0:
+        return logits.sum() * 0.0
+    hit = labels.reshape(-1, 1) == columns.reshape(1, -1)
+    if not bool(hit.any(dim=1).all()):
+        missing = sorted(set(labels[~hit.any(dim=1)].tolist()))
+        raise ValueError(f"labels {missing} are not among the columns {columns.tolist()}")
+    return F.cross_entropy(logits[:, columns], hit.int().argmax(dim=1))
+
+
+def adversarial_disagreement(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """TARGET's L_adv (from Fang et al.'s data-free adversarial distillation):
+    ``-(1/B) sum_b KL(softmax(t_b) || softmax(s_b)) * 1[argmax s_b == argmax t_b]``, logits
+    ``[B, C]`` each, temperature 1: minimising it drives the generator to inputs on which the
+    student, where it still agrees with the teacher, is furthest from it. Gradients flow through
+    both (TARGET does not detach the teacher's logits here). A scalar, <= 0."""
+    agree = (student.argmax(dim=1) == teacher.argmax(dim=1)).to(student.dtype)
+    kl = F.kl_div(F.log_softmax(student, dim=1), F.softmax(teacher, dim=1),
+                  reduction="none").sum(dim=1)
+    return -(kl * agree).mean()
+
+
+def kl_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float
+                    ) -> torch.Tensor:
+    """``T^2 * (1/B) sum_b KL(softmax(t_b/T) || softmax(s_b/T))`` (TARGET's ``KLDiv``, which
+    trains the server's student on the synthetic data; T = 20), logits ``[B, C]``; the
+    teacher's are treated as constants. A scalar, 0 when they agree."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.softmax(teacher.detach() / t, dim=1),
+                    reduction="batchmean") * (t * t)
+
+
+def target_client_loss(real_logits: torch.Tensor, labels: torch.Tensor,
+                       new_columns: torch.Tensor, syn_logits: torch.Tensor | None,
+                       teacher_logits: torch.Tensor | None, old_columns: torch.Tensor,
+                       kd_weight: float, temperature: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TARGET client's two terms for one step (METHODS.md 16.1 item 3): the cross-entropy of
+    the real batch's logits ``real_logits`` ``[B, C]`` over the current task's columns
+    ``new_columns`` alone (:func:`class_cross_entropy`), and ``kd_weight`` times LwF's
+    distillation (:func:`distillation_loss`, temperature ``temperature``) of the synthetic
+    batch's logits ``syn_logits`` ``[B', C]`` towards the frozen previous global model's
+    ``teacher_logits`` ``[B', C]``, both over the old classes' columns ``old_columns`` alone.
+    Returns (CE, weighted KD); the KD is 0 without a synthetic batch or old columns (the first
+    task). E.g. 20 old classes and label 23 in a task of classes 20..29: the CE reads logits
+    20.. with target 3, the KD logits 0..19 only."""
+    ce = class_cross_entropy(real_logits, labels, new_columns)
+    if syn_logits is None or teacher_logits is None or old_columns.numel() == 0:
+        return ce, ce.new_zeros(())
+    kd = distillation_loss(syn_logits[:, old_columns], teacher_logits[:, old_columns],
+                           temperature)
+    return ce, kd_weight * kd
+
+
+class SynthesisGenerator(nn.Module):
+    """TARGET's generator (its ``Generator``, after Fang et al.'s fast data-free synthesis),
+    sized for the dataset: ``z`` ``[B, latent_dim]`` -> Linear to ``2w x h0 x w0`` (``h0, w0 =
+    ceil(H/4), ceil(W/4)``: 8 x 8 for 32 x 32 images, 7 x 7 for MNIST's 28 x 28) -> BN ->
+    upsample to ``2 h0 x 2 w0`` -> conv3x3(2w, 2w) -> BN -> LeakyReLU(0.2) -> upsample to
+    ``H x W`` -> conv3x3(2w, w) -> BN -> LeakyReLU(0.2) -> conv3x3(w, C) -> sigmoid: images in
+    [0, 1], ``[B, C, H, W]``, before the dataset's normalisation. ``w`` is ``width`` (TARGET:
+    64); nearest-neighbour upsampling (×2 twice when H and W are multiples of 4)."""
+
+    def __init__(self, input_shape: Sequence[int], latent_dim: int = 256, width: int = 64
+                 ) -> None:
+        super().__init__()
+        c, h, w = (int(s) for s in input_shape)
+        self.input_shape = (c, h, w)
+        self.latent_dim = latent_dim
+        self.init_size = (-(-h // 4), -(-w // 4))
+        h0, w0 = self.init_size
+        self.l1 = nn.Sequential(nn.Linear(latent_dim, 2 * width * h0 * w0))
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(2 * width),
+            nn.Upsample(size=(2 * h0, 2 * w0)),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(size=(h, w)),
+            nn.Conv2d(2 * width, width, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width, c, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.l1(z)
+        out = out.view(out.shape[0], -1, *self.init_size)
+        return self.conv_blocks(out)
+
+
+def accumulate_meta_gradients(base: nn.Module, fast: nn.Module) -> None:
+    """Add each parameter's gradient in ``fast`` (the generator clone of one synthesis call)
+    to the same parameter's gradient in ``base`` (zeros where it has none): TARGET's
+    ``fomaml_grad``, the first-order MAML step whose sum over the call's inner steps the
+    base generator's optimizer then takes. Parameters are matched by position."""
+    for p, q in zip(base.parameters(), fast.parameters(), strict=True):
+        if q.grad is None:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(q.grad)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator
+                     ) -> torch.Tensor:
+    """TARGET's augmentation before the teacher (kornia's ``RandomCrop(padding=4)`` and
+    ``RandomHorizontalFlip``), per image: ``x`` ``[B, C, H, W]`` zero-padded by ``pad`` on
+    every side and cropped back to ``H x W`` at an offset drawn uniformly from
+    ``{0..2 pad}^2``, then, if ``flip``, mirrored left-right with probability 1/2.
+    Differentiable in ``x``. Draws ``2B`` offsets (then ``B`` uniforms if ``flip``) from
+    ``generator`` (a CPU generator)."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        padded = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        rows = oy[:, None] + torch.arange(h, device=x.device)[None, :]  # [B, H]
+        cols = ox[:, None] + torch.arange(w, device=x.device)[None, :]  # [B, W]
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mirror = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def quantise_images(x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] ``[B, C, H, W]`` as the uint8 values TARGET's 8-bit PNGs hold:
+    ``floor(255 * clamp(x, 0, 1))`` (its ``(x * 255).astype('uint8')``), on the CPU."""
+    return (x.detach().clamp(0, 1) * 255).to(torch.uint8).cpu()
