@@ -111,6 +111,7 @@ BUILTIN_STRATEGIES: dict[str, str] = {
     "fedewc": "strategies.baselines.ewc:build_fedewc",
     "fedlwf": "strategies.baselines.lwf:build_fedlwf",
     "fedprox": "strategies.fedprox:build_fedprox",
+    "fedweit": "strategies.baselines.fedweit:build_fedweit",
     "fot": "strategies.fot:build_fot",
     "prd": "strategies.prd:build_prd",
 }
