@@ -4,11 +4,12 @@ seed and settings for every row, the DER paper's centralized figures beside them
 Benchmarks: Split-MNIST class-IL and task-IL (5 tasks of 2 classes), Permuted-MNIST and
 Rotated-MNIST (domain-IL, 20 tasks as the DER paper's). 50 clients, Dirichlet(0.5) split of
 every task, the MLP, fedcl's default local training. Rows: FedAvg, FedProx, FOT, PRD, FedEWC,
-FedLwF, and FedER and FedDER++ at two buffer budgets (200 and 500 samples in total across the
-federation). Columns: ACC, forgetting, BWT, learning accuracy (mean of each task's accuracy
-right after its own training, the accuracy matrix's diagonal), buffer bytes (mean per client,
-raw samples kept on clients), seconds per round (mean), and the centralized ACC that the DER
-paper reports for the same method, benchmark and buffer (METHODS.md section 20: mammoth's
+FedLwF, FedWeIT (task-IL only: it needs the task id at test time; the other benchmarks show it
+as not defined), and FedER and FedDER++ at two buffer budgets (200 and 500 samples in total
+across the federation). Columns: ACC, forgetting, BWT, learning accuracy (mean of each task's
+accuracy right after its own training, the accuracy matrix's diagonal), buffer bytes (mean per
+client, raw samples kept on clients), seconds per round (mean), and the centralized ACC that the
+DER paper reports for the same method, benchmark and buffer (METHODS.md section 20: mammoth's
 MLP 784-100-100, one epoch per task, batch 10 or 128: not fedcl's settings; labelled
 centralized).
 
@@ -58,10 +59,11 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                               "rotate", "--tasks", "20"]),
 }
 
-ROWS = ["fedavg", "fedprox", "fot", "prd", "fedewc", "fedlwf", "feder@200", "feder@500",
-        "fedderpp@200", "fedderpp@500"]
+ROWS = ["fedavg", "fedprox", "fot", "prd", "fedewc", "fedlwf", "fedweit", "feder@200",
+        "feder@500", "fedderpp@200", "fedderpp@500"]
 LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fot": "FOT", "prd": "PRD",
-          "fedewc": "FedEWC", "fedlwf": "FedLwF", "feder": "FedER", "fedderpp": "FedDER++"}
+          "fedewc": "FedEWC", "fedlwf": "FedLwF", "fedweit": "FedWeIT", "feder": "FedER",
+          "fedderpp": "FedDER++"}
 
 #: The DER paper's centralized final accuracy (%), from mammoth's README at its first commit
 #: (METHODS.md section 20): method as fedcl names its federated version -> benchmark -> ACC.
@@ -97,6 +99,7 @@ class Row:
     wall_s: float | None = None
     centralized_acc: float | None = None
     error: str | None = None
+    not_defined: str | None = None  # the strategy does not declare the benchmark's scenario
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -137,6 +140,21 @@ def batchable(strategy: str) -> bool:
     return trainer.batchable and not trainer.keeps_client_store
 
 
+def scenario_of(benchmark: str) -> str:
+    flags = BENCHMARKS[benchmark][1]
+    return flags[flags.index("--scenario") + 1]
+
+
+def defined_for(strategy: str, benchmark: str) -> bool:
+    """Whether ``strategy`` declares the benchmark's scenario (its ``Capabilities.scenarios``,
+    asked of fedcl as ``fedcl simulate`` does)."""
+    from fedcl import plugins
+    from fedcl.config import Config
+
+    return scenario_of(benchmark) in plugins.build_strategy(
+        Config(strategy=strategy)).capabilities.scenarios
+
+
 def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
                   folder: Path) -> list[str]:
     """The ``fedcl simulate`` command line of one row of one benchmark."""
@@ -173,6 +191,10 @@ def run_one(args: argparse.Namespace, benchmark: str, row: str) -> Row:
     folder = Path(args.out) / benchmark / row.replace("@", "-")
     result = Row(benchmark, row, str(folder),
                  centralized_acc=CENTRALIZED.get(row, {}).get(benchmark))
+    if not defined_for(strategy_of(row)[0], benchmark):
+        result.not_defined = scenario_of(benchmark)
+        print(f"{benchmark} {row}: not defined for {result.not_defined}", flush=True)
+        return result
     if args.resume and (folder / "summary.json").is_file():  # finished before
         result.extra["command"] = "(kept from an earlier run)"
         return read_row(result, json.loads((folder / "summary.json").read_text()))
@@ -227,6 +249,9 @@ def markdown(args: argparse.Namespace, rows: list[Row], command: str) -> str:
             label = LABELS.get(name, name) + (f" ({budget})" if budget else "")
             ref = "–" if r.centralized_acc is None else (
                 f"{r.centralized_acc:.2f} ({CENTRALIZED_NAMES[r.row]})")
+            if r.not_defined is not None:
+                lines.append(f"| {label} | not defined for {r.not_defined} | | | | | | {ref} |")
+                continue
             if r.error is not None:
                 lines.append(f"| {label} | failed: {r.error} | | | | | | {ref} |")
                 continue

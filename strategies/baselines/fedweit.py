@@ -23,21 +23,22 @@ tasks' parts are frozen (the code's retroactive option off).
 
 **What travels.** Client -> server, every round, ``fedweit.base``: B with the output channels of
 the lowest ``client_sparsity`` fraction of ``|m_t|`` dropped, as a real sparse encoding: per
-layer the kept channels' indices (int32) and their rows of B (float32), about ``1 -
-client_sparsity`` of B's bytes. The 0/1 channel mask of METHODS.md 17.2 is the indicator of
-those indices, so it travels as them and is not sent twice. In a task's last round also
+layer the kept channels' indices (int32) and their rows of B (float32), about
+``1 - client_sparsity`` of B's bytes. The 0/1 channel mask of METHODS.md 17.2 is the indicator
+of those indices, so it travels as them and is not sent twice. In a task's last round also
 ``fedweit.adaptive``, the task's A hard-thresholded at ``lambda_l1`` (per layer a bitmap of its
 non-zero entries and their values: 1/32 of the dense bytes plus 4 bytes per entry kept), and
-``fedweit.parts``, the task's m, alpha, biases and head (about 0.5 % of the MLP's size). Server
--> client: the global model every round (dense B in the decomposed layers' weights; the biases
-and heads in it are the initial ones, which clients read only when they begin a task), and
-``fedweit.kb``, the knowledge base (sparse, as it came), in a client's first round of each new
-task. The server's base is the masked mean of 17.2, uniform over the clients that kept an entry
-(:func:`~strategies.baselines.fedweit_maths.masked_mean`). fedcl declares
-``Capabilities.model_replies`` false: replies carry an empty model record, so the sparse base is
-all a client sends of B. ``summary.json``'s ``strategy_state`` holds the mean bytes each reply
-carried up (``fedweit_up_bytes_per_reply``, its base part, the dense model's bytes for
-comparison) and each message carried down, per task.
+``fedweit.parts``, the task's m, alpha, biases and head (about 0.5 % of the MLP's size).
+Server -> client: the global model every round (dense B in the decomposed layers' weights; the
+biases and heads in it are the initial ones, which clients read only when they begin a task),
+and ``fedweit.kb``, the knowledge base (sparse, as it came), in a client's first round of each
+new task. The server's base is the masked mean of 17.2, uniform over the clients that kept an
+entry (:func:`~strategies.baselines.fedweit_maths.masked_mean`). The strategy declares
+``Capabilities.model_replies`` false: replies carry an empty model record, so the sparse base
+is all a client sends of B. ``summary.json``'s ``strategy_state`` holds, per task, the mean
+bytes each reply carried up (``fedweit_up_bytes_per_reply``; ``fedweit_base_bytes_per_reply``
+its base; ``fedweit_dense_base_bytes`` and ``fedweit_dense_model_bytes`` the dense base's and
+model's, for comparison) and each message carried down (``fedweit_down_bytes_per_message``).
 
 **What clients keep** (their ``ClientStore``, no raw data): the current task's m, A, alpha,
 biases and head, the B they began the task with and the knowledge base; per past task its m,
@@ -314,6 +315,7 @@ class Traffic:
     kb: int = 0
     messages: int = 0
     dense_model: int = 0
+    dense_base: int = 0
 
     def metrics(self) -> dict[str, float]:
         per_reply = max(self.replies, 1)
@@ -322,7 +324,8 @@ class Traffic:
                 "fedweit_base_bytes_per_reply": self.base / per_reply,
                 "fedweit_down_bytes_per_message": self.down / per_message,
                 "fedweit_kb_bytes_sent": float(self.kb),
-                "fedweit_dense_model_bytes": float(self.dense_model)}
+                "fedweit_dense_model_bytes": float(self.dense_model),
+                "fedweit_dense_base_bytes": float(self.dense_base)}
 
 
 class FedWeIT(ContinualStrategy, FedAvg):
@@ -379,6 +382,8 @@ class FedWeIT(ContinualStrategy, FedAvg):
         kb = self.kb_record(info.task)
         traffic = self.traffic.setdefault(info.task, Traffic())
         traffic.dense_model = nbytes(arrays)
+        traffic.dense_base = sum(len(arrays[k].data) for k, _ in decomposed_keys(
+            arrays.to_torch_state_dict()))
         for msg in messages:
             traffic.messages += 1
             traffic.down += nbytes(arrays)
