@@ -8,6 +8,7 @@ simulate``."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -464,6 +465,22 @@ def test_the_server_rebuilds_each_clients_own_model(federation: _Federation) -> 
     assert counts == [add_counts(add_counts({}, a), b) for a, b in zip(one, two, strict=True)]
     acc = accuracies(counts)
     assert acc[0] > 0.8 and acc[1] > 0.6  # both tasks learned by both clients' models
+
+
+def test_the_servers_state_survives_a_checkpoint(federation: _Federation) -> None:
+    """state_dict through torch.save/load (as fedcl's checkpoint): a fresh strategy reports the
+    same counts and the same traffic."""
+    strategy: Any = federation.strategy
+    buffer = io.BytesIO()
+    torch.save(strategy.state_dict(), buffer)
+    buffer.seek(0)
+    again = FedWeIT(FedWeITParams(), seed=federation.config.seed,
+                    **flower_kwargs(federation.config))
+    again.load_state_dict(torch.load(buffer, weights_only=False))
+    evaluator = Evaluator(federation.scenario, federation.config, torch.device("cpu"))
+    assert evaluator.counts(federation.arrays, again) == evaluator.counts(federation.arrays,
+                                                                          strategy)
+    assert again.state_metrics() == strategy.state_metrics() != {}
 
 
 def test_the_same_seed_sends_the_same_records(flower_identity: None) -> None:

@@ -68,8 +68,12 @@ defines no task-agnostic model (averaging the task models would be a model no cl
 
 Deviations from the paper and its code, and choices:
 
-* fedcl's clients all learn the same task sequence (the scenario's); in the paper each client
-  learns its own sequence of tasks from different datasets.
+* fedcl's clients all learn the same task sequence (the scenario's), each from its share of
+  the task's data; in the paper each client learns its own sequence of tasks from different
+  datasets and is tested on its own tasks. Here every client's model of a task is tested on the
+  task's whole test set, and its head, biases and adaptive weights are its own (never
+  averaged): under label skew (fedcl's default Dirichlet split) a client that saw few of a
+  task's classes holds a model that knows few of them, and the mean over clients shows it.
 * Local optimisation is fedcl's: the run's optimizer (``--optimizer``, ``--lr``,
   ``--momentum``; ``--optimizer adam --lr 0.000333`` is the paper's Adam at 1e-3/3), fresh every
   round as for every fedcl method, with no plateau decay of the learning rate (the authors
@@ -567,10 +571,9 @@ class FedWeIT(ContinualStrategy, FedAvg):
         if kb is not None:
             out["fedweit_kb_members"] = float(kb[MEMBERS].numel())
             nnz = sum(int(v.numel()) for k, v in kb.items() if k.endswith(".values"))
-            if self._global is not None and kb[MEMBERS].numel():
-                state = self._global.to_torch_state_dict()
-                size = sum(state[k].numel() for k, _ in decomposed_keys(state))
-                out["fedweit_kb_density"] = nnz / (size * int(kb[MEMBERS].numel()))
+            entries = sum(8 * int(v.numel()) for k, v in kb.items() if k.endswith(".bits"))
+            if entries:  # the bitmaps' bits: every entry, rounded up to whole bytes per layer
+                out["fedweit_kb_density"] = nnz / entries
         out["fedweit_client_models"] = float(len(self.parts.get(self.task, {})))
         if self.task in self.traffic:
             out.update(self.traffic[self.task].metrics())
