@@ -78,7 +78,10 @@ Deviations from the paper and its code, and choices:
   ``--momentum``; ``--optimizer adam --lr 0.000333`` is the paper's Adam at 1e-3/3), fresh every
   round as for every fedcl method, with no plateau decay of the learning rate (the authors
   divide it by 3 after 3 epochs without validation improvement; fedcl has no validation
-  split). The run's ``weight_decay`` is not used: FedWeIT's own ``wd`` is in the loss.
+  split). The run's ``weight_decay`` is not used: FedWeIT's own ``wd`` is in the loss. Under
+  SGD (fedcl's default) the L1 term moves an adaptive weight by only ``lr * lambda_l1`` a step,
+  so A stays nearly dense and its uploads and the knowledge base cost about the dense size;
+  under Adam (the paper's) each step moves it by about ``lr`` and A becomes sparse.
 * A base entry that no client kept keeps the previous global value (the authors' server sets it
   to 0 and their clients keep their own value there); so the base a client holds is the
   global one, which the server's evaluation needs to rebuild its models.
