@@ -108,15 +108,20 @@ class Evaluator:
         or what ``strategy`` reports for the task instead
         (:meth:`~fedcl.strategy.ContinualStrategy.task_counts`)."""
         state = arrays.to_torch_state_dict()
-        loaded = False  # whether the model holds `state` (a strategy's counts load others)
+        loaded = [False]  # whether the model holds `state` (a strategy's models replace it)
+
+        def count(model: dict[str, torch.Tensor], task: int) -> TaskCounts:
+            loaded[0] = False
+            return self.task_counts(model, task)
+
         out: ClassCounts = []
         for t in range(len(self.test)):
             got = None if strategy is None else strategy.task_counts(
-                t, arrays, lambda model, t=t: self.task_counts(model, t))
+                t, arrays, lambda model, t=t: count(model, t))
             if got is None:
-                if not loaded or strategy is not None:
+                if not loaded[0]:
                     self.model.load_state_dict(state)
-                    loaded = True
+                    loaded[0] = True
                 got = self._count(t)
             out.append(got)
         return out
