@@ -109,7 +109,7 @@ Deviations from the paper and its code, and choices:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -509,7 +509,8 @@ class FedWeIT(ContinualStrategy, FedAvg):
         add_counts(self._reports.setdefault(task, {}), counts)
 
     # --- evaluation ---------------------------------------------------------------------------
-    def task_counts(self, task: int, arrays: ArrayRecord, count: Any
+    def task_counts(self, task: int, arrays: ArrayRecord,
+                    count: Callable[[dict[str, torch.Tensor]], dict[int, list[int]]]
                     ) -> dict[int, list[int]] | None:
         """The summed counts of every client's model of ``task`` (rebuilt from its parts and
         the global base), or, for the current task before its parts arrive, of the models
