@@ -4,15 +4,15 @@ seed and settings for every row, the DER paper's centralized figures beside them
 Benchmarks: Split-MNIST class-IL and task-IL (5 tasks of 2 classes), Permuted-MNIST and
 Rotated-MNIST (domain-IL, 20 tasks as the DER paper's). 50 clients, Dirichlet(0.5) split of
 every task, the MLP, fedcl's default local training. Rows: FedAvg, FedProx, FOT, PRD, FedEWC,
-FedLwF, TARGET (class-IL only: the benchmarks of other scenarios leave its row out), and FedER,
-FedDER++ and GLFC at two buffer budgets (200 and 500 samples in total across the federation;
-GLFC, a class-IL method, only in the Split-MNIST class-IL table, with its default proxy
-settings). Columns: ACC, forgetting, BWT, learning accuracy (mean of each task's accuracy right
-after its own training, the accuracy matrix's diagonal), buffer bytes (mean per client, raw
-samples kept on clients), what a client sends and receives a round, seconds per round (mean),
-and the centralized ACC that the DER paper reports for the same method, benchmark and buffer
-(METHODS.md section 20: mammoth's MLP 784-100-100, one epoch per task, batch 10 or 128: not
-fedcl's settings; labelled centralized).
+FedLwF, TARGET (class-IL), FedWeIT (task-IL: it needs the task id at test time), FedER,
+FedDER++ and GLFC (class-IL) at two buffer budgets (200 and 500 samples in total across the
+federation; GLFC with its default proxy settings); a method in a benchmark whose scenario it
+does not declare shows as not defined there. Columns: ACC, forgetting, BWT, learning accuracy
+(mean of each task's accuracy right after its own training, the accuracy matrix's diagonal),
+buffer bytes (mean per client, raw samples kept on clients), what a client sends and receives a
+round, seconds per round (mean), and the centralized ACC that the DER paper reports for the same
+method, benchmark and buffer (METHODS.md section 20: mammoth's MLP 784-100-100, one epoch per
+task, batch 10 or 128: not fedcl's settings; labelled centralized).
 
 Every run is the real ``fedcl simulate``, in one MLflow experiment per benchmark; the tables go
 to ``<out>/baselines.md`` and every number to ``<out>/baselines.json``::
@@ -61,14 +61,12 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
                                               "rotate", "--tasks", "20"]),
 }
 
-ROWS = ["fedavg", "fedprox", "fot", "prd", "fedewc", "fedlwf", "target", "feder@200",
-        "feder@500", "fedderpp@200", "fedderpp@500", "glfc@200", "glfc@500"]
+ROWS = ["fedavg", "fedprox", "fot", "prd", "fedewc", "fedlwf", "target", "fedweit",
+        "feder@200", "feder@500", "fedderpp@200", "fedderpp@500", "glfc@200", "glfc@500"]
 LABELS = {"fedavg": "FedAvg", "fedprox": "FedProx", "fot": "FOT", "prd": "PRD",
-          "fedewc": "FedEWC", "fedlwf": "FedLwF", "target": "TARGET", "feder": "FedER",
-          "fedderpp": "FedDER++", "glfc": "GLFC"}
+          "fedewc": "FedEWC", "fedlwf": "FedLwF", "target": "TARGET", "fedweit": "FedWeIT",
+          "feder": "FedER", "fedderpp": "FedDER++", "glfc": "GLFC"}
 BUDGETED = ("feder", "fedderpp", "glfc")  # the rows that take a buffer budget (@N)
-#: rows defined for some benchmarks only (the strategy declares its scenarios): row -> those
-ONLY: dict[str, set[str]] = {"target": {"split-class"}, "glfc": {"split-class"}}
 #: strategy parameters of a row in --quick mode (unless --param sets them)
 QUICK_PARAMS: dict[str, list[str]] = {
     "fedewc": ["fisher_samples=32"],
@@ -112,6 +110,7 @@ class Row:
     wall_s: float | None = None
     centralized_acc: float | None = None
     error: str | None = None
+    not_defined: str | None = None  # the strategy does not declare the benchmark's scenario
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +155,21 @@ def batchable(strategy: str) -> bool:
     return trainer.batchable and not trainer.keeps_client_store
 
 
+def scenario_of(benchmark: str) -> str:
+    flags = BENCHMARKS[benchmark][1]
+    return flags[flags.index("--scenario") + 1]
+
+
+def defined_for(strategy: str, benchmark: str) -> bool:
+    """Whether ``strategy`` declares the benchmark's scenario (its ``Capabilities.scenarios``,
+    asked of fedcl as ``fedcl simulate`` does)."""
+    from fedcl import plugins
+    from fedcl.config import Config
+
+    return scenario_of(benchmark) in plugins.build_strategy(
+        Config(strategy=strategy)).capabilities.scenarios
+
+
 def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
                   folder: Path) -> list[str]:
     """The ``fedcl simulate`` command line of one row of one benchmark."""
@@ -194,6 +208,10 @@ def run_one(args: argparse.Namespace, benchmark: str, row: str) -> Row:
     folder = Path(args.out) / benchmark / row.replace("@", "-")
     result = Row(benchmark, row, str(folder),
                  centralized_acc=CENTRALIZED.get(row, {}).get(benchmark))
+    if not defined_for(strategy_of(row)[0], benchmark):
+        result.not_defined = scenario_of(benchmark)
+        print(f"{benchmark} {row}: not defined for {result.not_defined}", flush=True)
+        return result
     if args.resume and (folder / "summary.json").is_file():  # finished before
         result.extra["command"] = "(kept from an earlier run)"
         return read_row(result, json.loads((folder / "summary.json").read_text()))
@@ -250,6 +268,9 @@ def markdown(args: argparse.Namespace, rows: list[Row], command: str) -> str:
             label = LABELS.get(name, name) + (f" ({budget})" if budget else "")
             ref = "–" if r.centralized_acc is None else (
                 f"{r.centralized_acc:.2f} ({CENTRALIZED_NAMES[r.row]})")
+            if r.not_defined is not None:
+                lines.append(f"| {label} | not defined for {r.not_defined} | | | | | | | {ref} |")
+                continue
             if r.error is not None:
                 lines.append(f"| {label} | failed: {r.error} | | | | | | | {ref} |")
                 continue
@@ -328,8 +349,7 @@ def main() -> None:
         args.clients, args.rounds_per_task = 6, 1
         args.eval_samples = args.eval_samples or 300
     command = shlex.join(["python", "benchmarks/baselines.py", *sys.argv[1:]])
-    jobs = [(b, r) for b in args.benchmarks for r in args.rows
-            if b in ONLY.get(strategy_of(r)[0], {b})]
+    jobs = [(b, r) for b in args.benchmarks for r in args.rows]
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(lambda job: run_one(args, *job), jobs))

@@ -327,7 +327,10 @@ def train(msg: Message, context: Context) -> Message:
     state["rounds"] = int(state["rounds"]) + 1
     live = keep_round_state(context, cfg_record, state, store, trainer.keeps_client_store)
 
-    content = RecordDict({protocol.ARRAYS: ArrayRecord(model.to("cpu").state_dict()),
+    # the trained model, unless the strategy's own records carry its update
+    sends_model = bool(cfg_record.get(protocol.MODEL_REPLY, True))
+    content = RecordDict({protocol.ARRAYS: (ArrayRecord(model.to("cpu").state_dict())
+                                            if sends_model else ArrayRecord()),
                           protocol.METRICS: reply_metrics(result),
                           protocol.CLIENT_INFO: _info(context, device, started=started,
                                                       store=live),

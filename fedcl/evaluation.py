@@ -6,6 +6,10 @@ afterwards (:func:`accuracies`): after an erasure request, fedcl measures on wha
 erased. Classes erased everywhere (:attr:`Evaluator.excluded`) are left out of the test split;
 a task whose every class is erased everywhere keeps its full test set (there is nothing else
 to measure it on; summary.json lists it under ``erasure_view.fully_erased_tasks``).
+
+What is counted is the global model, unless the run's strategy reports other models for a task
+(:meth:`fedcl.strategy.ContinualStrategy.task_counts`: FedWeIT's clients' own task models,
+their counts summed).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fedcl.config import Config
 from fedcl.data.datasets import to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.erasure import original_test_labels
+from fedcl.strategy import ContinualStrategy, TaskCounts
 
 #: Per task, ``{dataset class: [correct, total]}`` of one evaluation.
 ClassCounts = list[dict[int, list[int]]]
@@ -97,26 +102,54 @@ class Evaluator:
         return accuracies(self.counts(arrays), self.excluded)
 
     @torch.no_grad()
-    def counts(self, arrays: ArrayRecord) -> ClassCounts:
-        """Per task, ``{dataset class: [correct, total]}`` of the model ``arrays`` (eval mode)."""
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+    def counts(self, arrays: ArrayRecord, strategy: ContinualStrategy | None = None
+               ) -> ClassCounts:
+        """Per task, ``{dataset class: [correct, total]}`` of the model ``arrays`` (eval mode),
+        or what ``strategy`` reports for the task instead
+        (:meth:`~fedcl.strategy.ContinualStrategy.task_counts`)."""
+        state = arrays.to_torch_state_dict()
+        loaded = [False]  # whether the model holds `state` (a strategy's models replace it)
+
+        def count(model: dict[str, torch.Tensor], task: int) -> TaskCounts:
+            loaded[0] = False
+            return self.task_counts(model, task)
+
+        out: ClassCounts = []
+        for t in range(len(self.test)):
+            got = None if strategy is None else strategy.task_counts(
+                t, arrays, lambda model, t=t: count(model, t))
+            if got is None:
+                if not loaded[0]:
+                    self.model.load_state_dict(state)
+                    loaded[0] = True
+                got = self._count(t)
+            out.append(got)
+        return out
+
+    @torch.no_grad()
+    def task_counts(self, state: dict[str, torch.Tensor], task: int) -> TaskCounts:
+        """``{dataset class: [correct, total]}`` of the model ``state`` (a ``state_dict`` of
+        the run's model, evaluated in eval mode) on task ``task``'s test samples."""
+        self.model.load_state_dict(state)
+        return self._count(task)
+
+    def _count(self, task: int) -> TaskCounts:
+        """:meth:`task_counts` of the model :attr:`model` holds now."""
         was_training = self.model.training
         self.model.eval()
         ds = self.scenario.dataset
-        out: ClassCounts = []
-        for t, (x, y) in enumerate(self.test):
-            head = self.scenario.head_for(t)
-            hits = torch.zeros(len(y), dtype=torch.bool)
-            for start in range(0, len(y), self.batch_size):
-                xb = to_float(x[start:start + self.batch_size].to(self.device), ds.mean, ds.std)
-                pred = self.model(xb, head).argmax(dim=1)
-                hits[start:start + len(pred)] = (pred == y[start:start + self.batch_size]
-                                                 .to(self.device)).cpu()
-            classes = self.classes[t]
-            out.append({int(c): [int(hits[classes == c].sum()), int((classes == c).sum())]
-                        for c in torch.unique(classes).tolist()})
+        x, y = self.test[task]
+        head = self.scenario.head_for(task)
+        hits = torch.zeros(len(y), dtype=torch.bool)
+        for start in range(0, len(y), self.batch_size):
+            xb = to_float(x[start:start + self.batch_size].to(self.device), ds.mean, ds.std)
+            pred = self.model(xb, head).argmax(dim=1)
+            hits[start:start + len(pred)] = (pred == y[start:start + self.batch_size]
+                                             .to(self.device)).cpu()
         self.model.train(was_training)
-        return out
+        classes = self.classes[task]
+        return {int(c): [int(hits[classes == c].sum()), int((classes == c).sum())]
+                for c in torch.unique(classes).tolist()}
 
 
 __all__ = ["ClassCounts", "Evaluator", "accuracies", "erasure_view", "fully_excluded",

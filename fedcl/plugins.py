@@ -111,8 +111,9 @@ BUILTIN_STRATEGIES: dict[str, str] = {
     "fedewc": "strategies.baselines.ewc:build_fedewc",
     "fedlwf": "strategies.baselines.lwf:build_fedlwf",
     "fedprox": "strategies.fedprox:build_fedprox",
-    "glfc": "strategies.baselines.glfc:build_glfc",
+    "fedweit": "strategies.baselines.fedweit:build_fedweit",
     "fot": "strategies.fot:build_fot",
+    "glfc": "strategies.baselines.glfc:build_glfc",
     "prd": "strategies.prd:build_prd",
     "target": "strategies.baselines.target:build_target",
 }

@@ -23,6 +23,8 @@ REPLAY = "fedcl.replay"  # True in the retrain oracle's rounds: clients leave Co
 COHORT = "fedcl.cohort"  # partition ids a cohort leader trains together (cohort_size > 1)
 ERASED_CLASSES = "fedcl.erased-classes"  # classes a client must not train on ("client:class;...")
 NO_TRAIN = "fedcl.no-train"  # True: reply with the global model untrained (task-end payloads only)
+MODEL_REPLY = "fedcl.model-reply"  # False: reply with an empty model record (the strategy's
+# update travels in its own records: Capabilities.model_replies); absent means True
 COHORT_MEAN_KEY = "fedcl.cohort-mean-key"  # a cohort may reply with its members' mean, weighted
 # by this metric (one reply instead of one per member; see fedcl/cohort_wire.py)
 WALK = "fedcl.walk"  # in a replayed round: the walk it belongs to (its trainers' stores are the

@@ -420,6 +420,9 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
         protocol.NO_TRAIN: not train})
     if replay and walk:
         train_config[protocol.WALK] = walk
+    model_replies = strategy.capabilities.model_replies
+    if not model_replies:  # the strategy's own records carry the update
+        train_config[protocol.MODEL_REPLY] = False
     messages = strategy.configure_round(
         info, arrays, train_config,
         SampledGrid(grid, [roster.nodes[q] for q in pids]))  # type: ignore[arg-type]
@@ -439,7 +442,8 @@ def train_round(grid: Grid, roster: Roster, strategy: ContinualStrategy, config:
     answered = [m for m in replies if not m.has_error()]
     empty_replies = [m for m in answered if protocol.is_empty_reply(m) and _has_id(m)
                      and pid(m) in pids]
-    ok, rejected = screen_replies([m for m in answered if m not in empty_replies], arrays,
+    ok, rejected = screen_replies([m for m in answered if m not in empty_replies],
+                                  arrays if model_replies else None,
                                   config.max_update_norm_ratio)
     if clock:
         clock("screen")

@@ -111,6 +111,10 @@ def setup_run(config: Config, *, resume: bool = False, paths: bool = True) -> Ru
                               "clients keep a store between rounds (a replay buffer, an old "
                               "model), which a cohort's leader cannot hold for its members; "
                               "use cohort_size = 1")
+        if not capabilities.model_replies:
+            raise ConfigError(f"cohort_size > 1 cannot train strategy {config.strategy!r}: its "
+                              "clients reply with records of their own instead of the model, "
+                              "which a cohort does not send; use cohort_size = 1")
         if not trainer.batchable:
             raise ConfigError(f"cohort_size > 1 cannot train strategy {config.strategy!r}: its "
                               "clients train their own way (its trainer overrides hooks that a "

@@ -2,7 +2,8 @@
 
 For each task: ``strategy.begin_task``; then every round: sample clients from one seeded stream,
 let the Flower strategy build the training messages and aggregate the replies, and evaluate the
-global model centrally on the test split of every task (seen and unseen); then
+global model centrally on the test split of every task (seen and unseen; or, for a task the
+strategy reports its own models on, those: ``ContinualStrategy.task_counts``); then
 ``strategy.end_task``. The accuracy after each task's last round is a row of the accuracy matrix.
 Erasure requests are carried out at their points in the stream (:mod:`fedcl.unlearning_run`).
 The order of these calls is the task-stream driver's (:mod:`fedcl.stream`); the round machinery
@@ -238,7 +239,7 @@ class LiveRun(TaskStreamDriver):
             for q in reply_members(m):  # a cohort's members report its leader's state
                 p.client_state[q] = client_state_entry(info_rec)
         p.arrays, train_metrics = outcome.arrays, outcome.train_metrics
-        self.counts = self.evaluator.counts(p.arrays)
+        self.counts = self.evaluator.counts(p.arrays, self.strategy)
         acc = accuracies(self.counts, self.evaluator.excluded)
         self.erasures.track_forgetting(p, self.schedule)  # each request's forget set
         clock("evaluate")
@@ -267,7 +268,7 @@ class LiveRun(TaskStreamDriver):
         p = self.state
         # the matrix row is the round's accuracy unless end_task changed the model
         if p.arrays is not last_round_arrays:
-            self.counts = self.evaluator.counts(p.arrays)
+            self.counts = self.evaluator.counts(p.arrays, self.strategy)
             self.acc = accuracies(self.counts, self.evaluator.excluded)
         p.matrix.append(self.acc)
         p.matrix_counts.append(self.counts)
@@ -350,7 +351,7 @@ def run_continual(grid: Grid, config: Config, control: RunControl | None = None)
                         "from an uninterrupted one")
     else:
         arrays = ArrayRecord(plugins.build_model(config, scenario).state_dict())
-        counts = evaluator.counts(arrays)
+        counts = evaluator.counts(arrays, strategy)
         state = RunState(arrays=arrays, baseline=accuracies(counts), baseline_counts=counts)
         # the MLflow run is created while the clients start up (each takes seconds)
         starting = _in_background(tracker.start, config.to_dict(), clock.start_unix())

@@ -14,7 +14,10 @@ strategy declares it supports.
   averages it, and kept in :attr:`payloads` (by partition id) for the strategy to use;
 * :meth:`state_metrics` and :meth:`save_state`, the strategy's own state as metrics (logged by
   the server loop after each task) and as files (logged as artifacts at the end);
-* :meth:`on_erasure`, where erasure requests arrive (not used by the baselines).
+* :meth:`on_erasure`, where erasure requests arrive (not used by the baselines);
+* :meth:`task_counts`, what the central evaluation reports for a task: by default the global
+  model's test counts; a method whose clients hold models of their own (FedWeIT) reports those
+  models' counts instead.
 
 A strategy declares what it supports in :attr:`ContinualStrategy.capabilities`
 (:class:`Capabilities`) instead of fedcl guessing from which methods it overrides (as Mammoth's
@@ -29,11 +32,12 @@ strategies wrap an inner one (FedEraser's recording of client updates is one).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -42,6 +46,11 @@ from fedcl.aggregation import weighted_average
 from fedcl.config import Config
 
 SCENARIOS = ("class-il", "task-il", "domain-il")
+
+#: One task's test counts, ``{dataset class: [correct, total]}`` (:mod:`fedcl.evaluation`).
+TaskCounts = dict[int, list[int]]
+#: Counts a model (a ``state_dict`` of the run's model) on one task's test samples.
+CountModel = Callable[[dict[str, torch.Tensor]], TaskCounts]
 
 
 def flower_kwargs(config: Config) -> dict[str, object]:
@@ -90,6 +99,12 @@ class Capabilities:
     """The strategy keeps state built at task ends (FOT's basis from client sketches, PRD's
     previous model) that must be built again without erased data after unlearning; false for
     a strategy whose ``begin_task``/``end_task`` depend on nothing but the global model."""
+    model_replies: bool = True
+    """Clients reply with the whole model's arrays, screened against the global model. False:
+    fedcl tells the clients to reply with an empty model record, screens the rest of each
+    reply (metrics, identity), and the update travels in the strategy's own records
+    (:attr:`ContinualStrategy.payload_keys`), which its ``aggregate_train`` checks and
+    aggregates (FedWeIT's sparse base). Such a strategy cannot train in batched cohorts."""
 
     def __post_init__(self) -> None:
         # a plugin's declaration is checked where it is written (at its import), not at the
@@ -159,6 +174,17 @@ class ContinualStrategy:
 
     def on_erasure(self, request: Any) -> None:
         """Called when an erasure request comes due (unlearning strategies override it)."""
+
+    def task_counts(self, task: int, arrays: ArrayRecord, count: CountModel
+                    ) -> TaskCounts | None:
+        """The test counts fedcl reports for ``task`` (every round, and for the accuracy
+        matrix): None for the default, ``count`` of the global model ``arrays``. A method whose
+        clients hold models of their own returns the counts of those models, summed over them
+        (each class's correct and total added), so the accuracy is the mean over the models:
+        ``count(state_dict)`` counts a model of the run's architecture on the task's test
+        samples (eval mode). Called with the global model after every round and once before
+        the first (the random-init baseline)."""
+        return None
 
     def take_payloads(self, replies: Iterable[Message]) -> list[Message]:
         """Move :attr:`payload_keys` records out of the replies into :attr:`payloads`."""
@@ -275,6 +301,10 @@ class StrategyWrapper(ContinualStrategy):
 
     def on_erasure(self, request: Any) -> None:
         self.inner.on_erasure(request)
+
+    def task_counts(self, task: int, arrays: ArrayRecord, count: CountModel
+                    ) -> TaskCounts | None:
+        return self.inner.task_counts(task, arrays, count)
 
     def take_payloads(self, replies: Iterable[Message]) -> list[Message]:
         return self.inner.take_payloads(replies)

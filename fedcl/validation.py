@@ -5,7 +5,9 @@ A reply is rejected (and counted, with its reason) when it lacks the model array
 or the client's identity; when its arrays do not have exactly the global model's names, shapes
 and dtypes; when any value is NaN or infinite; when ``num-examples`` is not a positive number;
 or when its distance to the global model is absurd: larger than ``max_update_norm_ratio`` times
-the global model's norm (at least 1).
+the global model's norm (at least 1). For a strategy whose replies carry no model
+(``Capabilities.model_replies`` false) the model record must be empty, and the strategy checks
+its own records.
 
 Screening reads each reply's arrays in place (:func:`array_view`, no copy) and gets the distance
 from dot products, ``|g - r|^2 = g.g - 2 g.r + r.r``, without forming ``g - r``: two passes over
@@ -38,11 +40,10 @@ class Reference:
         self.norm = math.sqrt(sum(self.sq.values()))
 
 
-def reply_problem(msg: Message, reference: ArrayRecord | Reference,
+def reply_problem(msg: Message, reference: ArrayRecord | Reference | None,
                   max_update_norm_ratio: float) -> str | None:
-    """Why ``msg`` must not be aggregated, or None when it is fine."""
-    ref = reference if isinstance(reference, Reference) else Reference(reference)
-    reference = ref.record
+    """Why ``msg`` must not be aggregated, or None when it is fine. ``reference`` None: the
+    reply must carry an empty model record (``Capabilities.model_replies`` false)."""
     content = msg.content
     arrays = content.get(protocol.ARRAYS)
     metrics = content.get(protocol.METRICS)
@@ -59,6 +60,11 @@ def reply_problem(msg: Message, reference: ArrayRecord | Reference,
     for key, value in metrics.items():
         if not isinstance(value, list) and not math.isfinite(float(value)):
             return f"metric {key} is {value}"
+    if reference is None:
+        return f"{len(arrays)} model arrays in a reply that carries no model" if len(
+            arrays) else None
+    ref = reference if isinstance(reference, Reference) else Reference(reference)
+    reference = ref.record
     if set(arrays.keys()) != set(reference.keys()):
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
@@ -166,10 +172,11 @@ def model_problem(arrays: object, reference: ArrayRecord) -> str | None:
     return None
 
 
-def screen_replies(replies: Iterable[Message], reference: ArrayRecord,
+def screen_replies(replies: Iterable[Message], reference: ArrayRecord | None,
                    max_update_norm_ratio: float) -> tuple[list[Message], list[str]]:
-    """The replies fit to aggregate, and the reasons of the rejected ones."""
-    ref = Reference(reference)
+    """The replies fit to aggregate, and the reasons of the rejected ones; ``reference`` None
+    for replies that carry no model (:func:`reply_problem`)."""
+    ref = None if reference is None else Reference(reference)
     good, reasons = [], []
     for msg in replies:
         problem = reply_problem(msg, ref, max_update_norm_ratio)
