@@ -1,5 +1,5 @@
-"""One federated workload, five ways, one table: the single-process limit, plain Flower, fedcl
-FedAvg, fedcl FOT and fedcl FedAvg with batched cohorts.
+"""One federated workload, six ways, one table: the single-process limit, plain Flower, fedcl
+FedAvg, fedcl FOT, fedcl FedAvg with batched cohorts and Apple's pfl-research.
 
 The workload: ``--clients`` clients with ``--samples`` CIFAR-sized (3x32x32) images each, the
 small CNN (``--model cnn``), one local epoch of SGD (lr 0.01, batch 32), every client in every
@@ -8,7 +8,7 @@ permutations) so that FOT projects in the second. The images are synthetic (clas
 colour patterns plus noise), written as a CIFAR-10 folder in the dataset's own format and read
 through fedcl's CIFAR-10 loader: timing does not depend on the pixels.
 
-The five ways, each in its own process tree:
+The six ways, each in its own process tree:
 
 ``sequential``    the same client work in one process with plain PyTorch: every client's data
                   already on the device, one model reused, weighted averaging by hand
@@ -19,21 +19,33 @@ The five ways, each in its own process tree:
 ``fedcl-cohort``  ``fedcl simulate --cohort-size K``: FedAvg with K clients trained per
                   ClientApp call as one batched computation (``--cohort-size``, default 10;
                   ``--gpus-per-cohort``, default 1 / number of cohorts)
+``pfl``           ``benchmarks/pfl_way.py``: the workload in pfl-research's own API (FedAvg on its
+                  simulated backend, the data on the device) with N worker processes sharing the
+                  GPU(s), once for each N of ``--pfl-processes`` (rows ``pfl N=..``; the best N is
+                  named below the table). Needs the ``bench-pfl`` extra:
+                  ``pip install -e '.[bench-pfl]'``
 
 Columns: steady-state seconds per round (median of round-to-round times, leaving out each
 task's first round), samples per second (clients x samples / that), time from launch to the end
 of the first round, peak host memory (sum of PSS over the process tree, sampled every 0.5 s) and,
 on a GPU, the peak of the GPU's used memory above what it used before launch (nvidia-smi, every
 0.5 s) and fedcl's largest per-client CUDA peak over the run (from the clients' reports).
+Last, the share of a peak: the CNN's training FLOPs of a round (:func:`training_flops_per_round`:
+clients x samples x local epochs x 3 x 2 x the forward multiply-adds of its conv and linear
+layers; the backward pass costs about twice the forward) over the steady seconds per round,
+divided by ``--peak-tflops`` (default 67, the H200's dense FP32 peak in NVIDIA's H200 datasheet;
+the central evaluation's forward passes are not counted).
 
     python benchmarks/throughput.py                                  # GPU: 50 clients x 500
     python benchmarks/throughput.py --clients 10 --rounds-per-task 3 # a small CPU run
     python benchmarks/throughput.py --ways fedcl-fedavg --rounds-per-task 10 --json out.json
+    python benchmarks/throughput.py --ways pfl,fedcl-cohort --pfl-processes 1,4,6,8,12
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import os
@@ -52,7 +64,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-WAYS = ("sequential", "plain-flower", "fedcl-fedavg", "fedcl-fot", "fedcl-cohort")
+WAYS = ("sequential", "plain-flower", "fedcl-fedavg", "fedcl-fot", "fedcl-cohort", "pfl")
+H200_FP32_TFLOPS = 67.0  # NVIDIA H200 datasheet (SXM): FP32 67 TFLOPS, dense
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -93,6 +106,39 @@ def workload_toml(args: argparse.Namespace, data_dir: Path) -> str:
         "lr": 0.01, "eval_samples_per_task": 1000, "device": args.device,
         "client_cpus": args.cpus_per_client, "client_gpus": args.gpus_per_client,
         "seed": 0, "experiment": "throughput"})
+
+
+def forward_macs(model, input_shape: tuple[int, ...], head: int | None = None) -> int:
+    """Multiply-adds of one sample's forward pass through ``model``'s Conv2d and Linear layers
+    (the only layers with a real share of the work; bias adds, ReLU and pooling left out)."""
+    import torch
+    from torch import nn
+
+    macs = [0]
+
+    def count(module, inputs, output) -> None:
+        if isinstance(module, nn.Conv2d):
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs[0] += output.numel() * k
+        elif isinstance(module, nn.Linear):
+            macs[0] += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape), head)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs[0]
+
+
+def training_flops_per_round(model, input_shape: tuple[int, ...], samples: int,
+                             local_epochs: int = 1) -> float:
+    """Training FLOPs of one round: every sample of the round through forward and backward, the
+    backward taken as twice the forward (3x), a multiply-add as 2 FLOPs."""
+    return float(samples) * local_epochs * 3 * 2 * forward_macs(model, input_shape)
 
 
 # --- way (a): the single-process loop ----------------------------------------------------------
@@ -225,6 +271,11 @@ def main() -> None:
                    help="Ray GPUs per cohort (default: 1 / number of cohorts with a GPU, else 0)")
     p.add_argument("--ways", default=",".join(WAYS), help="comma-separated subset of " +
                    ", ".join(WAYS))
+    p.add_argument("--pfl-processes", default="1,2,4,8",
+                   help="pfl way: comma-separated numbers of pfl worker processes, one run each")
+    p.add_argument("--peak-tflops", type=float, default=H200_FP32_TFLOPS,
+                   help="the peak that the last column is a share of (default: the H200's "
+                        "dense FP32 peak, 67 TFLOPS, NVIDIA's datasheet)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -236,9 +287,17 @@ def main() -> None:
     unknown = sorted(set(ways) - set(WAYS))
     if unknown:
         raise SystemExit(f"unknown way(s): {', '.join(unknown)}")
+    pfl_processes = [int(n) for n in args.pfl_processes.split(",") if n.strip()]
+    if "pfl" in ways and importlib.util.find_spec("pfl") is None:
+        raise SystemExit("the pfl way needs pfl-research: pip install -e '.[bench-pfl]'")
     import torch
 
+    from fedcl.models import build_model
+
     has_gpu = args.device != "cpu" and torch.cuda.is_available()
+    # domain-IL on CIFAR-10: one 10-way head, 3x32x32 inputs
+    flops = training_flops_per_round(build_model("cnn", (3, 32, 32), 10, 1), (3, 32, 32),
+                                     args.clients * args.samples)
     if args.gpus_per_client is None:
         args.gpus_per_client = 0.1 if has_gpu else 0.0
     if args.gpus_per_cohort is None:
@@ -266,8 +325,17 @@ def main() -> None:
                          "--cohort-size", str(args.cohort_size), "--client-gpus",
                          str(args.gpus_per_cohort), "--output", str(work / "fedcl-cohort")],
     }
-    results = {}
+    runs = []
     for way in ways:
+        if way == "pfl":
+            for n in pfl_processes:
+                commands[f"pfl N={n}"] = [sys.executable, str(ROOT / "benchmarks" / "pfl_way.py"),
+                                          "--config", str(config), "--processes", str(n)]
+                runs.append(f"pfl N={n}")
+        else:
+            runs.append(way)
+    results = {}
+    for way in runs:
         res = run_way(commands[way], work, env)
         gpu_client_peak = None
         if way.startswith("fedcl"):
@@ -299,29 +367,42 @@ def main() -> None:
             phases = None
             out = json.loads(res["stdout"].strip().splitlines()[-1])
             ended_at, acc = out["ended_at"], statistics.mean(out["accuracy_matrix"][-1])
+            if "datapoints_per_round" in out and any(  # pfl: every client, every sample
+                    d != args.clients * args.samples for d in out["datapoints_per_round"]):
+                print(f"{way}: trained on {out['datapoints_per_round']} samples a round, not "
+                      f"{args.clients * args.samples}", file=sys.stderr)
         steady, gaps = steady_seconds(ended_at, args.rounds_per_task)
         results[way] = {
             "steady_s_per_round": steady, "samples_per_s": args.clients * args.samples / steady,
             "first_round_s": ended_at[0] - res["launched"], "round_gaps_s": gaps,
             "peak_host_pss_gib": res["peak_pss"] / 2**30, "peak_gpu_mib": res["peak_gpu_mib"],
-            "client_gpu": gpu_client_peak, "phases_median_s": phases, "acc": acc}
+            "client_gpu": gpu_client_peak, "phases_median_s": phases, "acc": acc,
+            "peak_share": flops / steady / (args.peak_tflops * 1e12)}
         print(f"{way}: {steady:.3f} s/round", file=sys.stderr, flush=True)
 
     device = torch.cuda.get_device_name(0) if has_gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{args.clients} clients x {args.samples} samples, {args.rounds_per_task} rounds x "
           f"2 tasks, {device}, {args.gpus_per_client} GPU / {args.cpus_per_client} CPU per "
           f"Ray client; cohorts of {args.cohort_size} with {args.gpus_per_cohort} GPU each\n")
+    print(f"training FLOPs per round: {flops / 1e12:.3f} TFLOP (CNN forward "
+          f"{flops / (6 * args.clients * args.samples) / 1e6:.2f} M multiply-adds a sample); "
+          f"% of peak: of {args.peak_tflops:g} TFLOPS\n")
     print("| way | s/round (steady) | samples/s | first round s | peak host PSS GiB | "
-          "peak GPU MiB | ACC % |")
-    print("|---|---|---|---|---|---|---|")
+          "peak GPU MiB | ACC % | % of peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for way, r in results.items():
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
         print(f"| {way} | {r['steady_s_per_round']:.3f} | {r['samples_per_s']:.0f} | "
               f"{r['first_round_s']:.1f} | {r['peak_host_pss_gib']:.2f} | {gpu} | "
-              f"{100 * r['acc']:.2f} |")
+              f"{100 * r['acc']:.2f} | {100 * r['peak_share']:.3f} |")
+    pfl_rows = {w: r for w, r in results.items() if w.startswith("pfl N=")}
+    if pfl_rows:
+        best = min(pfl_rows, key=lambda w: pfl_rows[w]["steady_s_per_round"])
+        print(f"pfl best: {best} ({pfl_rows[best]['steady_s_per_round']:.3f} s/round, "
+              f"{pfl_rows[best]['samples_per_s']:.0f} samples/s)")
     if "plain-flower" in results:
         base = results["plain-flower"]["steady_s_per_round"]
-        for way in ("fedcl-fedavg", "fedcl-fot", "fedcl-cohort"):
+        for way in ("fedcl-fedavg", "fedcl-fot", "fedcl-cohort", *pfl_rows):
             if way in results:
                 print(f"{way} / plain-flower: {results[way]['steady_s_per_round'] / base:.2f}x "
                       f"time per round ({base / results[way]['steady_s_per_round']:.2f}x "
@@ -346,6 +427,7 @@ def main() -> None:
                     for g, v in sorted(r["client_gpu"]["per_gpu"].items())))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": device,
+                                               "training_flops_per_round": flops,
                                                "results": results}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
