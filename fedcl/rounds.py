@@ -92,9 +92,12 @@ def error_line(reason: str, limit: int = 300) -> str:
 
 
 def query_partitions(grid: Grid, node_ids: list[int], expected: int, timeout: float,
-                     cancel: threading.Event | None) -> tuple[dict[int, int], list[str]]:
+                     cancel: threading.Event | None, unanswered: list[str] | None = None
+                     ) -> tuple[dict[int, int], list[str]]:
     """Ask ``node_ids`` for their partition ids: (partition id -> node id, one problem line per
-    node that failed to answer properly)."""
+    node that failed to answer properly). With ``unanswered``, the lines of nodes whose
+    answer was an error (a node gone but not yet dropped, a ClientApp that failed to start) go
+    there instead of into the problems."""
     messages = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord(
         {protocol.QUERY_IDENTITY: True})}), message_type=MessageType.QUERY, dst_node_id=nid)
         for nid in node_ids]
@@ -104,8 +107,8 @@ def query_partitions(grid: Grid, node_ids: list[int], expected: int, timeout: fl
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            problems.append(f"client on node {node} failed to start: "
-                            f"{error_line(msg.error.reason)}")
+            (problems if unanswered is None else unanswered).append(
+                f"client on node {node} failed to start: {error_line(msg.error.reason)}")
             continue
         info = msg.content[protocol.CLIENT_INFO]
         pid, num = int(info[protocol.PARTITION_ID]), int(info[protocol.NUM_PARTITIONS])
@@ -222,14 +225,18 @@ def discover_clients(grid: Grid, expected: int, timeout: float,
                               "fewer clients", progress)
     if progress is not None:
         progress(f"{expected} clients connected; asking each for its partition id")
+    unanswered: list[str] = []
     roster, problems = query_partitions(grid, node_ids, expected,
                                         timeout if startup_timeout is None else startup_timeout,
-                                        cancel)
+                                        cancel, unanswered)
     if problems:
         raise RunAborted(problems[0])
     missing = sorted(set(range(expected)) - set(roster))
     if missing:
-        raise RunAborted(f"no reply from clients with partition-id {missing[:10]}")
+        raise RunAborted(unanswered[0] if unanswered else
+                         f"no reply from clients with partition-id {missing[:10]}")
+    for line in unanswered:  # e.g. a SuperNode killed before, not dropped yet by the SuperLink
+        log.warning("left out at start-up, every partition being served by others: %s", line)
     return roster
 
 
