@@ -30,7 +30,7 @@ from fedcl.config import (
     parse_param,
     resolve_tracking_uri,
 )
-from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated
+from fedcl.errors import ConfigError, FedclError, OutputInUse, Terminated, one_line
 from fedcl.processes import OutputOwner
 from fedcl.run_clock import RunClock
 from fedcl.signals import TerminationSignals
@@ -484,11 +484,6 @@ def cmd_superexec(args: argparse.Namespace) -> int:
 COMMANDS = {"simulate": cmd_simulate, "compare": cmd_compare, "strategies": cmd_strategies,
             "config": cmd_config, "sync": cmd_sync, "certs": cmd_certs,
             "superexec": cmd_superexec, "submit": cmd_submit}
-
-
-def one_line(text: str) -> str:
-    """The message on one line: control characters (from echoed user input) escaped."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 EXIT_GRACE_S = 15.0  # the longest a stopped run's process may take to end once fedcl is done

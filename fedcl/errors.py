@@ -9,10 +9,22 @@ from __future__ import annotations
 import signal
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters and line separators (which a message may echo
+    from the user's input: a value of ``"\\n"``) written as Python escapes."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 class FedclError(Exception):
-    """A problem the user can fix: bad input, missing files, a run that cannot go on."""
+    """A problem the user can fix: bad input, missing files, a run that cannot go on. Its
+    message is kept on one line (:func:`one_line`), whatever input it quotes."""
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)
+        super().__init__(*args)
 
 
 class ConfigError(FedclError):

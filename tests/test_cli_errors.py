@@ -247,3 +247,15 @@ def test_help_shows_each_flags_default(tmp_path: Path) -> None:
     text = " ".join(cmp_.stdout.split())
     assert f"MLflow experiment name (default: {defaults.experiment}," in text
     assert "table (for reading), json or csv (for scripts); default: table" in text
+
+
+def test_an_error_quoting_a_control_character_stays_on_one_line() -> None:
+    """Every fedcl error escapes what it quotes: a choice of "\\n" or a line separator."""
+    from fedcl.config import Config
+    from fedcl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        Config(client_fault_mode="\n").validate()
+    assert str(err.value) == ("unknown client_fault_mode '\\n'; choose one of raise, hang, "
+                              "vanish")
+    assert str(ConfigError("a\u2028b\tc")) == "a\\u2028b\\tc"
