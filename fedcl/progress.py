@@ -60,16 +60,16 @@ class LiveDisplay:
         self._task_id: Any = None
         self.num_tasks = 0
         self.rounds_per_task = 0
+        self.gone = False  # the stream's reader has gone (a closed pipe)
 
     def on_start(self, config: Config, total_rounds: int, run_id: str | None,
                  tracking_uri: str) -> None:
         self.num_tasks, self.rounds_per_task = config.tasks, config.rounds_per_task
         per_round = max(1, int(config.clients * config.fraction_train))
-        print(f"fedcl: {config.strategy} on {config.dataset} {config.scenario}, "
-              f"{config.tasks} tasks (0-{config.tasks - 1}) x {config.rounds_per_task} rounds, "
-              f"{config.clients} clients ({per_round} per round); MLflow run {run_id}; "
-              f"started in {self.clock.elapsed():.1f} s",
-              file=self.stream, flush=True)
+        self._say(f"fedcl: {config.strategy} on {config.dataset} {config.scenario}, "
+                  f"{config.tasks} tasks (0-{config.tasks - 1}) x {config.rounds_per_task} "
+                  f"rounds, {config.clients} clients ({per_round} per round); MLflow run "
+                  f"{run_id}; started in {self.clock.elapsed():.1f} s")
         if self.live:
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), RunTimeColumn(self.clock),
@@ -79,8 +79,7 @@ class LiveDisplay:
 
     def on_startup(self, line: str) -> None:
         """A start-up line: ``starting: <what> [run time]``."""
-        print(f"starting: {line}  [{clock_text(self.clock.elapsed())}]", file=self.stream,
-              flush=True)
+        self._say(f"starting: {line}  [{clock_text(self.clock.elapsed())}]")
 
     def on_round(self, record: RoundRecord) -> None:
         text = (f"{task_label(record.task, self.num_tasks)}  round {record.task_round}/"
@@ -93,7 +92,7 @@ class LiveDisplay:
         if self._bar is not None:
             self._bar.update(self._task_id, advance=1, description=text)
         else:
-            print(text, file=self.stream, flush=True)
+            self._say(text)
 
     def on_erasure(self, entry: dict[str, Any]) -> None:
         """One line when a request has been carried out: what, how, and its judged result."""
@@ -101,7 +100,18 @@ class LiveDisplay:
         if self._bar is not None:
             self._bar.console.print(text, markup=False, highlight=False)
         else:
+            self._say(text)
+
+    def _say(self, text: str) -> None:
+        """One line to the stream; once its reader has gone (``fedcl simulate ... | head``),
+        the display goes quiet and the run goes on (its results are in summary.json and
+        MLflow), rather than a closed pipe failing the run."""
+        if self.gone:
+            return
+        try:
             print(text, file=self.stream, flush=True)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.gone = True
 
     def close(self) -> None:
         if self._bar is not None:

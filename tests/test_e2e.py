@@ -413,3 +413,23 @@ def test_runs_started_together_on_one_store_all_finish(tmp_path: Path, ray_env: 
     assert sorted(s["mlflow_run_id"] for s in summaries) == sorted(r["run_id"] for r in runs)
     # each run is named after its folder
     assert sorted(s["config"]["run_name"] for s in summaries) == [f.name for f in folders]
+
+
+def test_a_reader_that_goes_away_does_not_fail_the_run(tmp_path: Path, ray_env: dict) -> None:
+    """``fedcl simulate ... | head -1``: once the pipe's reader has gone the display goes quiet,
+    and the run finishes (summary.json, the MLflow run FINISHED) with exit status 0."""
+    out = tmp_path / "out"
+    env = {**os.environ, **ray_env}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the run lands in its own folder
+    proc = subprocess.Popen([sys.executable, "-m", "fedcl.cli", "simulate", *TINY, "--output",
+                             str(out), "--experiment", "pipe"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # the first line, then the reader is gone
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "error" not in err
+    assert json.loads((out / "summary.json").read_text())["num_tasks"] == 2
+    [run] = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "pipe")
+    assert run["status"] == "FINISHED"
