@@ -100,10 +100,22 @@ def save(path: Path, progress: RunState, strategy: ContinualStrategy, config: Co
 
 
 def load(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint in ``folder`` (a run's output folder), checked for completeness.
-    Raises a one-line :class:`ConfigError` (bad input, exit 2) for a folder without one (a
-    run stopped before its first round ended saves none: it is started anew, with the same
-    output), a file that cannot be read or is not a fedcl checkpoint."""
+    """The checkpoint to resume the run in ``folder`` (a run's output folder) from
+    (:func:`read`). Raises a one-line :class:`ConfigError` (bad input, exit 2) also for a
+    folder whose run finished (its ``summary.json`` is written: nothing is left to run)."""
+    path = Path(folder)
+    where = path if path.is_dir() else path.parent
+    if (where / "summary.json").is_file():
+        raise ConfigError(f"the run in {where} finished (its summary.json is written): "
+                          "nothing to resume; start a new run with another output folder")
+    return read(folder)
+
+
+def read(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint in ``folder`` (a run's output folder, or the file), checked for
+    completeness. Raises a one-line :class:`ConfigError` for a folder without one (a run
+    stopped before its first round ended saves none: it is started anew, with the same output),
+    a file that cannot be read or is not a fedcl checkpoint."""
     path = Path(folder)
     path = path / FILE if path.is_dir() else path
     if not path.is_file():

@@ -688,7 +688,7 @@ def test_cohort_run_equals_per_client_run(tmp_path: Path) -> None:
         out = tmp_path / f"cohort{size}"
         res = run_fedcl(*args, "--cohort-size", str(size), "--output", str(out), cwd=tmp_path)
         assert res.returncode == 0, res.stderr
-        runs[size] = (json.loads((out / "summary.json").read_text()), checkpoint.load(out))
+        runs[size] = (json.loads((out / "summary.json").read_text()), checkpoint.read(out))
     (alone, alone_ckpt), (together, together_ckpt) = runs[1], runs[3]
     assert together["config"]["cohort_size"] == 3
     assert [r["clients"] for r in together["rounds"]] == [4, 4]

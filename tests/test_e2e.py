@@ -361,6 +361,14 @@ def test_resume_errors_are_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip() == ("fedcl: error: --resume continues the run with its own "
                                   "config; drop --clients")
+    (tmp_path / "done").mkdir()  # a finished run keeps its last checkpoint beside its summary
+    (tmp_path / "done" / "checkpoint.pt").write_bytes(b"a checkpoint")
+    (tmp_path / "done" / "summary.json").write_text("{}", encoding="utf-8")
+    res = run_fedcl("simulate", "--resume", str(tmp_path / "done"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (f"fedcl: error: the run in {tmp_path / 'done'} finished (its "
+                                  "summary.json is written): nothing to resume; start a new "
+                                  "run with another output folder")
 
 
 @pytest.mark.parametrize("mode", ["hang", "vanish"])
