@@ -361,7 +361,8 @@ def cmd_strategies(_: argparse.Namespace) -> int:
 
     print("strategies (--strategy NAME, --strategy-param KEY=VALUE):")
     for name in plugins.strategy_names():
-        _print_entry(name, plugins.get_strategy, name in plugins.BUILTIN_STRATEGIES)
+        _print_entry(name, plugins.get_strategy, name in plugins.BUILTIN_STRATEGIES,
+                     strategy=True)
     print("\nunlearning methods (--unlearning NAME, --unlearning-param KEY=VALUE):")
     for name in plugins.unlearning_names():
         _print_entry(name, plugins.get_unlearning, name in plugins.BUILTIN_UNLEARNING)
@@ -396,9 +397,11 @@ def _print_wrapped(name: str, text: str) -> None:
                         subsequent_indent=" " * (NAME_WIDTH + 1)))
 
 
-def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
-    """One strategy or method: its name and summary, then one line per parameter (``name:
-    type = default  doc``); a plugin that cannot be loaded says why instead."""
+def _print_entry(name: str, get: Callable[[str], Any], builtin: bool,
+                 strategy: bool = False) -> None:
+    """One strategy or method: its name and summary, a strategy's scenarios, then one line per
+    parameter (``name: type = default  doc``); a plugin that cannot be loaded says why
+    instead."""
     from fedcl.plugins import param_docs
 
     try:
@@ -408,6 +411,14 @@ def _print_entry(name: str, get: Callable[[str], Any], builtin: bool) -> None:
         return
     origin = "" if builtin else f" [plugin {spec.build.__module__}]"
     _print_wrapped(name, spec.summary + origin)
+    if strategy:  # the scenarios it declares (Capabilities.scenarios)
+        from fedcl.run_setup import declared_capabilities
+
+        try:
+            scenarios = ", ".join(declared_capabilities(Config(strategy=name)).scenarios)
+        except FedclError as err:
+            scenarios = f"(cannot tell: {err})"
+        print(f"  scenarios: {scenarios}")
     for param in param_docs(spec.params):
         default = f" = {param.default}" if param.default else ""
         line = f"  {param.name}: {param.type}{default}"

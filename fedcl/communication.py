@@ -123,8 +123,10 @@ def communication_summary(rounds: list[dict[str, Any]],
     * ``per_client_round``: mean bytes one sampled client receives, and one client that
       trained sends, a round;
     * ``by_record``: totals by record name, down and up;
-    * ``tasks``: per task, its rounds' bytes down and up, and ``task_end_bytes_up``: the bytes
-      of the strategy's task-end payloads (its ``payload_keys`` records) in those rounds;
+    * ``tasks``: per task, its rounds' bytes down and up, and ``payload_bytes_up``: the bytes
+      of the strategy's own payload records (its ``payload_keys``) in those rounds: task-end
+      payloads for FOT and PRD, but FedWeIT's sparse base goes up every round and GLFC's
+      prototype gradients in a task's first round (``by_record`` names each);
     * ``counted``: what is and is not counted (:data:`COUNTED`).
     """
     payload = set(payload_keys)
@@ -137,10 +139,10 @@ def communication_summary(rounds: list[dict[str, Any]],
         _add(down, by_record.get("down", {}))
         _add(up, by_record.get("up", {}))
         entry = tasks.setdefault(int(r["task"]), {"bytes_down": 0, "bytes_up": 0,
-                                                  "task_end_bytes_up": 0})
+                                                  "payload_bytes_up": 0})
         entry["bytes_down"] += int(r.get("bytes_down", 0))
         entry["bytes_up"] += int(r.get("bytes_up", 0))
-        entry["task_end_bytes_up"] += sum(v for k, v in by_record.get("up", {}).items()
+        entry["payload_bytes_up"] += sum(v for k, v in by_record.get("up", {}).items()
                                           if k in payload)
         sampled += len(r.get("sampled") or [])
         trained += int(r.get("clients", 0))

@@ -87,8 +87,9 @@
 ``communication``      the run's traffic (:func:`fedcl.communication.communication_summary`):
                        ``bytes_down`` and ``bytes_up`` (totals), ``per_round`` and
                        ``per_client_round`` (means), ``by_record`` (totals by record name),
-                       ``tasks`` (per task: bytes down and up, and ``task_end_bytes_up``, the
-                       strategy's task-end payloads), ``counted`` (what is counted)
+                       ``tasks`` (per task: bytes down and up, and ``payload_bytes_up``, the
+                       strategy's own payload records: FOT's task-end sketches, FedWeIT's
+                       sparse base), ``counted`` (what is counted)
 ``erasure_view``       what the accuracy matrix and the end metrics are measured on after
                        erasures: ``excluded_classes`` (erased everywhere: left out of every
                        row, so the requested forgetting is not counted as catastrophic

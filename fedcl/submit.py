@@ -299,6 +299,8 @@ def failure_line(run_id: int, status: RunStatus, outcome: Outcome, conn: Connect
     if status.sub_status == "stopped":
         return f"run {run_id} was stopped on the SuperLink ({status.details or 'flwr stop'})"
     cause = outcome.error or status.details.removeprefix(SERVERAPP_FAILED).strip()
+    # the ServerApp's resume hint names no connection: this one is the run's
+    cause = cause.replace("`fedcl submit --resume ", f"`fedcl submit {conn.name} --resume ")
     return (f"run {run_id} failed: {cause or 'no reason given'} "
             f"(`flwr log {run_id} {conn.name}` shows its log)")
 

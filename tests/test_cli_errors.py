@@ -178,7 +178,13 @@ def test_strategies_lists_each_with_its_summary_and_parameters(tmp_path: Path,
     assert {"fedavg", "fedprox", "fot", "prd"} <= set(entries[0])
     assert {"mlp", "cnn", "resnet18"} <= set(entries[2]) and "mnist" in entries[3]
     assert "\n  proximal_mu: float = 0.01  Weight mu of the proximal term" in result.stdout
-    assert "\n  batch_size: int = 64  Mini-batch size of the importances." in result.stdout
+    # each strategy says which scenarios it declares, on the line after its summary's
+    for name, scenarios in (("fedavg", "class-il, task-il, domain-il"), ("target", "class-il"),
+                            ("glfc", "class-il"), ("fedweit", "task-il")):
+        lines = sections[0].split(f"\n{name} ", 1)[1].splitlines()
+        own = lines[:next((i for i, ln in enumerate(lines[1:], 1) if not ln[0].isspace()),
+                          len(lines))]
+        assert f"  scenarios: {scenarios}" in own, own
 
 
 def test_config_prints_toml_with_flag_applied(tmp_path: Path,

@@ -111,8 +111,8 @@ def test_communication_summary_by_hand() -> None:
     assert s["by_record"] == {"down": {"arrays": 250, "fot.basis": 100},
                               "up": {"arrays": 150, "fot.sketch": 30}}
     assert s["tasks"] == [
-        {"task": 0, "bytes_down": 200, "bytes_up": 150, "task_end_bytes_up": 30},
-        {"task": 1, "bytes_down": 150, "bytes_up": 30, "task_end_bytes_up": 0}]
+        {"task": 0, "bytes_down": 200, "bytes_up": 150, "payload_bytes_up": 30},
+        {"task": 1, "bytes_down": 150, "bytes_up": 30, "payload_bytes_up": 0}]
     assert communication_summary([])["per_round"] == {"bytes_down": 0.0, "bytes_up": 0.0}
 
 

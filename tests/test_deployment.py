@@ -338,7 +338,7 @@ def test_a_stopped_deployment_run_resumes_where_it_stopped(federation: Federatio
     _, stderr = first.communicate(timeout=400)
     assert first.returncode == 1, stderr
     assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
-    assert f"`fedcl submit --resume {out}` (run config resume='{out}') continues it" in stderr
+    assert f"`fedcl submit fed --resume {out}` (run config resume='{out}') continues it" in stderr
     saved = checkpoint.load(out)["progress"]["global_round"]
     assert 1 <= saved < 4
     [stopped] = tracking.fetch_runs(f"sqlite:///{db}", "resume")

@@ -97,7 +97,7 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     assert comm["bytes_down"] == sum(r["bytes_down"] for r in s["rounds"])
     assert comm["per_client_round"]["bytes_up"] == pytest.approx(
         sum(r["bytes_up"] for r in s["rounds"]) / 6)
-    assert [t["task_end_bytes_up"] for t in comm["tasks"]] == [0, 0]  # FedAvg sends none
+    assert [t["payload_bytes_up"] for t in comm["tasks"]] == [0, 0]  # FedAvg sends none
     for name in ("config.toml", "accuracy_matrix.csv", "accuracy_matrix.png",
                  "accuracy_per_round.png"):
         assert (out / name).stat().st_size > 0
