@@ -166,8 +166,9 @@ def test_entry_point_is_found_by_name_and_listed(plugin_dir: Path,
     entry = next(i for i, line in enumerate(lines) if line.startswith(name + " "))
     assert "A toy strategy: FedAvg by another name." in lines[entry]
     assert f"[plugin {module}]" in lines[entry]
-    assert lines[entry + 1] == "  alpha: float = 0.25  Weight alpha of nothing in particular."
-    assert lines[entry + 2] == "  rounds: int = 3"
+    assert lines[entry + 1] == "  scenarios: class-il, task-il, domain-il"  # it declares all
+    assert lines[entry + 2] == "  alpha: float = 0.25  Weight alpha of nothing in particular."
+    assert lines[entry + 3] == "  rounds: int = 3"
     # a plugin that cannot be loaded is listed with the reason (wrapped like any summary)
     at = next(i for i, line in enumerate(lines) if line.startswith(broken + " "))
     text = " ".join(" ".join(line.split()) for line in lines[at:at + 3])
