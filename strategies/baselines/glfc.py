@@ -104,7 +104,6 @@ Design choices and deviations from the paper and its code:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +139,7 @@ from strategies.baselines.glfc_maths import (
     recover_label,
     unflatten,
 )
+from strategies.baselines.maths import frozen_copy
 
 OLD_MODEL = "glfc.old_model"  # ArrayRecord server -> clients: the proxy's old model
 PROTO_GRADS = "glfc.proto_grads"  # ArrayRecord client -> server: {"grads": [classes, P]}
@@ -402,12 +402,7 @@ class GLFCTrainer(LocalTrainer):
         self._old = None
         if record is None or ctx.task == 0:
             return
-        teacher = copy.deepcopy(model)
-        teacher.load_state_dict(record.to_torch_state_dict())
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self._old = teacher
+        self._old = frozen_copy(model, record.to_torch_state_dict())
 
     def batch_loss(self, ctx: RoundContext, model: nn.Module, inputs: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ decay beyond the run's ``weight_decay``.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,7 @@ from fedcl.api import (
     flower_kwargs,
     register_strategy,
 )
-from strategies.baselines.maths import distillation_loss
+from strategies.baselines.maths import distillation_loss, frozen_copy
 
 TEACHER = "lwf.teacher"  # ArrayRecord server -> clients: the previous task's global model
 
@@ -110,12 +109,7 @@ class LwFTrainer(LocalTrainer):
         self._teacher = None
         if record is None or ctx.task == 0 or self.params.alpha == 0:
             return
-        teacher = copy.deepcopy(model)
-        teacher.load_state_dict(record.to_torch_state_dict())
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self._teacher = teacher
+        self._teacher = frozen_copy(model, record.to_torch_state_dict())
         scenario = ctx.scenario
         if scenario is not None and scenario.kind == "class-il":
             old = sorted(c for t in scenario.tasks[:ctx.task] for c in t.classes)

@@ -25,6 +25,7 @@ round loop is in :mod:`strategies.baselines.ewc`, :mod:`~strategies.baselines.lw
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -547,3 +548,15 @@ def quantise_images(x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] ``[B, C, H, W]`` as the uint8 values TARGET's 8-bit PNGs hold:
     ``floor(255 * clamp(x, 0, 1))`` (its ``(x * 255).astype('uint8')``), on the CPU."""
     return (x.detach().clamp(0, 1) * 255).to(torch.uint8).cpu()
+
+
+def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` holding ``state`` (a ``state_dict``), in eval mode, no parameter
+    requiring a gradient: the frozen teacher that FedLwF, TARGET and GLFC distill from."""
+    teacher = copy.deepcopy(model)
+    teacher.load_state_dict(state)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+

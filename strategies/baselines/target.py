@@ -134,6 +134,7 @@ from strategies.baselines.maths import (
     accumulate_meta_gradients,
     adversarial_disagreement,
     class_cross_entropy,
+    frozen_copy,
     kl_distillation,
     quantise_images,
     random_crop_flip,
@@ -581,12 +582,7 @@ class TargetTrainer(LocalTrainer):
         images = synthetic_record.to_torch_state_dict()[IMAGES]
         if len(images) == 0:
             return
-        teacher = copy.deepcopy(model)
-        teacher.load_state_dict(teacher_record.to_torch_state_dict())
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self._teacher = teacher
+        self._teacher = frozen_copy(model, teacher_record.to_torch_state_dict())
         self._synthetic = images.to(ctx.device)
         real_batches = max(1, math.ceil(int(ctx.y.shape[0]) / ctx.config.batch_size))
         self._batch = self.params.synthetic_batch or max(
