@@ -88,10 +88,17 @@ Design choices and deviations from the paper and its code:
   travels (the code shares one object); its weights are uniform on [-0.5, 0.5] as the code's.
   A reconstruction whose matching loss ends non-finite or not below its start is dropped.
 * **Inversion budget:** ``inversion_steps`` defaults to 30 L-BFGS steps with the last 10
-  iterates kept (the paper's code: 250 and 20), which fits a CPU: 1.5 to 2.5 s per
-  reconstruction of an MNIST image on a 2-core host, where an MNIST gradient is mostly
-  matched to within 1e-4 after 15 to 20 steps. Every client uploads in its first round of a
-  task, so that round waits for (clients x classes held) inversions on the server.
+  iterates kept (the paper's code: 250 and 20). An MNIST gradient inverted alone is mostly
+  matched to within 1e-4 after 15 to 20 steps (1.5 to 2.5 s per reconstruction on a 2-core
+  host). Every client uploads in its first round of a task, so that round waits for
+  (clients x classes held) inversions on the server.
+* **Inversions together:** the code inverts one gradient at a time; fedcl's proxy, by
+  default (``inversion_batch`` 0), runs one L-BFGS over all of a round's gradients at once
+  (their matching losses summed, each sample's gradient its own; step size and curvature
+  history shared). Measured on 20 MNIST prototypes' gradients on a 2-core host, 30 steps:
+  3.9 s against 39.8 s one at a time; median final matching loss 1.8e-3 against 1.8e-7, worst
+  0.12 against 84; median mean absolute pixel error of the last iterate 0.016 against 0.0002
+  (normalised units). ``inversion_batch=1`` inverts one at a time, as the code.
 * **Herding** picks a sample once (the code may pick a row twice); a remainder of the budget
   goes one row each to the lowest-numbered classes. Features come from the client's model
   after its round's training (the code uses the global model at the task switch).
@@ -130,7 +137,7 @@ from strategies.baselines.glfc_maths import (
     class_quotas,
     glfc_loss,
     herding,
-    invert_gradient,
+    invert_gradients,
     nearest_to_mean,
     perturb_prototype,
     prototype_gradient,
@@ -172,6 +179,9 @@ class GLFCParams:
     """L-BFGS step size of the gradient inversion (the code: 0.1)."""
     inversion_keep: int = 10
     """Iterates of the last inversion steps kept as reconstructed samples (the code: 20)."""
+    inversion_batch: int = 0
+    """Gradients inverted together by one L-BFGS (:func:`~strategies.baselines.glfc_maths.
+    invert_gradients`): 0, all of a round's uploads at once; 1, one at a time (the code)."""
 
     def check(self) -> None:
         if self.buffer_size < 0:
@@ -187,6 +197,8 @@ class GLFCParams:
                 raise ConfigError(f"glfc {name} must be > 0, got {getattr(self, name)}")
         if self.inversion_keep < 1:
             raise ConfigError(f"glfc inversion_keep must be >= 1, got {self.inversion_keep}")
+        if self.inversion_batch < 0:
+            raise ConfigError(f"glfc inversion_batch must be >= 0, got {self.inversion_batch}")
 
     def capacity(self, partition_id: int, clients: int) -> int:
         """Client ``partition_id``'s memory rows in a federation of ``clients``."""
@@ -253,40 +265,46 @@ class GLFC(ContinualStrategy, FedAvg):
         return reconstruction_accuracy(lambda v: model(v, None), x, self.recon_y)
 
     def reconstruct(self, grads: torch.Tensor) -> int:
-        """Invert every row of ``grads`` ``[n, P]`` (one sample's gradient each) and add the
-        reconstructions to the open task's set; returns how many samples were added."""
+        """Invert every row of ``grads`` ``[n, P]`` (one sample's gradient each),
+        ``inversion_batch`` rows at a time, and add the reconstructions to the open task's
+        set; returns how many samples were added."""
         _, net = self._networks()
-        scenario = build_scenario(self.config)
-        shape = scenario.dataset.input_shape
+        shape = build_scenario(self.config).dataset.input_shape
+        rows = list(grads.float())
+        size = self.params.inversion_batch or max(1, len(rows))
         added = 0
-        for row in grads.float():
-            target = unflatten(net, row.to(self.device))
-            label = recover_label(target[-2])  # the last linear layer's weight
-            seed = ((self.config.seed * 1_000_003 + self.task) * 1_000_003
-                    + self.inversions) % 2**63
-            self.inversions += 1
-            inv = invert_gradient(net, target, label, shape, self.params.inversion_steps,
-                                  self.params.inversion_lr, self.params.inversion_keep,
-                                  torch.Generator().manual_seed(seed))
-            if not (inv.end_loss < inv.start_loss) or inv.images.shape[0] == 0:
-                self.dropped += 1
-                continue
-            self.match_loss += inv.end_loss
-            k = int(inv.images.shape[0])
-            self.recon_x = (inv.images if self.recon_x.numel() == 0
-                            else torch.cat([self.recon_x, inv.images]))
-            self.recon_y = torch.cat([self.recon_y, torch.full((k,), label, dtype=torch.long)])
-            added += k
+        for first in range(0, len(rows), size):
+            targets = [unflatten(net, row.to(self.device)) for row in rows[first:first + size]]
+            labels = [recover_label(t[-2]) for t in targets]  # the last linear layer's weight
+            generators = []
+            for _ in targets:
+                seed = ((self.config.seed * 1_000_003 + self.task) * 1_000_003
+                        + self.inversions) % 2**63
+                self.inversions += 1
+                generators.append(torch.Generator().manual_seed(seed))
+            inversions = invert_gradients(net, targets, labels, shape,
+                                          self.params.inversion_steps,
+                                          self.params.inversion_lr,
+                                          self.params.inversion_keep, generators)
+            for label, inv in zip(labels, inversions, strict=True):
+                if not (inv.end_loss < inv.start_loss) or inv.images.shape[0] == 0:
+                    self.dropped += 1
+                    continue
+                self.match_loss += inv.end_loss
+                k = int(inv.images.shape[0])
+                self.recon_x = (inv.images if self.recon_x.numel() == 0
+                                else torch.cat([self.recon_x, inv.images]))
+                self.recon_y = torch.cat([self.recon_y,
+                                          torch.full((k,), label, dtype=torch.long)])
+                added += k
         return added
 
     def after_aggregate(self, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
         """The proxy's work after FedAvg: the round's uploads reconstructed, the new global
         model scored, the best kept. The aggregate itself is returned unchanged."""
-        added = 0
-        for pid in sorted(self.payloads):
-            record = self.payloads[pid].get(PROTO_GRADS)
-            if record is not None:
-                added += self.reconstruct(record.to_torch_state_dict()["grads"])
+        uploads = [record.to_torch_state_dict()["grads"] for pid in sorted(self.payloads)
+                   if (record := self.payloads[pid].get(PROTO_GRADS)) is not None]
+        added = self.reconstruct(torch.cat(uploads)) if uploads else 0
         if self.recon_y.numel() == 0:  # nothing to score on: the latest model stands
             self.best, self.best_score = arrays, None
             return arrays
