@@ -520,6 +520,25 @@ def test_iid_sizes() -> None:
     assert len(set(LABELS[parts[0]].tolist())) == 10
 
 
+@pytest.mark.parametrize(("rows", "clients"), [(1000, 7), (103, 10), (50, 50), (60, 1)])
+def test_iid_partitions_are_flwr_datasets_iid_partitioner(rows: int, clients: int) -> None:
+    """fedcl takes all IID partitions in one split; each equals what flwr-datasets'
+    IidPartitioner loads for that partition id from the same shuffled rows."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    labels = np.arange(rows) % 10
+    ours = partition_positions(labels, clients, "iid", seed=3)
+    ds = datasets.Dataset.from_dict({"label": labels, "pos": np.arange(rows)}).shuffle(seed=3)
+    theirs = IidPartitioner(clients)
+    theirs.dataset = ds
+    assert len(ours) == clients
+    for pid in range(clients):
+        expected = np.asarray(theirs.load_partition(pid)["pos"], dtype=np.int64)
+        np.testing.assert_array_equal(ours[pid], expected)
+        assert ours[pid].dtype == np.int64
+
+
 def _mean_max_share(parts: list[np.ndarray]) -> float:
     return float(np.mean([np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]))
 
@@ -577,10 +596,11 @@ def test_partitions_are_kept_on_disk(mnist: Dataset, tmp_path: Path,
     first = [client_positions(config, pid, 0) for pid in range(3)]
     files = sorted((tmp_path / "cache").glob("partitions-*.npz"))
     assert len(files) == 1
-    with np.load(files[0]) as stored:
-        assert sorted(stored.files) == ["p0", "p1", "p2"]
-        for pid in range(3):
-            np.testing.assert_array_equal(stored[f"p{pid}"], first[pid])
+    with np.load(files[0]) as stored:  # every partition in one array, cut at the offsets
+        assert sorted(stored.files) == ["offsets", "positions"]
+        sizes = [len(p) for p in first]
+        assert stored["offsets"].tolist() == [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+        np.testing.assert_array_equal(stored["positions"], np.concatenate(first))
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("partitioned again")
@@ -596,7 +616,7 @@ def test_partitions_are_kept_on_disk(mnist: Dataset, tmp_path: Path,
     partition._task_partitions.cache_clear()
     np.testing.assert_array_equal(client_positions(config, 2, 0), first[2])
     with np.load(files[0]) as stored:
-        np.testing.assert_array_equal(stored["p2"], first[2])
+        np.testing.assert_array_equal(stored["positions"][-len(first[2]):], first[2])
     partition._task_partitions.cache_clear()
 
 
