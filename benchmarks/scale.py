@@ -8,14 +8,25 @@ the end of the last round: clients that keep growing state would show here.
 
     python benchmarks/scale.py [--clients 1000] [--fraction-train 0.05] [--tasks 5]
                                [--rounds-per-task 4] [--partition iid]
+
+More clients than MNIST's 60,000 training images (an IID client needs one): ``--copies K``
+writes an MNIST folder (IDX files, read as ``--dataset mnist-torchvision``) whose training set
+is the bundled one K times, copy k shifted k pixels to the right (wrapping round), so
+``--copies 2 --extra "--scenario domain-il --domain-shift permute"`` gives every task 120,000
+images:
+
+    python benchmarks/scale.py --clients 100000 --fraction-train 0.001 --tasks 2 \
+        --rounds-per-task 2 --copies 2 --extra "--scenario domain-il --domain-shift permute"
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import gzip
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,6 +42,35 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quickstart import tree_memory  # noqa: E402
 
+MNIST = ROOT / "fedcl" / "data" / "mnist"
+
+
+def _idx(stem: str) -> bytes:
+    """The bytes of one of the bundled MNIST IDX files (gzipped or not)."""
+    plain = MNIST / stem
+    return plain.read_bytes() if plain.is_file() else gzip.decompress(
+        (MNIST / f"{stem}.gz").read_bytes())
+
+
+def write_mnist_copies(root: Path, copies: int) -> None:
+    """``root/MNIST/raw``: the bundled MNIST, its training set ``copies`` times (copy k
+    shifted k pixels right, wrapping), its test set as it is."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    images = _idx("train-images-idx3-ubyte")
+    labels = _idx("train-labels-idx1-ubyte")
+    n = int.from_bytes(images[4:8], "big")
+    pixels = np.frombuffer(images[16:], dtype=np.uint8).reshape(n, 28, 28)
+    stacked = np.concatenate([np.roll(pixels, k, axis=2) for k in range(copies)])
+    (raw / "train-images-idx3-ubyte").write_bytes(
+        images[:4] + (n * copies).to_bytes(4, "big") + images[8:16] + stacked.tobytes())
+    (raw / "train-labels-idx1-ubyte").write_bytes(
+        labels[:4] + (n * copies).to_bytes(4, "big") + labels[8:] * copies)
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / stem).write_bytes(_idx(stem))
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,9 +81,17 @@ def main() -> None:
     p.add_argument("--partition", default="iid",
                    help="iid (default: 12 samples per client and task at 1000 clients, too "
                         "few for a Dirichlet split to give every client one)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="MNIST's training set this many times (see above); 1: the bundled one")
+    p.add_argument("--extra", default="", help="more fedcl simulate flags")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcl-scale-"))
+    data = []
+    if args.copies > 1:
+        write_mnist_copies(work / "data", args.copies)
+        data = ["--dataset", "mnist-torchvision", "--data-dir", str(work / "data"),
+                "--no-download"]
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="fs", dir="/tmp"),
            "MPLCONFIGDIR": str(work / "mpl"), "FLWR_HOME": str(work / "flwr"),
            "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -52,7 +100,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "fedcl.cli", "simulate", "--clients", str(args.clients),
            "--fraction-train", str(args.fraction_train), "--tasks", str(args.tasks),
            "--rounds-per-task", str(args.rounds_per_task), "--partition", args.partition,
-           "--output", str(work / "out")]
+           "--output", str(work / "out"), *data, *shlex.split(args.extra)]
     launched = time.time()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -91,6 +139,7 @@ def main() -> None:
         "peak_pss_gib": max(m for _, m in samples) / 2**30,
         "pss_gib_after_task2_round1": pss_at(first_of_task2["ended_at"]),
         "pss_gib_after_last_round": pss_at(rounds[-1]["ended_at"]),
+        "startup_s": summary.get("time_startup_s"),
         "acc": summary["acc"], "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=1))
