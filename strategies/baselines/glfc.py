@@ -180,8 +180,8 @@ class GLFCParams:
     inversion_keep: int = 10
     """Iterates of the last inversion steps kept as reconstructed samples (the code: 20)."""
     inversion_batch: int = 0
-    """Gradients inverted together by one L-BFGS (:func:`~strategies.baselines.glfc_maths.
-    invert_gradients`): 0, all of a round's uploads at once; 1, one at a time (the code)."""
+    """Gradients inverted together by one L-BFGS (glfc_maths.invert_gradients): 0, all of a
+    round's uploads at once; 1, one at a time (the code)."""
 
     def check(self) -> None:
         if self.buffer_size < 0:
