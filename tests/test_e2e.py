@@ -205,10 +205,16 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
             time.sleep(0.2)
         assert run_id is not None and proc.poll() is None
         mlflow_server.stop()
-        while time.monotonic() < deadline and not outbox.exists():  # a round is queued
+
+        def a_later_round_queued() -> bool:  # the outbox may first hold other requests
+            queued: list[dict] = []
+            with contextlib.suppress(FedclError):  # not there yet, or a line half written
+                queued = tracking.read_outbox(outbox, run_id)[1]
+            return any(op["op"] == "metrics" and op["metrics"][0][3] >= 2 for op in queued)
+
+        while time.monotonic() < deadline and not a_later_round_queued():
             time.sleep(0.2)
-        queued = tracking.read_outbox(outbox, run_id)[1]
-        assert any(op["op"] == "metrics" and op["metrics"][0][3] >= 2 for op in queued)
+        assert a_later_round_queued()
         mlflow_server.start()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
