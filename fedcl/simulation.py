@@ -26,7 +26,7 @@ from typing import Any
 
 from fedcl.client_app import app as client_app
 from fedcl.config import Config, resolve_tracking_uri
-from fedcl.errors import FedclError, RunAborted, RunCancelled, Terminated
+from fedcl.errors import ConfigError, FedclError, RunAborted, RunCancelled, Terminated
 from fedcl.flower_simulation import SimulationEngine, load_engine
 from fedcl.processes import OutputOwner, ray_session_dir
 from fedcl.run_clock import RunClock
@@ -329,8 +329,28 @@ def _start_ray(config: Config) -> None:
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
     if config.ray_address:
         join_cluster(config.ray_address, runtime_env, backend_config(config)["init_args"])
+    else:
+        ray.init(runtime_env=runtime_env, **backend_config(config)["init_args"])
+    check_client_resources(config, ray.nodes())
+
+
+def check_client_resources(config: Config, nodes: list[dict[str, Any]]) -> None:
+    """Refuse, with one :class:`~fedcl.errors.ConfigError` line, a run whose clients (or
+    cohorts) fit on no Ray node: each asks for ``client_cpus`` CPUs and ``client_gpus`` GPUs,
+    and Flower's actor pool needs one node with both (``nodes``: ``ray.nodes()``; dead nodes
+    are left out). Flower's own refusal ("ActorPool is empty") names neither the flags nor
+    the node's resources."""
+    cpus, gpus = float(config.client_cpus), float(config.client_gpus)
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if any(r.get("CPU", 0.0) >= cpus and r.get("GPU", 0.0) >= gpus for r in alive):
         return
-    ray.init(runtime_env=runtime_env, **backend_config(config)["init_args"])
+    best = max(alive, key=lambda r: (r.get("GPU", 0.0), r.get("CPU", 0.0)), default={})
+    where = ("this machine" if not config.ray_address
+             else f"any node of the Ray cluster at {config.ray_address}")
+    raise ConfigError(
+        f"no client fits on {where}: each asks for {cpus:g} CPUs and {gpus:g} GPUs "
+        f"(client_cpus, client_gpus), the largest node has {best.get('CPU', 0.0):g} CPUs and "
+        f"{best.get('GPU', 0.0):g} GPUs; lower client_cpus or client_gpus")
 
 
 def join_cluster(address: str, runtime_env: dict[str, Any], init_args: dict[str, Any]) -> None:

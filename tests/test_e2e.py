@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -447,3 +448,25 @@ def test_a_reader_that_goes_away_does_not_fail_the_run(tmp_path: Path, ray_env: 
     assert json.loads((out / "summary.json").read_text())["num_tasks"] == 2
     [run] = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "pipe")
     assert run["status"] == "FINISHED"
+
+
+def test_clients_that_fit_on_no_ray_node_are_refused_in_one_line(tmp_path: Path,
+                                                                 ray_env: dict) -> None:
+    """More GPUs per client than the machine's Ray instance has: exit 2, one line naming the
+    flags and the node's resources (not Flower's "ActorPool is empty"), no MLflow run, no
+    summary, and no Ray process left (the fixture checks)."""
+    import torch
+
+    gpus = torch.cuda.device_count() + 1
+    res = run_fedcl("simulate", *TINY, "--client-gpus", str(gpus), "--output",
+                    str(tmp_path / "out"), "--experiment", "fit", cwd=tmp_path, env=ray_env)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert re.fullmatch(  # the node's CPUs as Ray counts them (its cgroup's, in a container)
+        rf"fedcl: error: no client fits on this machine: each asks for 1 CPUs and {gpus} GPUs "
+        rf"\(client_cpus, client_gpus\), the largest node has \d+ CPUs and {gpus - 1} GPUs; "
+        r"lower client_cpus or client_gpus", lines[0]), lines[0]
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
+    assert not (tmp_path / "mlflow.db").exists()
