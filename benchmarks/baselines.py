@@ -187,7 +187,8 @@ def simulate_args(args: argparse.Namespace, benchmark: str, row: str,
     if args.eval_samples:
         cmd += ["--eval-samples-per-task", str(args.eval_samples)]
     if args.cohort_size and batchable(name):
-        cmd += ["--cohort-size", str(args.cohort_size), "--client-gpus", str(args.client_gpus),
+        gpus = args.client_gpus if args.device != "cpu" else 0.0  # a CPU run asks for none
+        cmd += ["--cohort-size", str(args.cohort_size), "--client-gpus", str(gpus),
                 "--client-cpus", str(args.client_cpus)]
     if budget is not None:
         cmd += ["--strategy-param", f"buffer_size={budget}", "--strategy-param",
@@ -334,7 +335,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--cohort-size", type=int, default=0,
                    help="train the rows that allow it as batched cohorts of this many clients")
-    p.add_argument("--client-gpus", type=float, default=0.25, help="per cohort, with --cohort-size")
+    p.add_argument("--client-gpus", type=float, default=0.25,
+                   help="per cohort, with --cohort-size (0 with --device cpu)")
     p.add_argument("--client-cpus", type=float, default=2.0, help="per cohort, with --cohort-size")
     p.add_argument("--resume", action="store_true",
                    help="go on from each run's checkpoint; keep finished runs")
