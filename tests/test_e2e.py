@@ -245,17 +245,22 @@ def test_failing_clients_and_a_tracking_outage_lose_nothing(tmp_path: Path, ray_
     assert run["tags"]["fedcl.status"] == "finished"
 
 
-def test_backend_that_cannot_start_fails_fast(tmp_path: Path, ray_env: dict) -> None:
+def test_clients_that_ask_for_more_cpus_than_any_node_fail_fast(tmp_path: Path,
+                                                                ray_env: dict) -> None:
+    """Flower's backend would refuse them ("ActorPool is empty") once its engine started;
+    fedcl refuses them as soon as Ray is up, in one line, before any MLflow run exists."""
     started = time.monotonic()
     res = run_fedcl("simulate", *TINY, "--client-cpus", "64", "--experiment", "crash",
                     "--output", str(tmp_path / "out"), cwd=tmp_path, env=ray_env, timeout=180)
     assert time.monotonic() - started < 120
-    assert res.returncode == 1
+    assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fedcl: error: simulation backend failed")
-    assert "ActorPool is empty" in lines[0]
-    runs = tracking.fetch_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "crash")
-    assert [r["status"] for r in runs] == ["FAILED"]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("fedcl: error: no client fits on this machine: each asks for 64 "
+                               "CPUs and 0 GPUs (client_cpus, client_gpus), the largest node "
+                               "has "), lines[0]
+    assert "Traceback" not in res.stdout + res.stderr
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_ctrl_c_marks_run_failed_and_leaves_nothing(tmp_path: Path, ray_env: dict) -> None:
