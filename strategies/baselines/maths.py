@@ -559,4 +559,3 @@ def frozen_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
