@@ -30,6 +30,12 @@ from dataclasses import dataclass
 
 import psutil
 
+import fedcl
+
+#: Longer than Python ever takes to start before it imports fedcl: a process older than that
+#: beyond fedcl's import ran another program first (an exec'ing shell)
+EXEC_GAP_S = 5.0
+
 #: The keys of the figures, in summary.json and as MLflow metrics.
 TIME_KEYS = ("time_startup_s", "time_rounds_s", "time_shutdown_s", "wall_time_s")
 
@@ -71,8 +77,13 @@ class RunClock:
 
     @classmethod
     def from_process_start(cls) -> RunClock:
-        """A clock whose session began with this process."""
-        return cls.since(process_age_s())
+        """A clock whose session began with this process: its age, unless that is more than
+        :data:`EXEC_GAP_S` beyond the time since fedcl was first imported; then the process
+        ran something else before it became fedcl (``bash -c 'setup && fedcl ...'`` ends
+        by exec'ing fedcl in the shell's process) and the clock starts at that import."""
+        since_import = time.monotonic() - fedcl.IMPORTED_AT
+        age = process_age_s()
+        return cls.since(age if age - since_import <= EXEC_GAP_S else since_import)
 
     def resume_from(self, startup_before_s: float, rounds_before_s: float) -> None:
         self.startup_before_s, self.rounds_before_s = startup_before_s, rounds_before_s
