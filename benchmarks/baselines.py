@@ -42,8 +42,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -222,17 +224,59 @@ def run_one(args: argparse.Namespace, benchmark: str, row: str) -> Row:
     cmd = simulate_args(args, benchmark, row, folder)
     result.extra["command"] = shlex.join(cmd[2:])  # from "-m" on: fedcl.cli simulate ...
     started = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    code, stdout, stderr = RUNS.run(cmd)
     result.wall_s = time.monotonic() - started
-    if res.returncode != 0:
-        lines = (res.stderr.strip() or res.stdout.strip()).splitlines()
-        result.error = lines[-1][:300] if lines else f"exit status {res.returncode}"
+    if code != 0:
+        lines = (stderr.strip() or stdout.strip()).splitlines()
+        result.error = lines[-1][:300] if lines else f"exit status {code}"
         print(f"{benchmark} {row}: failed: {result.error}", file=sys.stderr, flush=True)
         return result
     read_row(result, json.loads((folder / "summary.json").read_text()))
     print(f"{benchmark} {row}: ACC {100 * result.acc:.2f} in {result.wall_s:.0f} s",  # type: ignore[operator]
           flush=True)
     return result
+
+
+class Runs:
+    """The ``fedcl simulate`` processes running now, so that a signal reaches them: a stop of
+    this script (``timeout``, a batch scheduler, Ctrl-C in another shell) is passed on to each
+    run, which ends as it does on its own signal (checkpoint kept for ``--resume``, MLflow run
+    marked), and no run starts after it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen[str]] = set()
+        self.stopped: int | None = None  # the signal that stopped the benchmark
+
+    def run(self, cmd: list[str]) -> tuple[int, str, str]:
+        """Run ``cmd`` to its end: (exit status, stdout, stderr)."""
+        with self.lock:
+            if self.stopped is not None:
+                return 128 + self.stopped, "", f"not started: stopped by signal {self.stopped}"
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=os.environ.copy())
+            self.live.add(proc)
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+        return proc.returncode, stdout, stderr
+
+    def stop(self, signum: int, _frame: object = None) -> None:
+        """Signal handler: pass ``signum`` on to every live run and start no other. Only the
+        first signal is passed on: ``timeout`` and schedulers signal the whole process group,
+        so the runs may have it already, and a second one would not let them end cleanly."""
+        if self.stopped is not None:
+            return
+        self.stopped = signum
+        with self.lock:
+            for proc in self.live:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+
+RUNS = Runs()
 
 
 def pct(value: float | None) -> str:
@@ -353,6 +397,8 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/baselines.py", *sys.argv[1:]])
     jobs = [(b, r) for b in args.benchmarks for r in args.rows]
     started = time.monotonic()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, RUNS.stop)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(lambda job: run_one(args, *job), jobs))
     out = Path(args.out)
@@ -364,6 +410,9 @@ def main() -> None:
                "rows": [vars(r) for r in rows]}
     (out / "baselines.json").write_text(json.dumps(payload, indent=2) + "\n")
     print((out / "baselines.md").read_text())
+    if RUNS.stopped is not None:
+        print(f"stopped by signal {RUNS.stopped}: go on with --resume", file=sys.stderr)
+        sys.exit(128 + RUNS.stopped)
 
 
 if __name__ == "__main__":
