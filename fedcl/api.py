@@ -10,7 +10,8 @@ itself, such as TARGET's data synthesis). Client half: :class:`LocalTrainer` (on
 loop with hooks), :class:`RoundContext` (what each hook receives), :class:`TrainResult`,
 :class:`ClientStore` (what a trainer keeps on its client between rounds) and
 :class:`SampleBuffer` (raw samples in it, purged by fedcl on erasures), :class:`Scenario` (the
-task stream). Registering:
+task stream), :func:`host_to_device` (a CPU tensor to the GPU with no wait for it, for what a
+trainer copies every step). Registering:
 :func:`register_strategy`, :func:`register_unlearning`, :func:`register_model`,
 :func:`register_dataset`, :class:`NoParams`. The run's model and scenario as fedcl builds them,
 for a server half that evaluates models itself (GLFC's proxy server): :func:`build_model`,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from fedcl import protocol
 from fedcl.client_ops import ClientData, operation
+from fedcl.data.datasets import host_to_device
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.plugins import (
@@ -48,6 +50,6 @@ __all__ = [
     "Capabilities", "ClientData", "ClientStore", "ConfigError", "ContinualStrategy",
     "LocalTrainer", "NoParams", "RoundContext", "RoundInfo", "SampleBuffer", "Scenario",
     "StrategyWrapper", "TrainResult", "UnlearningJob", "UnlearningMethod", "build_model",
-    "build_scenario", "flower_kwargs", "operation", "protocol", "register_dataset",
-    "register_model", "register_strategy", "register_unlearning",
+    "build_scenario", "flower_kwargs", "host_to_device", "operation", "protocol",
+    "register_dataset", "register_model", "register_strategy", "register_unlearning",
 ]

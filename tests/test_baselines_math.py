@@ -18,6 +18,7 @@ from strategies.baselines.ewc import PENALTY_ANCHOR, PENALTY_FISHER, EWCParams, 
 from strategies.baselines.lwf import TEACHER, LwFParams, LwFTrainer
 from strategies.baselines.maths import (
     FisherAnchor,
+    TrainingReservoir,
     derpp_terms,
     diagonal_fisher,
     distillation_loss,
@@ -238,6 +239,52 @@ def test_reservoir_add_offered_one_by_one_or_in_batches_is_the_same() -> None:
     assert len(one_by_one) == len(batched) == 4
     assert one_by_one.columns["x"].tolist() == batched.columns["x"].tolist()
     assert batched.classes.tolist() == [int(v) % 10 for v in batched.columns["x"][:, 0]]
+
+
+def test_training_reservoir_keeps_what_reservoir_add_keeps_and_writes_it_back() -> None:
+    """A round of offers to a TrainingReservoir (the buffer held on the training device while
+    a client trains) leaves the buffer exactly as the same offers made one by one with
+    reservoir_add; rows drawn from it are the buffer's rows; the host copy of an on_host
+    column agrees with the device column; the first offer names the columns and a later one
+    with other columns is refused."""
+    items = torch.arange(30)
+    reference, seen_ref = SampleBuffer(), 0
+    gen = torch.Generator().manual_seed(7)
+    for start in range(0, 30, 6):
+        part = items[start:start + 6]
+        seen_ref = reservoir_add(reference, seen_ref, 5, gen, part % 10,
+                                 x=part.float().unsqueeze(1), head=part % 3)
+
+    buffer = SampleBuffer()
+    reservoir = TrainingReservoir(buffer, 5, "cpu", on_host=("head",))
+    gen, seen = torch.Generator().manual_seed(7), 0
+    for start in range(0, 30, 6):
+        part = items[start:start + 6]
+        seen = reservoir.offer(seen, gen, part % 10, x=part.float().unsqueeze(1),
+                               head=part % 3)
+    assert seen == seen_ref == 30 and len(reservoir) == 5
+    assert len(buffer) == 0  # nothing written back before save()
+    reservoir.save(buffer)
+    assert buffer.columns["x"].tolist() == reference.columns["x"].tolist()
+    assert buffer.classes.tolist() == reference.classes.tolist()
+    rows = torch.tensor([4, 0, 2])
+    drawn = reservoir.rows(rows)
+    assert drawn["x"].tolist() == reference.columns["x"][rows].tolist()
+    assert reservoir.host_rows("head", rows).tolist() == reference.columns["head"][rows].tolist()
+    wanted = r"a reservoir offer needs columns \['head', 'x'\], got \['x'\]"
+    with pytest.raises(ValueError, match=wanted):
+        reservoir.offer(seen, gen, items[:2], x=items[:2].float().unsqueeze(1))
+
+    # a buffer a purge left short takes the next offers in its free rows, from its old rows on
+    buffer.keep(torch.tensor([0, 1, 2]))
+    again = TrainingReservoir(buffer, 5, "cpu", on_host=("head",))
+    assert len(again) == 3 and again.host_rows("head", torch.tensor([2])).tolist() == (
+        buffer.columns["head"][[2]].tolist())
+    seen = again.offer(seen, torch.Generator().manual_seed(0), torch.tensor([1, 2]),
+                       x=torch.tensor([[100.0], [101.0]]), head=torch.tensor([1, 2]))
+    again.save(buffer)
+    assert len(buffer) == 5 and buffer.columns["x"][3:].tolist() == [[100.0], [101.0]]
+    assert buffer.classes[3:].tolist() == [1, 2] and seen == 32
 
 
 def test_replay_draw_takes_distinct_rows() -> None:

@@ -293,6 +293,19 @@ def _normalisation(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1))
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait for the GPU. A copy from ordinary
+    (pageable) CPU memory to a GPU synchronises the stream first, so one per training step (an
+    index tensor, a replayed batch) costs a wait for every kernel queued before it, and with
+    several client processes sharing a GPU that wait includes their time slices. A CPU tensor
+    bound for CUDA is therefore copied from pinned memory, asynchronously (the pinned copy is
+    kept alive by PyTorch until the transfer ends); anything else is ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_float(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 images to normalised float32 (per channel). The per-channel constants are made
     once per device: copying them to a GPU on every call would make the host wait for the

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedcl.config import Config
-from fedcl.data.datasets import Dataset, load_dataset
+from fedcl.data.datasets import Dataset, host_to_device, load_dataset
 from fedcl.errors import ConfigError, DataError, FedclError
 
 
@@ -68,9 +68,8 @@ class Scenario:
         class list."""
         if self.kind != "task-il":
             return targets
-        classes = torch.tensor(self.tasks[task].classes, dtype=targets.dtype,
-                               device=targets.device)
-        return classes[targets]
+        classes = torch.tensor(self.tasks[task].classes, dtype=targets.dtype)
+        return host_to_device(classes, targets.device)[targets]
 
     def shift(self, task: int, x: torch.Tensor) -> torch.Tensor:
         """Apply task ``task``'s input shift to uint8 images ``x`` (N x C x H x W)."""

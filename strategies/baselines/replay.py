@@ -56,10 +56,16 @@ from fedcl.api import (
     LocalTrainer,
     RoundContext,
     SampleBuffer,
+    TrainResult,
     flower_kwargs,
     register_strategy,
 )
-from strategies.baselines.maths import derpp_terms, outputs_by_head, replay_draw, reservoir_add
+from strategies.baselines.maths import (
+    TrainingReservoir,
+    derpp_terms,
+    outputs_by_head,
+    replay_draw,
+)
 
 BUFFER = "replay"  # the buffer's name in the client's store
 SEEN = "replay.seen"  # the store's count of examples offered to the buffer
@@ -133,6 +139,7 @@ class ReplayTrainer(LocalTrainer):
     def __init__(self, params: ReplayParams) -> None:
         self.params = params
         self._images: torch.Tensor | None = None
+        self._reservoir: TrainingReservoir | None = None
 
     def buffer(self, ctx: RoundContext) -> SampleBuffer:
         return ctx.store.buffer(BUFFER)
@@ -140,17 +147,39 @@ class ReplayTrainer(LocalTrainer):
     def capacity(self, ctx: RoundContext) -> int:
         return self.params.capacity(ctx.partition_id, ctx.config.clients)
 
+    def train(self, ctx: RoundContext) -> TrainResult:
+        """The round's training with the buffer on the training device
+        (:class:`~strategies.baselines.maths.TrainingReservoir`), written back to the client's
+        store when it ends."""
+        buffer = self.buffer(ctx)
+        self._reservoir = TrainingReservoir(buffer, self.capacity(ctx), ctx.device,
+                                            on_host=("head",))
+        try:
+            result = super().train(ctx)
+            self._reservoir.save(buffer)
+        finally:
+            self._reservoir = None
+        return result
+
+    @property
+    def reservoir(self) -> TrainingReservoir:
+        if self._reservoir is None:
+            raise RuntimeError("the replay buffer is on the device only during train()")
+        return self._reservoir
+
     def draw(self, ctx: RoundContext) -> tuple[torch.Tensor, torch.Tensor | None,
                                                dict[str, torch.Tensor]]:
         """A draw of ``min(replay_batch, filled)`` buffered rows: (model-ready inputs on
-        ``ctx.device``, their heads or None (single head), their other columns)."""
-        buf = self.buffer(ctx)
-        rows = replay_draw(len(buf), self.params.replay_batch or ctx.config.batch_size,
+        ``ctx.device``, their heads on the CPU or None (single head), their other columns on
+        ``ctx.device``)."""
+        reservoir = self.reservoir
+        rows = replay_draw(len(reservoir), self.params.replay_batch or ctx.config.batch_size,
                            ctx.generator)
-        columns = {name: col[rows].to(ctx.device) for name, col in buf.columns.items()}
+        columns = reservoir.rows(rows)
         inputs = super().batch_inputs(ctx, columns.pop("x"))
-        heads = columns.pop("head")
-        return inputs, (None if ctx.head is None else heads), columns
+        columns.pop("head")
+        heads = None if ctx.head is None else reservoir.host_rows("head", rows)
+        return inputs, heads, columns
 
     def batch_inputs(self, ctx: RoundContext, images: torch.Tensor) -> torch.Tensor:
         self._images = images  # offered to the buffer once the step's loss is built
@@ -166,7 +195,7 @@ class ReplayTrainer(LocalTrainer):
     def replay_loss(self, ctx: RoundContext, model: nn.Module, outputs: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
         """ER: the mean cross-entropy over the union of the batch and a buffer draw."""
-        inputs, heads, columns = self.draw(ctx) if len(self.buffer(ctx)) else (None, None, {})
+        inputs, heads, columns = self.draw(ctx) if len(self.reservoir) else (None, None, {})
         if inputs is None or inputs.shape[0] == 0:
             return F.cross_entropy(outputs, targets)
         replayed = outputs_by_head(model, inputs, heads)
@@ -177,15 +206,14 @@ class ReplayTrainer(LocalTrainer):
     def offer(self, ctx: RoundContext, targets: torch.Tensor, outputs: torch.Tensor) -> None:
         """Offer the step's batch to the buffer (reservoir sampling)."""
         assert self._images is not None
-        buf = self.buffer(ctx)
         seen = int(ctx.store.arrays.get(SEEN, torch.zeros((), dtype=torch.int64)))
         head = -1 if ctx.head is None else ctx.head
         columns = {"x": self._images, "y": targets,
-                   "head": torch.full_like(targets, head)}
+                   "head": torch.full((targets.shape[0],), head, dtype=torch.long)}
         if self.stores_logits:
             columns["logits"] = outputs.detach().float()
-        seen = reservoir_add(buf, seen, self.capacity(ctx), ctx.generator,
-                             ctx.dataset_classes(targets), **columns)
+        seen = self.reservoir.offer(seen, ctx.generator, ctx.dataset_classes(targets),
+                                    **columns)
         ctx.store.arrays[SEEN] = torch.tensor(seen, dtype=torch.int64)
 
 
@@ -202,7 +230,7 @@ class DERPPTrainer(ReplayTrainer):
     def replay_loss(self, ctx: RoundContext, model: nn.Module, outputs: torch.Tensor,
                     targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(outputs, targets)
-        if not len(self.buffer(ctx)):
+        if not len(self.reservoir):
             return loss
         x1, h1, c1 = self.draw(ctx)
         logits1 = outputs_by_head(model, x1, h1)
