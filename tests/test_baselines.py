@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -231,6 +232,37 @@ def test_fedewc_averages_the_clients_fisher_by_samples_and_sends_the_quadratic()
         again = FedEWC(params)
         again.load_state_dict(strategy.state_dict())
         assert sent(again) == expected
+
+
+def test_fedewc_warns_when_the_penalty_makes_local_sgd_diverge() -> None:
+    """Clients at lr 0.1, momentum 0: the limit is 2/0.1 = 20. A Fisher with largest value
+    0.15 at ewc_lambda 100 gives curvature 15 (stable, no warning); a second task's 0.1 makes
+    the summed Fisher 0.25 and the curvature 25 > 20: one line naming ewc_lambda 80 (20/0.25)
+    as the bound. Online EWC with gamma 0.5 keeps 0.5*0.15 + 0.1 = 0.175: curvature 17.5, no
+    warning. Momentum 0.5 raises the limit to 30; Adam is not checked."""
+    def payload(fisher: list[float]) -> RecordDict:
+        return RecordDict({FISHER: ArrayRecord({"w": torch.tensor(fisher)}),
+                           COUNT: ConfigRecord({"n": 10})})
+
+    def after_two(params: EWCParams, **optimizer: Any) -> tuple[str | None, str | None]:
+        strategy = FedEWC(params, **optimizer)
+        strategy.payloads = {0: payload([0.15, 0.0])}
+        strategy.end_task(0, ArrayRecord({"w": torch.tensor([1.0, 1.0])}))
+        first = strategy.check_stability(0)
+        strategy.payloads = {0: payload([0.1, 0.05])}
+        strategy.end_task(1, ArrayRecord({"w": torch.tensor([1.0, 1.0])}))
+        return first, strategy.check_stability(1)
+
+    first, second = after_two(EWCParams(), lr=0.1)
+    assert first is None
+    assert second == (
+        "FedEWC: after task 1 the penalty's largest curvature, ewc_lambda x the largest Fisher "
+        "value = 100 x 0.25 = 25, exceeds local SGD's stability limit 2(1 + momentum)/lr = 20: "
+        "the clients' training will diverge (NaN). An ewc_lambda below 80, a smaller lr, or "
+        "online EWC with gamma < 1 keeps it stable")
+    assert after_two(EWCParams(online=True, gamma=0.5), lr=0.1) == (None, None)
+    assert after_two(EWCParams(), lr=0.1, momentum=0.5) == (None, None)
+    assert after_two(EWCParams(), optimizer="adam", lr=0.1) == (None, None)
 
 
 # --- tiny runs of the real command ------------------------------------------------------

@@ -28,6 +28,7 @@ from strategies.baselines.maths import (
     replay_draw,
     reservoir_add,
     reservoir_slots,
+    sgd_stability_limit,
 )
 from strategies.baselines.replay import DERPPParams, ReplayParams
 
@@ -285,6 +286,29 @@ def test_training_reservoir_keeps_what_reservoir_add_keeps_and_writes_it_back() 
     again.save(buffer)
     assert len(buffer) == 5 and buffer.columns["x"][3:].tolist() == [[100.0], [101.0]]
     assert buffer.classes[3:].tolist() == [1, 2] and seen == 32
+
+
+def test_sgd_stability_limit_is_where_torch_sgd_starts_to_diverge() -> None:
+    """lr 0.1: the limit is 2/0.1 = 20 plain, 2(1 + 0.5)/0.1 = 30 with momentum 0.5. PyTorch's
+    SGD on h x^2 / 2 from x = 1, in float64: at 0.99 times the limit |x| falls below 1e-2
+    within 2000 steps, at 1.01 times it grows past 1e2 (the iteration's spectral radius is
+    just below and just above 1 there)."""
+    assert sgd_stability_limit(0.1) == pytest.approx(20.0)
+    assert sgd_stability_limit(0.1, 0.5) == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="the learning rate must be > 0, got 0"):
+        sgd_stability_limit(0.0)
+    for momentum in (0.0, 0.5, 0.9):
+        limit = sgd_stability_limit(0.1, momentum)
+        ends = []
+        for h in (0.99 * limit, 1.01 * limit):
+            x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.SGD([x], lr=0.1, momentum=momentum)
+            for _ in range(2000):
+                opt.zero_grad()
+                (0.5 * h * x.pow(2)).sum().backward()
+                opt.step()
+            ends.append(abs(float(x)))
+        assert ends[0] < 1e-2 and ends[1] > 1e2, (momentum, ends)
 
 
 def test_replay_draw_takes_distinct_rows() -> None:

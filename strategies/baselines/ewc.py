@@ -44,6 +44,10 @@ Deviations and choices:
 * A task whose last round has no client with data (all erased) adds no Fisher.
 * The penalty covers every parameter, the other tasks' heads included (their Fisher is 0 for
   the tasks they did not serve).
+* A penalty stiff enough to make local SGD diverge (``ewc_lambda`` times the largest Fisher
+  value above 2(1 + momentum)/lr; standard EWC's summed Fisher grows with every task) is
+  reported at the task's end with one warning naming the largest stable ``ewc_lambda``
+  (:meth:`FedEWC.check_stability`); the run goes on as configured.
 * TARGET's bug, the penalty on the server's model object (no gradient reaches the client's
   weights, so its FedEWC trains like fine-tuning), is not copied: the penalty is on the
   weights being stepped (tested).
@@ -71,7 +75,12 @@ from fedcl.api import (
     flower_kwargs,
     register_strategy,
 )
-from strategies.baselines.maths import FisherAnchor, diagonal_fisher, ewc_penalty
+from strategies.baselines.maths import (
+    FisherAnchor,
+    diagonal_fisher,
+    ewc_penalty,
+    sgd_stability_limit,
+)
 
 log = logging.getLogger("fedcl")
 
@@ -115,9 +124,12 @@ class FedEWC(ContinualStrategy, FedAvg):
     # come per client); the quadratic is task-end state, rebuilt after unlearning
     capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=True)
 
-    def __init__(self, params: EWCParams, **kwargs: Any) -> None:
+    def __init__(self, params: EWCParams, *, optimizer: str = "sgd", lr: float = 0.01,
+                 momentum: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.params = params
+        # the clients' local optimizer, for the penalty's stability check (check_stability)
+        self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.quadratic = FisherAnchor(online=params.online, gamma=params.gamma)
         self.tasks_added: list[int] = []
 
@@ -148,7 +160,33 @@ class FedEWC(ContinualStrategy, FedAvg):
             fisher[name] = torch.from_numpy(acc)
         self.quadratic.add(fisher, arrays.to_torch_state_dict())
         self.tasks_added.append(task)
+        warning = self.check_stability(task)
+        if warning:
+            log.warning(warning)
         return arrays
+
+    def check_stability(self, task: int) -> str | None:
+        """One line when the penalty, as it stands after ``task``, will make the clients'
+        local SGD diverge, else None. The penalty's curvature along weight i is
+        ``ewc_lambda * F_i``; SGD with heavy-ball momentum diverges on a quadratic whose
+        curvature exceeds :func:`~strategies.baselines.maths.sgd_stability_limit`. Standard
+        EWC's Fisher is a sum over tasks and grows with each one (on Rotated-MNIST at the
+        default lambda it passed the limit from task 18 of 20 on, and every client's loss became
+        NaN). Adam's steps do not scale with the curvature: no check."""
+        pair = self.quadratic.quadratic()
+        if self.optimizer != "sgd" or pair is None or self.params.ewc_lambda == 0:
+            return None
+        largest = max(float(f.max()) for f in pair[0].values())
+        limit = sgd_stability_limit(self.lr, self.momentum)
+        curvature = self.params.ewc_lambda * largest
+        if curvature < limit:
+            return None
+        return (f"FedEWC: after task {task} the penalty's largest curvature, ewc_lambda x the "
+                f"largest Fisher value = {self.params.ewc_lambda:g} x {largest:.4g} = "
+                f"{curvature:.4g}, exceeds local SGD's stability limit 2(1 + momentum)/lr = "
+                f"{limit:.4g}: the clients' training will diverge (NaN). An ewc_lambda below "
+                f"{limit / largest:.4g}, a smaller lr, or online EWC with gamma < 1 keeps it "
+                "stable")
 
     def state_metrics(self) -> dict[str, float]:
         """The penalty's Fisher after the last task end: its mean and largest value."""
@@ -230,7 +268,8 @@ def ctx_inputs(ctx: RoundContext, images: torch.Tensor) -> torch.Tensor:
                    "loss, the Fisher aggregated by the server (Kirkpatrick et al. 2017).",
                    params=EWCParams, trainer=EWCTrainer)
 def build_fedewc(config: Any, params: EWCParams) -> FedEWC:
-    return FedEWC(params, **flower_kwargs(config))
+    return FedEWC(params, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
+                  **flower_kwargs(config))
 
 
 __all__ = ["EWCParams", "EWCTrainer", "FedEWC", "build_fedewc"]

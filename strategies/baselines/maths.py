@@ -6,7 +6,8 @@ round loop is in :mod:`strategies.baselines.ewc`, :mod:`~strategies.baselines.lw
 * EWC (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017):
   :func:`ewc_penalty`, :func:`diagonal_fisher`, and :class:`FisherAnchor`, which keeps every
   past task's quadratic, or online EWC's running one (Schwarz et al., "Progress & Compress",
-  ICML 2018), as one pair (F, anchor) with the same gradient.
+  ICML 2018), as one pair (F, anchor) with the same gradient; :func:`sgd_stability_limit`, the
+  curvature past which the penalty makes local SGD diverge.
 * LwF (Li and Hoiem, "Learning without Forgetting", ECCV 2016): :func:`distillation_loss`.
 * Experience replay with a reservoir (Chaudhry et al., "On Tiny Episodic Memories in Continual
   Learning", 2019; mammoth's ``utils/buffer.py``): :func:`reservoir_slots`,
@@ -59,6 +60,7 @@ __all__ = [
     "replay_draw",
     "reservoir_add",
     "reservoir_slots",
+    "sgd_stability_limit",
     "target_client_loss",
 ]
 
@@ -200,6 +202,18 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
         return student.sum() * 0.0
     target = F.softmax(teacher.detach() / temperature, dim=1)
     return -(target * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+
+
+def sgd_stability_limit(lr: float, momentum: float = 0.0) -> float:
+    """The largest curvature ``h`` of a quadratic ``h x^2 / 2`` on which SGD with learning rate
+    ``lr`` and heavy-ball momentum ``momentum`` (PyTorch's form: ``v = m v + g``,
+    ``x -= lr v``) does not diverge: ``2 (1 + momentum) / lr``. The iteration
+    ``x' = (1 + m - lr h) x - m x_prev`` is stable iff ``|m| < 1`` and
+    ``0 < lr h < 2 (1 + m)`` (Polyak 1964); plain SGD's is ``lr h < 2``. Raises ValueError
+    for ``lr`` <= 0."""
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be > 0, got {lr}")
+    return 2.0 * (1.0 + momentum) / lr
 
 
 # --------------------------------------------------------------------------------------------
