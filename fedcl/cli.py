@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import textwrap
@@ -235,7 +236,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     try:
         from fedcl.data.partition import check_partitions  # (imports take seconds: inside
         from fedcl.plugins import build_model, build_scenario  # the try)
-        from fedcl.progress import LiveDisplay, format_matrix
+        from fedcl.progress import ConsoleWarnings, LiveDisplay, format_matrix
         from fedcl.run_setup import setup_run
         from fedcl.simulation import simulate
         from fedcl.training import resolve_device
@@ -269,10 +270,14 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     display = LiveDisplay(console, clock)
+    warnings = ConsoleWarnings(display)  # fedcl's warnings on the console, not in flower.log
+    fedcl_log = logging.getLogger("fedcl")
+    fedcl_log.addHandler(warnings)
     try:
         summary = simulate(config, observer=display, verbose=args.verbose, resume=resume,
                            signals=signals, owner=owner, clock=clock)
     finally:
+        fedcl_log.removeHandler(warnings)
         display.close()
         console.close()
     # from here on a signal is only recorded (simulate holds them): the run is over

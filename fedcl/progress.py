@@ -9,6 +9,7 @@ rounds and shutdown.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -102,6 +103,14 @@ class LiveDisplay:
         else:
             self._say(text)
 
+    def on_warning(self, text: str) -> None:
+        """One line, ``fedcl: warning: <text>``, above the progress bar when there is one."""
+        line = f"fedcl: warning: {text}"
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+        else:
+            self._say(line)
+
     def _say(self, text: str) -> None:
         """One line to the stream; once its reader has gone (``fedcl simulate ... | head``),
         the display goes quiet and the run goes on (its results are in summary.json and
@@ -117,6 +126,23 @@ class LiveDisplay:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+class ConsoleWarnings(logging.Handler):
+    """fedcl's log records of WARNING and above (a strategy's or unlearning method's notices,
+    such as FedEWC's stability check or SSD's selection bound) on the live display, one line
+    each: while a simulation runs, the process's stderr goes to flower.log, where they would
+    otherwise be all that is left of them."""
+
+    def __init__(self, display: LiveDisplay) -> None:
+        super().__init__(logging.WARNING)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.display.on_warning(record.getMessage())
+        except Exception:  # a log line is never worth the run
+            self.handleError(record)
 
 
 def format_erasure(entry: dict[str, Any]) -> str:
