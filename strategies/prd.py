@@ -46,7 +46,7 @@ from torch import nn
 
 from fedcl import prd, protocol
 from fedcl.config import Config
-from fedcl.data.datasets import to_float
+from fedcl.data.datasets import host_to_device, to_float
 from fedcl.data.scenarios import Scenario
 from fedcl.errors import ConfigError
 from fedcl.models import without_dropout
@@ -233,7 +233,8 @@ class PRDTrainer(LocalTrainer):
         old_rows = [prd_model.rows[j] for j in range(ctx.task)]
         h = prd_model.features(inputs)
         loss = prd.supcon_loss(prd_model.project(h), targets.repeat(2), p.supcon_temperature)
-        local_rows = torch.as_tensor(rows_now, device=ctx.device)
+        # index tensors go over pinned memory: a plain copy per step would wait for the GPU
+        local_rows = host_to_device(torch.as_tensor(rows_now), ctx.device)
         positions = (targets if prd_model.task_il or ctx.config.scenario == "domain-il"
                      else _positions(targets, rows_now))
         loss = loss + p.lambda_proto * prd.prototype_loss(
@@ -243,9 +244,10 @@ class PRDTrainer(LocalTrainer):
             old.train(prd_model.training)  # the trained model's mode (module docstring)
             with torch.no_grad():
                 h_old = old.features(inputs)
+            old_index = [host_to_device(torch.as_tensor(r), ctx.device) for r in old_rows]
             loss = loss + p.lambda_distill * prd.relation_distillation(
-                h, h_old, [prd_model.prototypes[r] for r in old_rows],
-                [old.prototypes[r].detach() for r in old_rows], p.distill_temperature)
+                h, h_old, [prd_model.prototypes[r] for r in old_index],
+                [old.prototypes[r].detach() for r in old_index], p.distill_temperature)
         return loss
 
     def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
@@ -284,9 +286,12 @@ class PRDTrainer(LocalTrainer):
 
 
 def _positions(y: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Class-IL labels (global class ids) as positions within the task's prototype rows."""
-    lookup = {row: i for i, row in enumerate(rows)}
-    return torch.tensor([lookup[int(v)] for v in y], device=y.device)
+    """Class-IL labels (global class ids, each one of ``rows``) as positions within the task's
+    prototype rows: a lookup table indexed on ``y``'s device (reading the labels back one by
+    one would wait for the GPU once per sample)."""
+    table = torch.full((max(rows) + 1,), -1, dtype=torch.long)
+    table[torch.as_tensor(rows)] = torch.arange(len(rows))
+    return host_to_device(table, y.device)[y]
 
 
 @register_strategy("prd", "Replay-free prototype-sample relation distillation: SupCon encoder, "

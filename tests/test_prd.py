@@ -14,7 +14,16 @@ from fedcl import plugins, protocol
 from fedcl.config import Config
 from fedcl.data.scenarios import build_scenario
 from fedcl.training import RoundContext
-from strategies.prd import COUNTS, OLD_MODEL, PRD, PRDModel, PRDParams, PRDTrainer, prototype_rows
+from strategies.prd import (
+    COUNTS,
+    OLD_MODEL,
+    PRD,
+    PRDModel,
+    PRDParams,
+    PRDTrainer,
+    _positions,
+    prototype_rows,
+)
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -216,3 +225,9 @@ def test_distillation_is_zero_for_identical_models(model_name: str) -> None:
     # float32 rounding of a sum of O(loss) terms, a few ulps of the loss
     tolerance = 8 * torch.finfo(torch.float32).eps * max(1.0, float(losses[0.0].abs()))
     assert abs(distill) <= tolerance, f"L_RD of identical models = {distill}"
+
+
+def test_class_il_labels_become_positions_in_the_tasks_prototype_rows() -> None:
+    """Task rows [7, 2, 5]: labels 5, 7, 7, 2 are positions 2, 0, 0, 1, whatever their order."""
+    assert _positions(torch.tensor([5, 7, 7, 2]), [7, 2, 5]).tolist() == [2, 0, 0, 1]
+    assert _positions(torch.tensor([], dtype=torch.long), [3]).tolist() == []
