@@ -288,6 +288,25 @@ def test_training_reservoir_keeps_what_reservoir_add_keeps_and_writes_it_back() 
     assert buffer.classes[3:].tolist() == [1, 2] and seen == 32
 
 
+def test_training_reservoir_allocates_what_it_holds_not_its_capacity() -> None:
+    """A capacity of 10^9 rows with 30 samples offered allocates rows by doubling as the
+    offers need them (6, 12, 24, 24, 48 after each batch of 6), not 10^9; a capacity of 5
+    stops at 5."""
+    reservoir = TrainingReservoir(SampleBuffer(), 10**9, "cpu", on_host=("head",))
+    gen, seen = torch.Generator().manual_seed(0), 0
+    for start in range(0, 30, 6):
+        part = torch.arange(start, start + 6)
+        seen = reservoir.offer(seen, gen, part % 10, x=part.float().unsqueeze(1), head=part)
+    assert len(reservoir) == 30 and reservoir.size == 48
+    assert reservoir.columns["x"].shape[0] == reservoir.host["head"].shape[0] == 48
+    buffer = SampleBuffer()
+    reservoir.save(buffer)
+    assert buffer.columns["x"][:, 0].tolist() == [float(v) for v in range(30)]
+    small = TrainingReservoir(SampleBuffer(), 5, "cpu")
+    small.offer(0, gen, torch.arange(6), x=torch.zeros(6, 1))
+    assert small.size == 5 and len(small) == 5
+
+
 def test_sgd_stability_limit_is_where_torch_sgd_starts_to_diverge() -> None:
     """lr 0.1: the limit is 2/0.1 = 20 plain, 2(1 + 0.5)/0.1 = 30 with momentum 0.5. PyTorch's
     SGD on h x^2 / 2 from x = 1, in float64: at 0.99 times the limit |x| falls below 1e-2

@@ -253,9 +253,10 @@ def reservoir_slots(seen: int, filled: int, capacity: int, offers: int,
 
 class TrainingReservoir:
     """A client's reservoir buffer while it trains: the :class:`~fedcl.api.SampleBuffer`'s
-    columns and classes on the training device, allocated to ``capacity`` rows at once, so a
+    columns and classes on the training device, so a
     step's draw (:meth:`rows`) and offer (:meth:`offer`) are indexing on the device and never
-    make the host wait for the GPU. The reservoir's choices (:func:`reservoir_slots`) depend on
+    make the host wait for the GPU. Rows are allocated as offers need them, doubling up to
+    ``capacity``. The reservoir's choices (:func:`reservoir_slots`) depend on
     counts and the generator alone and are made on the CPU; the index tensors go to the device
     with :func:`fedcl.api.host_to_device`. Columns named in ``on_host`` are kept on the CPU as
     well (offered as CPU tensors), for decisions the host makes per step without asking the
@@ -271,7 +272,9 @@ class TrainingReservoir:
         self.device = torch.device(device)
         self.capacity = max(int(capacity), 0)
         self.filled = len(buffer)
-        self.size = max(self.capacity, self.filled)
+        # rows allocated: what the buffer holds, grown by doubling up to the capacity as
+        # offers need them (a capacity far above a client's data costs nothing)
+        self.size = self.filled
         self.on_host = tuple(on_host)
         self.columns = {name: self._padded(col) for name, col in buffer.columns.items()}
         self.classes = self._padded(buffer.classes)
@@ -313,6 +316,7 @@ class TrainingReservoir:
         positions, rows = reservoir_slots(seen, self.filled, self.capacity, b, generator)
         if not positions:
             return seen + b
+        self._grow(rows[-1] + 1)
         for name, value in columns.items():
             if name not in self.columns:  # the first offer names the columns
                 self.columns[name] = torch.zeros((self.size, *value.shape[1:]),
@@ -326,14 +330,27 @@ class TrainingReservoir:
             column = self.columns[name]
             column[row] = host_to_device(value.detach(), self.device)[pos].to(column.dtype)
             if name in self.host:
-                if self.host[name].shape[0] < self.size:  # a host copy of a smaller buffer
-                    grown = torch.zeros((self.size, *value.shape[1:]), dtype=value.dtype)
-                    grown[:self.host[name].shape[0]] = self.host[name]
-                    self.host[name] = grown
                 self.host[name][row_cpu] = value.detach()[pos_cpu].to(self.host[name].dtype)
         self.classes[row] = host_to_device(classes.detach(), self.device)[pos].to(torch.int64)
         self.filled = max(self.filled, rows[-1] + 1)  # fresh rows are filled, filled+1, ...
         return seen + b
+
+    def _grow(self, rows: int) -> None:
+        """Make room for ``rows`` rows: double the allocation (capped at the capacity) until
+        it holds them, keeping every column's rows, its host copy's and the classes'."""
+        if rows <= self.size:
+            return
+        size = max(rows, min(max(2 * self.size, 1), max(self.capacity, rows)))
+
+        def grown(column: torch.Tensor) -> torch.Tensor:
+            out = column.new_zeros((size, *column.shape[1:]))
+            out[:column.shape[0]] = column
+            return out
+
+        self.columns = {name: grown(column) for name, column in self.columns.items()}
+        self.host = {name: grown(column) for name, column in self.host.items()}
+        self.classes = grown(self.classes)
+        self.size = size
 
     def save(self, buffer: SampleBuffer) -> None:
         """Write the rows held back to ``buffer`` (on the CPU): its columns and classes become
