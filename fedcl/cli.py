@@ -526,10 +526,26 @@ def exit_within(seconds: float, code: int) -> None:
     timer.start()
 
 
+def _reopen_closed_streams() -> None:
+    """A standard stream the caller closed (``fedcl simulate ... >&- 2>&-``; Python then has
+    no ``sys.stdout`` or ``sys.stderr``) is pointed at os.devnull: what would be written
+    there has nowhere to go anyway, and the libraries a run starts refuse a missing stream
+    (Ray enables faulthandler on ``sys.stderr``), which ended every such run with exit 1."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        setattr(sys, name, os.fdopen(fd, "r" if fd == 0 else "w", buffering=1))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. ``simulate`` takes over SIGINT, SIGTERM and SIGHUP (from the main
     thread): each ends it with one line and exit status 128 + the signal's number."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _reopen_closed_streams()
     signals = TerminationSignals()
     try:
         args = build_parser().parse_args(argv)
