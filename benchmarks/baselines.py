@@ -226,9 +226,13 @@ def run_one(args: argparse.Namespace, benchmark: str, row: str) -> Row:
     started = time.monotonic()
     code, stdout, stderr = RUNS.run(cmd)
     result.wall_s = time.monotonic() - started
+    if code != 0 and (folder / "summary.json").is_file():
+        code = 0  # the run had finished when the signal came: its results stand
     if code != 0:
         lines = (stderr.strip() or stdout.strip()).splitlines()
         result.error = lines[-1][:300] if lines else f"exit status {code}"
+        if RUNS.stopped is not None:  # whatever phase the run was in (even Python's start-up)
+            result.error = f"stopped by signal {RUNS.stopped}; --resume goes on"
         print(f"{benchmark} {row}: failed: {result.error}", file=sys.stderr, flush=True)
         return result
     read_row(result, json.loads((folder / "summary.json").read_text()))
