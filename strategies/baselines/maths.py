@@ -258,10 +258,10 @@ class TrainingReservoir:
     make the host wait for the GPU. Rows are allocated as offers need them, doubling up to
     ``capacity``. The reservoir's choices (:func:`reservoir_slots`) depend on
     counts and the generator alone and are made on the CPU; the index tensors go to the device
-    with :func:`fedcl.api.host_to_device`. Columns named in ``on_host`` are kept on the CPU as
-    well (offered as CPU tensors), for decisions the host makes per step without asking the
-    GPU (which heads a task-IL draw holds). :meth:`save` writes the rows back to the buffer,
-    one copy per column, at the end of training.
+    with :func:`fedcl.api.host_to_device`. Columns named in ``on_host`` are kept on the CPU
+    only (offered as CPU tensors, read with :meth:`host_rows`), for decisions the host makes
+    per step without asking the GPU (which heads a task-IL draw holds). :meth:`save` writes
+    the rows back to the buffer, one copy per column, at the end of training.
 
     On the CPU this is the same computation as offering to the buffer directly; on a GPU it
     stores the same rows (per-client FedDER++ on an H200 spent 64 % of its training time
@@ -276,23 +276,24 @@ class TrainingReservoir:
         # offers need them (a capacity far above a client's data costs nothing)
         self.size = self.filled
         self.on_host = tuple(on_host)
-        self.columns = {name: self._padded(col) for name, col in buffer.columns.items()}
-        self.classes = self._padded(buffer.classes)
-        self.host = {name: buffer.columns[name].clone() for name in self.on_host
-                     if name in buffer.columns}
+        self.columns = {name: self._to_device(col) for name, col in buffer.columns.items()
+                        if name not in self.on_host}
+        self.classes = self._to_device(buffer.classes)
+        self.host = {name: col.clone() for name, col in buffer.columns.items()
+                     if name in self.on_host}
 
     def __len__(self) -> int:
         return self.filled
 
-    def _padded(self, column: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((self.size, *column.shape[1:]), dtype=column.dtype, device=self.device)
-        if self.filled:
-            out[:self.filled] = host_to_device(column[:self.filled].contiguous(), self.device)
+    def _to_device(self, column: torch.Tensor) -> torch.Tensor:
+        """A copy of ``column`` on the device (never the buffer's own tensor: offers write)."""
+        out = torch.empty_like(column, device=self.device)
+        out.copy_(host_to_device(column.contiguous(), self.device))
         return out
 
     def rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``rows`` (CPU indices ``[R]``, each < :attr:`filled`) of every column, on the
-        device, ``[R, ...]``."""
+        """Rows ``rows`` (CPU indices ``[R]``, each < :attr:`filled`) of every column but the
+        ``on_host`` ones, on the device, ``[R, ...]``."""
         index = host_to_device(rows, self.device)
         return {name: column[index] for name, column in self.columns.items()}
 
@@ -310,27 +311,28 @@ class TrainingReservoir:
         b = int(classes.shape[0])
         if self.capacity <= 0 or b == 0:
             return seen + b
-        if self.columns and set(columns) != set(self.columns):
-            raise ValueError(f"a reservoir offer needs columns {sorted(self.columns)}, got "
+        known = {*self.columns, *self.host}
+        if known and set(columns) != known:
+            raise ValueError(f"a reservoir offer needs columns {sorted(known)}, got "
                              f"{sorted(columns)}")
         positions, rows = reservoir_slots(seen, self.filled, self.capacity, b, generator)
         if not positions:
             return seen + b
         self._grow(rows[-1] + 1)
-        for name, value in columns.items():
-            if name not in self.columns:  # the first offer names the columns
-                self.columns[name] = torch.zeros((self.size, *value.shape[1:]),
-                                                 dtype=value.dtype, device=self.device)
-            if name in self.on_host and name not in self.host:
-                self.host[name] = torch.zeros((self.size, *value.shape[1:]), dtype=value.dtype)
         pos_cpu = torch.tensor(positions, dtype=torch.long)
         row_cpu = torch.tensor(rows, dtype=torch.long)
         pos, row = host_to_device(pos_cpu, self.device), host_to_device(row_cpu, self.device)
         for name, value in columns.items():
+            if name in self.on_host:
+                if name not in self.host:  # the first offer names the columns
+                    self.host[name] = value.new_zeros((self.size, *value.shape[1:]))
+                self.host[name][row_cpu] = value.detach()[pos_cpu].to(self.host[name].dtype)
+                continue
+            if name not in self.columns:
+                self.columns[name] = torch.zeros((self.size, *value.shape[1:]),
+                                                 dtype=value.dtype, device=self.device)
             column = self.columns[name]
             column[row] = host_to_device(value.detach(), self.device)[pos].to(column.dtype)
-            if name in self.host:
-                self.host[name][row_cpu] = value.detach()[pos_cpu].to(self.host[name].dtype)
         self.classes[row] = host_to_device(classes.detach(), self.device)[pos].to(torch.int64)
         self.filled = max(self.filled, rows[-1] + 1)  # fresh rows are filled, filled+1, ...
         return seen + b
@@ -340,7 +342,7 @@ class TrainingReservoir:
         it holds them, keeping every column's rows, its host copy's and the classes'."""
         if rows <= self.size:
             return
-        size = max(rows, min(max(2 * self.size, 1), max(self.capacity, rows)))
+        size = min(max(2 * self.size, rows), max(self.capacity, rows))
 
         def grown(column: torch.Tensor) -> torch.Tensor:
             out = column.new_zeros((size, *column.shape[1:]))
@@ -355,10 +357,12 @@ class TrainingReservoir:
     def save(self, buffer: SampleBuffer) -> None:
         """Write the rows held back to ``buffer`` (on the CPU): its columns and classes become
         this reservoir's first :attr:`filled` rows."""
-        if not self.columns:  # nothing was ever offered to an empty buffer
+        if not (self.columns or self.host):  # nothing was ever offered to an empty buffer
             return
-        buffer.columns = {name: column[:self.filled].cpu() for name, column in
-                          self.columns.items()}
+        buffer.columns = {**{name: column[:self.filled].cpu()
+                             for name, column in self.columns.items()},
+                          **{name: column[:self.filled].clone()
+                             for name, column in self.host.items()}}
         buffer.classes = self.classes[:self.filled].cpu()
         buffer.check()
 

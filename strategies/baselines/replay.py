@@ -175,9 +175,8 @@ class ReplayTrainer(LocalTrainer):
         reservoir = self.reservoir
         rows = replay_draw(len(reservoir), self.params.replay_batch or ctx.config.batch_size,
                            ctx.generator)
-        columns = reservoir.rows(rows)
+        columns = reservoir.rows(rows)  # the heads stay on the host
         inputs = super().batch_inputs(ctx, columns.pop("x"))
-        columns.pop("head")
         heads = None if ctx.head is None else reservoir.host_rows("head", rows)
         return inputs, heads, columns
 
