@@ -18,7 +18,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from fedcl.config import (
     FIELDS,
@@ -225,15 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = None) -> int:
-    """Run the simulation. ``signals``, when given, are the process's termination signals,
-    taken over: a signal before the run starts raises :class:`~fedcl.errors.Terminated` at
-    once, one during the run stops it (:func:`fedcl.simulation.simulate`)."""
+    """Run the simulation. ``signals``: the process's termination signals, taken over here
+    (from the main thread): a signal before the run starts ends the command at once with
+    "interrupted by SIG... before the run started", wherever it comes; one during the run
+    stops it (:func:`fedcl.simulation.simulate`)."""
     signals = signals or TerminationSignals()
-    clock = RunClock.from_process_start()  # the run's time counts from the process's start
     resume: dict[str, Any] | None = None
     config: Config | None = None
     owner: OutputOwner | None = None
     try:
+        signals.install()  # (again: a no-op when main did) a signal from here on is caught
+        clock = RunClock.from_process_start()  # the run's time counts from the process's start
         from fedcl.data.partition import check_partitions  # (imports take seconds: inside
         from fedcl.plugins import build_model, build_scenario  # the try)
         from fedcl.progress import ConsoleWarnings, LiveDisplay, format_matrix
@@ -268,18 +270,29 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         raise _stopped_before_start(stop, resume, config, owner) from None
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
-    console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    display = LiveDisplay(console, clock)
-    warnings = ConsoleWarnings(display)  # fedcl's warnings on the console, not in flower.log
     fedcl_log = logging.getLogger("fedcl")
-    fedcl_log.addHandler(warnings)
+    console: TextIO | None = None
+    display: LiveDisplay | None = None
+    warnings: ConsoleWarnings | None = None
     try:
+        console = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+        display = LiveDisplay(console, clock)
+        warnings = ConsoleWarnings(display)  # fedcl's warnings on the console, not flower.log
+        fedcl_log.addHandler(warnings)
         summary = simulate(config, observer=display, verbose=args.verbose, resume=resume,
                            signals=signals, owner=owner, clock=clock)
+    except Terminated as stop:
+        if stop.detail:  # simulate said what the signal left
+            raise
+        # a signal in the instants between the checks above and the simulation's start
+        raise _stopped_before_start(stop, resume, config, owner) from None
     finally:
-        fedcl_log.removeHandler(warnings)
-        display.close()
-        console.close()
+        if warnings is not None:
+            fedcl_log.removeHandler(warnings)
+        if display is not None:
+            display.close()
+        if console is not None:
+            console.close()
     # from here on a signal is only recorded (simulate holds them): the run is over
     print(format_matrix(summary))
     print(f"summary: {summary['output_dir']}/summary.json")
@@ -550,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":
-            return cmd_simulate(args, signals.install())
+            return cmd_simulate(args, signals)  # which takes the signals over
         return COMMANDS[args.command](args)
     except FedclError as err:
         signals.hold()
