@@ -630,3 +630,63 @@ def test_to_float_normalises_per_channel_with_constants_made_once() -> None:
     misses = _normalisation.cache_info().misses
     to_float(x, [0.5, 0.2], [0.25, 0.1])  # lists name the same constants
     assert _normalisation.cache_info().misses == misses
+
+
+@pytest.mark.parametrize(("method", "rows", "clients", "extra"), [
+    ("dirichlet", 1000, 7, {"alpha": 0.5}), ("dirichlet", 300, 30, {"alpha": 5.0}),
+    ("dirichlet", 60, 1, {"alpha": 0.1}), ("shards", 1000, 7, {"shards_per_partition": 2}),
+    ("shards", 103, 10, {"shards_per_partition": 3}), ("shards", 50, 25, {"shards_per_partition": 2}),
+])
+def test_dirichlet_and_shard_partitions_are_flwr_datasets_in_one_read(
+        method: str, rows: int, clients: int, extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedcl reads every Dirichlet or shard partition from the partitioner's one assignment
+    (one ``load_partition`` call, not one per client); each equals what flwr-datasets'
+    partitioner loads for that partition id, and so does the public-API path taken when the
+    assignment cannot be read."""
+    import datasets
+    from flwr_datasets import partitioner as fp
+
+    labels = (np.arange(rows) * 7) % 10
+
+    def theirs() -> list[np.ndarray]:
+        ds = datasets.Dataset.from_dict({"label": labels, "pos": np.arange(rows)})
+        part = (fp.DirichletPartitioner(clients, partition_by="label", alpha=extra["alpha"],
+                                        min_partition_size=1, seed=11)
+                if method == "dirichlet" else
+                fp.ShardPartitioner(clients, partition_by="label", seed=11,
+                                    num_shards_per_partition=extra["shards_per_partition"]))
+        part.dataset = ds
+        return [np.asarray(part.load_partition(i)["pos"], dtype=np.int64)
+                for i in range(clients)]
+
+    expected = theirs()
+    cls = fp.DirichletPartitioner if method == "dirichlet" else fp.ShardPartitioner
+    loads: list[int] = []
+    original = cls.load_partition
+
+    def counted(self, partition_id: int):  # type: ignore[no-untyped-def]
+        loads.append(partition_id)
+        return original(self, partition_id)
+
+    monkeypatch.setattr(cls, "load_partition", counted)
+    ours = partition_positions(labels, clients, method, seed=11, **extra)
+    assert loads == [0]
+    assert len(ours) == clients
+    for mine, want in zip(ours, expected, strict=True):
+        np.testing.assert_array_equal(mine, want)
+        assert mine.dtype == np.int64
+    # an flwr-datasets without the attribute: one load_partition per client, the same result
+    def hiding(self, partition_id: int):  # type: ignore[no-untyped-def]
+        if "stash" in self.__dict__:
+            self._partition_id_to_indices = self.__dict__.pop("stash")
+        loaded = original(self, partition_id)
+        self.__dict__["stash"] = self.__dict__.pop("_partition_id_to_indices")
+        loads.append(partition_id)
+        return loaded
+
+    loads.clear()
+    monkeypatch.setattr(cls, "load_partition", hiding)
+    fallback = partition_positions(labels, clients, method, seed=11, **extra)
+    assert loads == [0, *range(clients)]
+    for mine, want in zip(fallback, expected, strict=True):
+        np.testing.assert_array_equal(mine, want)
