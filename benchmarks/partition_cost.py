@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from fedcl.data.partition import partition_positions  # noqa: E402
+from fedcl.data.partition import partition_positions
 
 SETTINGS = {"iid": {}, "dirichlet": {"alpha": 100.0}, "shards": {"shards_per_partition": 2}}
 

@@ -635,7 +635,8 @@ def test_to_float_normalises_per_channel_with_constants_made_once() -> None:
 @pytest.mark.parametrize(("method", "rows", "clients", "extra"), [
     ("dirichlet", 1000, 7, {"alpha": 0.5}), ("dirichlet", 300, 30, {"alpha": 5.0}),
     ("dirichlet", 60, 1, {"alpha": 0.1}), ("shards", 1000, 7, {"shards_per_partition": 2}),
-    ("shards", 103, 10, {"shards_per_partition": 3}), ("shards", 50, 25, {"shards_per_partition": 2}),
+    ("shards", 103, 10, {"shards_per_partition": 3}),
+    ("shards", 50, 25, {"shards_per_partition": 2}),
 ])
 def test_dirichlet_and_shard_partitions_are_flwr_datasets_in_one_read(
         method: str, rows: int, clients: int, extra: dict, monkeypatch: pytest.MonkeyPatch) -> None:
