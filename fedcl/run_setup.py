@@ -129,9 +129,11 @@ def setup_run(config: Config, *, resume: bool = False, paths: bool = True) -> Ru
 
 
 def default_run_name(config: Config) -> str:
-    """The run's name: the config's, else ``<strategy>-<scenario>-<UTC time>``."""
+    """The run's name: the config's, else ``<strategy>-<scenario>-<UTC time>``, a strategy
+    given by reference (``package.module:Name``) written ``package.module.Name``: the name is
+    also the output folder's, where ``:`` is awkward in shells and invalid on Windows."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return config.run_name or f"{config.strategy}-{config.scenario}-{stamp}"
+    return config.run_name or f"{config.strategy.replace(':', '.')}-{config.scenario}-{stamp}"
 
 
 #: The environment variable naming the folder that holds the runs' output folders when

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import threading
 import time
 import warnings
@@ -226,7 +227,24 @@ def ui_command(tracking_uri: str) -> str | None:
         return None
     kind, path = store
     uri = f"sqlite:///{path.absolute()}" if kind == "sqlite" else path.absolute().as_uri()
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    return f"{mlflow_program()} ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def mlflow_program() -> str:
+    """How to call the ``mlflow`` of fedcl's own environment from a shell: ``mlflow`` when the
+    shell's PATH finds that one (an activated virtual environment), else its path (a
+    virtual environment used without activating it, as the README's commands do), else
+    ``<python> -m mlflow``."""
+    import shlex
+    import shutil
+
+    ours = Path(sys.executable).with_name("mlflow")
+    found = shutil.which("mlflow")
+    if found is not None and ours.is_file() and Path(found).resolve() == ours.resolve():
+        return "mlflow"
+    if ours.is_file() and os.access(ours, os.X_OK):
+        return shlex.quote(str(ours))
+    return f"{shlex.quote(sys.executable)} -m mlflow"
 
 
 def where_to_view(tracking_uri: str, experiment_id: str | None, run_id: str) -> list[str]:

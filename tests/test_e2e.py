@@ -131,7 +131,7 @@ def test_tiny_class_il_run_writes_summary_and_mlflow(tmp_path: Path, ray_env: di
     db = (tmp_path / "mlflow.db").resolve()
     assert res.stdout.strip().splitlines()[-3:] == [
         f"MLflow run {run['run_id']} in sqlite:///mlflow.db (experiment 'e2e')",
-        f"  view it with: mlflow ui --backend-store-uri sqlite:///{db}",
+        f"  view it with: {tracking.mlflow_program()} ui --backend-store-uri sqlite:///{db}",
         f"  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run['run_id']}"
         "?workflowType=machine_learning"]
     assert run["params"]["strategy"] == "fedavg" and run["params"]["clients"] == "3"

@@ -113,7 +113,8 @@ def test_a_run_in_a_local_store_prints_the_mlflow_ui_command_that_shows_it(
     run_id = tracker.start({"strategy": "fedavg", "scenario": "class-il", "dataset": "mnist"})
     assert tracker.finish({"acc": 0.625}, []) == 0
     lines = tracking.where_to_view("sqlite:///mlflow.db", tracker.experiment_id, run_id)
-    command = f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}"
+    command = (f"{tracking.mlflow_program()} ui --backend-store-uri "
+               f"sqlite:///{work / 'mlflow.db'}")
     url = (f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{run_id}"
            "?workflowType=machine_learning")
     assert lines == [f"  view it with: {command}", f"  then open {url}"]
@@ -121,8 +122,7 @@ def test_a_run_in_a_local_store_prints_the_mlflow_ui_command_that_shows_it(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = shlex.split(command)
-    argv[0] = str(Path(sys.executable).with_name("mlflow"))
+    argv = shlex.split(command)  # as printed: the shell's PATH is this process's
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.Popen([*argv, "--port", str(port), "--workers", "1"], cwd=elsewhere,
@@ -177,16 +177,17 @@ def test_experiments_are_tagged_as_model_training_unless_the_user_chose_a_kind(
     ("https://example.org/mlflow", ["  https://example.org/mlflow/#/experiments/7/runs/abc"
                                     "?workflowType=machine_learning"]),
     ("sqlite:////data/runs/my db.sqlite",
-     ["  view it with: mlflow ui --backend-store-uri 'sqlite:////data/runs/my db.sqlite'",
+     ["  view it with: MLFLOW ui --backend-store-uri 'sqlite:////data/runs/my db.sqlite'",
       "  then open http://127.0.0.1:5000/#/experiments/7/runs/abc"
       "?workflowType=machine_learning"]),
     ("file:///data/mlruns",
-     ["  view it with: mlflow ui --backend-store-uri file:///data/mlruns",
+     ["  view it with: MLFLOW ui --backend-store-uri file:///data/mlruns",
       "  then open http://127.0.0.1:5000/#/experiments/7/runs/abc"
       "?workflowType=machine_learning"]),
     ("databricks://profile", []),
 ])
 def test_where_to_view(uri: str, expected: list[str]) -> None:
+    expected = [line.replace("MLFLOW", tracking.mlflow_program()) for line in expected]
     assert tracking.where_to_view(uri, "7", "abc") == expected
 
 
@@ -194,7 +195,34 @@ def test_where_to_view_makes_a_relative_store_absolute(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     here = tmp_path.resolve()
     monkeypatch.chdir(here)
+    mlflow = tracking.mlflow_program()
     assert tracking.ui_command("sqlite:///mlflow.db") == (
-        f"mlflow ui --backend-store-uri sqlite:///{here / 'mlflow.db'}")
+        f"{mlflow} ui --backend-store-uri sqlite:///{here / 'mlflow.db'}")
     assert tracking.ui_command("mlruns") == (
-        f"mlflow ui --backend-store-uri {(here / 'mlruns').as_uri()}")
+        f"{mlflow} ui --backend-store-uri {(here / 'mlruns').as_uri()}")
+
+
+def test_the_mlflow_program_printed_is_the_one_of_fedcls_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow`` only where the shell's PATH finds fedcl's own (an activated environment);
+    else its path (the README's commands never activate it); else ``python -m mlflow``."""
+    ours = Path(sys.executable).with_name("mlflow")
+    assert ours.is_file()
+    monkeypatch.setenv("PATH", f"{ours.parent}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    assert tracking.mlflow_program() == "mlflow"
+    monkeypatch.setenv("PATH", f"/usr/bin{os.pathsep}/bin")
+    assert tracking.mlflow_program() == shlex.quote(str(ours))
+    other = tmp_path / "bin"  # another environment's mlflow first on PATH
+    other.mkdir()
+    (other / "mlflow").write_text("#!/bin/sh\nexit 3\n")
+    (other / "mlflow").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}{os.pathsep}{ours.parent}")
+    assert tracking.mlflow_program() == shlex.quote(str(ours))
+    # no mlflow beside the interpreter: the interpreter's module, a command that works
+    real = sys.executable
+    fake_python = tmp_path / "env" / "bin" / "python"
+    fake_python.parent.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    assert tracking.mlflow_program() == f"{fake_python} -m mlflow"
+    res = subprocess.run([real, "-m", "mlflow", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and "version" in res.stdout, res.stderr

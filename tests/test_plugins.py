@@ -732,3 +732,18 @@ def test_a_float_parameter_must_be_finite(value: float) -> None:
             plugins.parse_strategy_params(name, {key: value})
         assert str(err.value) == (f"parameter '{key}' of strategy '{name}' must be a finite "
                                   f"number, got {value!r}")
+
+
+def test_a_strategy_by_reference_names_its_run_without_a_colon() -> None:
+    """The derived run name is also the output folder's: ``package.module:Name`` is written
+    ``package.module.Name`` there (``:`` is awkward in shells and invalid on Windows)."""
+    import re
+
+    from fedcl.config import Config
+    from fedcl.run_setup import default_run_name, output_folder
+
+    config = Config(strategy="my_pkg.methods:build_l2", scenario="task-il")
+    name = default_run_name(config)
+    assert re.fullmatch(r"my_pkg\.methods\.build_l2-task-il-\d{8}-\d{6}", name), name
+    assert ":" not in str(output_folder(config, name))
+    assert default_run_name(Config(strategy="fedavg", run_name="given:name")) == "given:name"
