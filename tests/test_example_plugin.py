@@ -134,8 +134,10 @@ def test_the_guide_shows_the_package_as_it_is() -> None:
     guide = (ROOT / "docs" / "writing-a-method.md").read_text()
     source = (PACKAGE / "fedcl_server_momentum" / "__init__.py").read_text()
     blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
-    defining = [b for b in blocks if re.search(r"^(class|def|@register_strategy) ", b, re.M)]
-    assert len(defining) >= 4
+    defining = [b for b in blocks
+                if re.search(r"^(class|def|@register_strategy|from|import) ", b, re.M)]
+    assert len(defining) >= 5
+    assert any("from fedcl.api import" in b and "from flwr.app import" in b for b in defining)
     for block in defining:
         assert block.strip() in source, block[:200]
 
