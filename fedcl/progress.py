@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextCol
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
+from fedcl import STATUS_LOGGER
 from fedcl.config import Config
 from fedcl.results import RoundRecord
 from fedcl.run_clock import RunClock
@@ -44,6 +45,11 @@ class RunTimeColumn(ProgressColumn):
 
     def render(self, task: Any) -> Text:
         return Text(f"run {clock_text(self.clock.elapsed())}", style="progress.elapsed")
+
+
+#: A round line names its task end's time (the strategy's end_task, the erasure requests due
+#: after the task) when it takes at least this many seconds of the round's.
+TASK_END_SHOWN_S = 1.0
 
 
 def _pct(value: float | None) -> str:
@@ -86,6 +92,9 @@ class LiveDisplay:
         text = (f"{task_label(record.task, self.num_tasks)}  round {record.task_round}/"
                 f"{self.rounds_per_task}  avg acc {_pct(record.avg_acc)}%  current task "
                 f"{_pct(record.acc_per_task[record.task])}%  {record.seconds:4.1f}s")
+        task_end = record.phases.get("end_task", 0.0)
+        if task_end >= TASK_END_SHOWN_S:  # the task's end and the erasures due after it
+            text += f" (task end {task_end:.1f}s)"
         if record.failures:
             text += f"  ({record.failures} failed)"
         if self._bar is None:  # the bar shows the run's time in a column of its own
@@ -105,7 +114,11 @@ class LiveDisplay:
 
     def on_warning(self, text: str) -> None:
         """One line, ``fedcl: warning: <text>``, above the progress bar when there is one."""
-        line = f"fedcl: warning: {text}"
+        self.on_note(f"warning: {text}")
+
+    def on_note(self, text: str) -> None:
+        """One status line, ``fedcl: <text>``, above the progress bar when there is one."""
+        line = f"fedcl: {text}"
         if self._bar is not None:
             self._bar.console.print(line, markup=False, highlight=False)
         else:
@@ -128,19 +141,25 @@ class LiveDisplay:
             self._bar = None
 
 
+
+
 class ConsoleWarnings(logging.Handler):
     """fedcl's log records of WARNING and above (a strategy's or unlearning method's notices,
-    such as FedEWC's stability check or SSD's selection bound) on the live display, one line
-    each: while a simulation runs, the process's stderr goes to flower.log, where they would
-    otherwise be all that is left of them."""
+    such as FedEWC's stability check or SSD's selection bound) on the live display as
+    ``fedcl: warning: <text>``, and the status lines of :data:`STATUS_LOGGER` as
+    ``fedcl: <text>``, one line each: while a simulation runs, the process's stderr goes to
+    flower.log, where they would otherwise be all that is left of them."""
 
     def __init__(self, display: LiveDisplay) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.display = display
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.display.on_warning(record.getMessage())
+            if record.levelno >= logging.WARNING:
+                self.display.on_warning(record.getMessage())
+            elif record.name == STATUS_LOGGER:
+                self.display.on_note(record.getMessage())
         except Exception:  # a log line is never worth the run
             self.handleError(record)
 

@@ -14,6 +14,9 @@ ServerApp prints one line per event, ``fedcl-event <JSON>``:
     an erasure request was carried out: its entry in summary.json
 ``warning``
     something fedcl logged at WARNING or above (a client left, a request it cannot act on)
+``note``
+    a status line of fedcl's (:data:`fedcl.STATUS_LOGGER`: an erasure request being carried
+    out)
 ``end``
     the run finished: the summary's scores and where its outputs and MLflow run are
 ``failed``
@@ -31,6 +34,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+from fedcl import STATUS_LOGGER
 from fedcl.config import Config
 from fedcl.results import RoundRecord
 from fedcl.run_clock import RunClock
@@ -129,15 +133,19 @@ class EventPrinter:
 
 
 class WarningEvents(logging.Handler):
-    """Sends fedcl's log records of WARNING and above as ``warning`` events."""
+    """Sends fedcl's log records of WARNING and above as ``warning`` events, and its status
+    lines (:data:`fedcl.STATUS_LOGGER`) as ``note`` events."""
 
     def __init__(self, printer: EventPrinter) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.printer = printer
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.printer.emit("warning", {"message": record.getMessage()})
+            if record.levelno >= logging.WARNING:
+                self.printer.emit("warning", {"message": record.getMessage()})
+            elif record.name == STATUS_LOGGER:
+                self.printer.emit("note", {"message": record.getMessage()})
         except Exception:  # a log line is never worth the run
             self.handleError(record)
 

@@ -277,6 +277,8 @@ def follow(lines: Iterator[str], display: Any, err: TextIO,
                 display.on_round(_round_record(payload))
             elif kind == "erasure":
                 display.on_erasure(payload)
+            elif kind == "note":
+                display.on_note(str(payload.get("message", "")))
             elif kind == "warning":
                 outcome.warnings.append(str(payload.get("message", "")))
                 print(f"fedcl: warning: {payload.get('message', '')}", file=err, flush=True)

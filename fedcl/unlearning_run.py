@@ -33,7 +33,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fedcl import plugins, protocol
+from fedcl import STATUS_LOGGER, plugins, protocol
 from fedcl.checkpoint import RunState
 from fedcl.config import Config
 from fedcl.data.scenarios import Scenario
@@ -49,6 +49,7 @@ from fedcl.tracking import Tracker
 from fedcl.unlearning_api import UnlearningJob, UnlearningMethod
 
 log = logging.getLogger("fedcl")
+status = logging.getLogger(STATUS_LOGGER)  # status lines on the live display
 
 
 class OracleWalk(TaskStreamDriver):
@@ -151,7 +152,7 @@ class Erasures:
         for pid, info in infos.items():
             removed += int(info.get(protocol.PURGED_SAMPLES, 0))  # type: ignore[arg-type]
             p.client_state[pid] = client_state_entry(info)
-        log.warning("erasure: %d buffered samples purged from the clients' stores", removed)
+        status.info("erasure: %d buffered samples purged from the clients' stores", removed)
         return removed
 
     def state_dict(self) -> dict[str, Any]:
@@ -183,7 +184,7 @@ class Erasures:
         the method, as the run's first one was). A failing method raises
         :class:`UnlearningFailed` and leaves ``p`` as it was."""
         name = self.config.unlearning
-        log.warning("erasure: %s (%s)", req.describe(), name)
+        status.info("erasure: %s (%s)", req.describe(), name)
         before = ErasedData.of(p)
         after = before.add(req)
         seen = list(range(p.task + 1 if p.task_started else p.task))

@@ -22,7 +22,7 @@ from fedcl.erasure import original_labels
 from fedcl.errors import ConfigError
 from fedcl.models import build_model
 from fedcl.run_setup import setup_run
-from fedcl.training import RoundContext
+from fedcl.training import RoundContext, TrainResult
 from strategies.baselines.ewc import (
     COUNT,
     FISHER,
@@ -233,6 +233,33 @@ def test_fedewc_averages_the_clients_fisher_by_samples_and_sends_the_quadratic()
         again.load_state_dict(strategy.state_dict())
         assert sent(again) == expected
 
+    # in a stream of 2 tasks, task 1 is the last: it adds no Fisher, silently
+    strategy = FedEWC(EWCParams(), tasks=2)
+    strategy.payloads = {0: payload([1.0, 1.0], 30), 1: payload([5.0, 5.0], 10)}
+    strategy.end_task(0, ArrayRecord({"w": torch.tensor([3.0, 4.0])}))
+    strategy.payloads = {}
+    strategy.end_task(1, ArrayRecord({"w": torch.tensor([1.0, 4.0])}))
+    assert sent(strategy) == ([2.0, 2.0], [3.0, 4.0]) and strategy.tasks_added == [0]
+
+
+def test_fedewc_clients_skip_the_fisher_of_the_streams_last_task() -> None:
+    """The Fisher's passes run at a task's last round, except the stream's last task's."""
+    config = Config(tasks=3, batch_size=8, device="cpu")
+    model = build_model("mlp", (1, 4, 4), 3, 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (10, 1, 4, 4), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    for task, last_of_task, sends in ((0, True, True), (1, False, False), (1, True, True),
+                                      (2, False, False), (2, True, False)):
+        ctx = RoundContext(config=config, model=model, x=x, y=y, head=None, task=task, round=1,
+                           partition_id=0, device=torch.device("cpu"), mean=(0.5,),
+                           std=(0.25,), last_of_task=last_of_task)
+        result = EWCTrainer(EWCParams()).after_training(
+            ctx, TrainResult(num_examples=10, loss=0.0, steps=1))
+        assert (FISHER in result.records) is sends, (task, last_of_task)
+        if sends:
+            assert int(result.records[COUNT]["n"]) == 10  # type: ignore[index]
+
 
 def test_fedewc_warns_when_the_penalty_makes_local_sgd_diverge() -> None:
     """Clients at lr 0.1, momentum 0: the limit is 2/0.1 = 20. A Fisher with largest value
@@ -331,11 +358,11 @@ def test_fedderpp_task_il_keeps_logits_with_its_samples(tmp_path: Path,
 
 
 @pytest.mark.e2e
-def test_fedewc_domain_il_builds_the_fisher_at_each_task_end(tmp_path: Path,
+def test_fedewc_domain_il_builds_the_fisher_at_task_ends(tmp_path: Path,
                                                              ray_env: dict) -> None:  # noqa: F811
     """FedEWC, Permuted-MNIST (domain-IL), IID, its three clients trained as one batched
-    cohort: after each task the server holds a Fisher (summary.json strategy_state), and
-    clients keep no store."""
+    cohort: after task 0 the server holds a Fisher (summary.json strategy_state); the last
+    task adds none (no round follows it), so its state is task 0's; clients keep no store."""
     s = _run(tmp_path, ray_env, "--strategy", "fedewc", "--scenario", "domain-il",
              "--partition", "iid", "--strategy-param", "fisher_samples=32",
              "--cohort-size", "3")
@@ -345,6 +372,8 @@ def test_fedewc_domain_il_builds_the_fisher_at_each_task_end(tmp_path: Path,
     assert [e["task"] for e in state] == [0, 1]
     assert all(e["ewc_fisher_mean"] > 0 and e["ewc_fisher_max"] >= e["ewc_fisher_mean"]
                for e in state)
+    assert {k: v for k, v in state[1].items() if k != "task"} == {
+        k: v for k, v in state[0].items() if k != "task"}
     for st in s["client_state"].values():  # a cohort's leader keeps not even its counters
         assert protocol.STORE not in st["keys"] and "buffer_samples" not in st
 

@@ -33,3 +33,44 @@ def test_a_warning_after_the_reader_has_gone_does_not_raise() -> None:
     record = logging.LogRecord("fedcl", logging.WARNING, __file__, 1, "late", None, None)
     handler.emit(record)
     assert display.gone
+
+
+def test_status_lines_show_without_the_warning_label() -> None:
+    """An erasure being carried out is news, not a warning: ``fedcl: erasure: ...``; other
+    INFO records of fedcl stay out."""
+    from fedcl import STATUS_LOGGER
+
+    stream = io.StringIO()
+    display = LiveDisplay(stream, RunClock.since(0.0))
+    handler = ConsoleWarnings(display)
+    log = logging.getLogger("fedcl")
+    log.addHandler(handler)
+    try:
+        logging.getLogger(STATUS_LOGGER).info("erasure: %s (%s)", "client 1 after task 0", "ssd")
+        log.info("an info line stays out")
+        logging.getLogger("fedcl.other").info("and so does this one")
+    finally:
+        log.removeHandler(handler)
+    assert stream.getvalue() == "fedcl: erasure: client 1 after task 0 (ssd)\n"
+
+
+def test_a_round_line_names_a_long_task_end() -> None:
+    """A round's time includes its task end (the strategy's and the erasures due then): the
+    line says how much of it that was, from 1 s on."""
+    from fedcl.config import Config
+    from fedcl.results import RoundRecord
+
+    stream = io.StringIO()
+    display = LiveDisplay(stream, RunClock.since(0.0))
+    display.on_start(Config(tasks=2, rounds_per_task=2, clients=4), 4, "r", "mlruns")
+
+    def record(seconds: float, phases: dict[str, float]) -> RoundRecord:
+        return RoundRecord(task=0, round=2, task_round=2, acc_per_task=[0.5, 0.0],
+                           avg_acc=0.5, min_acc=None, wc_acc=0.5, train_loss=None, clients=4,
+                           failures=0, seconds=seconds, phases=phases)
+
+    display.on_round(record(165.04, {"clients": 3.0, "end_task": 106.24}))
+    display.on_round(record(4.0, {"clients": 3.0, "end_task": 0.4}))
+    lines = stream.getvalue().splitlines()[1:]
+    assert "165.0s (task end 106.2s)  run" in lines[0], lines[0]
+    assert "4.0s  run" in lines[1] and "task end" not in lines[1], lines[1]

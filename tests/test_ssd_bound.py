@@ -57,8 +57,11 @@ def test_check_requests_counts_the_batches_the_clients_will_use() -> None:
     counts = importance_batches(config, scenario, schedule, SSDParams().batch_size)
     (all0, forget0), (all1, forget1) = counts
     assert 1.7 < all0 / forget0 < 2.2 and 2.7 < all1 / forget1 < 3.3
-    lines = SSD(SSDParams(), None).check_requests(config, scenario, schedule)
+    method = SSD(SSDParams(), None)
+    lines = method.check_requests(config, scenario, schedule)
     assert len(lines) == 2 and all("only alpha below" in line for line in lines)
+    # said once before the run; the erasure itself repeats only a line the check did not say
+    assert method.announced == set(lines)
     assert SSD(SSDParams(alpha=1.5), None).check_requests(config, scenario, schedule) == []
 
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 
+from fedcl import STATUS_LOGGER
 from fedcl.config import Config
 from fedcl.errors import ConfigError
 from fedcl.progress import LiveDisplay
 from fedcl.results import RoundRecord
 from fedcl.run_clock import RunClock
-from fedcl.run_events import EventPrinter, absolute_uri, format_event, parse
+from fedcl.run_events import EventPrinter, WarningEvents, absolute_uri, format_event, parse
 from fedcl.submit import (
     Connection,
     RunStatus,
@@ -87,6 +89,13 @@ def test_follow_shows_the_runs_progress_from_its_events() -> None:
     log.write("INFO :      [ROUND 1]\n")
     printer.on_round(_record(0, [0.9, 0.0]))
     printer.emit("warning", {"message": "clients with partition-id [1] left the federation"})
+    status = logging.getLogger(STATUS_LOGGER)  # a status line is a note event
+    handler = WarningEvents(printer)
+    status.addHandler(handler)
+    try:
+        status.info("erasure: %s (%s)", "client 1 after task 0", "ssd")
+    finally:
+        status.removeHandler(handler)
     printer.on_round(_record(1, [0.5, 0.9]))
     printer.on_end({"accuracy_matrix": [[0.9, 0.0], [0.5, 0.9]], "acc": 0.7, "rounds": [1],
                     "output_dir": "/srv/out", "mlflow_run_id": "abc",
@@ -99,7 +108,8 @@ def test_follow_shows_the_runs_progress_from_its_events() -> None:
                         "(2 per round); MLflow run abc; started in 4.2 s")
     assert shown[1] == ("task 0 of 0-1  round 1/1  avg acc  90.0%  current task  90.0%   1.5s"
                         "  run 0:00:04")
-    assert shown[2] == ("task 1 of 0-1  round 1/1  avg acc  70.0%  current task  90.0%   1.5s"
+    assert shown[2] == "fedcl: erasure: client 1 after task 0 (ssd)"
+    assert shown[3] == ("task 1 of 0-1  round 1/1  avg acc  70.0%  current task  90.0%   1.5s"
                         "  run 0:00:04")
     assert err.getvalue() == ("fedcl: warning: clients with partition-id [1] left the "
                               "federation\n")

@@ -42,6 +42,9 @@ Deviations and choices:
   (:class:`~strategies.baselines.maths.FisherAnchor`): its value differs from the sum of the
   per-task penalties by a constant, so the reported train loss does too.
 * A task whose last round has no client with data (all erased) adds no Fisher.
+* The stream's last task adds no Fisher: no later round would send its penalty, so its
+  clients skip the Fisher's passes (on a CPU they cost more than a round) and the strategy's
+  state (``ewc_fisher_mean``, ``ewc_fisher_max``) after it is the one after the task before.
 * The penalty covers every parameter, the other tasks' heads included (their Fisher is 0 for
   the tasks they did not serve).
 * A penalty stiff enough to make local SGD diverge (``ewc_lambda`` times the largest Fisher
@@ -125,9 +128,10 @@ class FedEWC(ContinualStrategy, FedAvg):
     capabilities = Capabilities(fedavg_aggregate=True, cohort_mean=True, task_end_state=True)
 
     def __init__(self, params: EWCParams, *, optimizer: str = "sgd", lr: float = 0.01,
-                 momentum: float = 0.0, **kwargs: Any) -> None:
+                 momentum: float = 0.0, tasks: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.params = params
+        self.tasks = tasks  # the stream's length: its last task adds no Fisher (None: unknown)
         # the clients' local optimizer, for the penalty's stability check (check_stability)
         self.optimizer, self.lr, self.momentum = optimizer, lr, momentum
         self.quadratic = FisherAnchor(online=params.online, gamma=params.gamma)
@@ -144,6 +148,8 @@ class FedEWC(ContinualStrategy, FedAvg):
         return {PENALTY_FISHER: ArrayRecord(fisher), PENALTY_ANCHOR: ArrayRecord(anchor)}
 
     def end_task(self, task: int, arrays: ArrayRecord) -> ArrayRecord:
+        if self.tasks is not None and task == self.tasks - 1:
+            return arrays  # no later round: its clients sent no Fisher (module docstring)
         reports = [p for p in self.payloads.values() if FISHER in p]
         if not reports:
             log.warning("FedEWC: no client of task %d's last round holds data; the task adds "
@@ -242,8 +248,8 @@ class EWCTrainer(LocalTrainer):
         return ewc_penalty(params, anchor, fisher, self.params.ewc_lambda)
 
     def after_training(self, ctx: RoundContext, result: TrainResult) -> TrainResult:
-        if not ctx.last_of_task:
-            return result
+        if not ctx.last_of_task or ctx.task == ctx.config.tasks - 1:
+            return result  # the stream's last task adds no Fisher (module docstring)
         x = ctx.x
         n = int(x.shape[0])
         if 0 < self.params.fisher_samples < n:
@@ -269,7 +275,7 @@ def ctx_inputs(ctx: RoundContext, images: torch.Tensor) -> torch.Tensor:
                    params=EWCParams, trainer=EWCTrainer)
 def build_fedewc(config: Any, params: EWCParams) -> FedEWC:
     return FedEWC(params, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
-                  **flower_kwargs(config))
+                  tasks=config.tasks, **flower_kwargs(config))
 
 
 __all__ = ["EWCParams", "EWCTrainer", "FedEWC", "build_fedewc"]

@@ -139,6 +139,10 @@ def selection_warning(request: str, alpha: float, batches_all: int, batches_forg
 
 
 class SSD(UnlearningMethod):
+    def __init__(self, params: Any, out_dir: Any = None) -> None:
+        super().__init__(params, out_dir)
+        self.announced: set[str] = set()  # the selection-bound lines check_requests returned
+
     def check_requests(self, config: Config, scenario: Scenario,
                        requests: list[ErasureRequest]) -> list[str]:
         """One warning line per request whose forget share makes ``alpha`` select nothing
@@ -146,7 +150,9 @@ class SSD(UnlearningMethod):
         counts = importance_batches(config, scenario, requests, self.params.batch_size)
         lines = [selection_warning(req.to_text(), self.params.alpha, b, bf)
                  for req, (b, bf) in zip(requests, counts, strict=True)]
-        return [line for line in lines if line is not None]
+        found = [line for line in lines if line is not None]
+        self.announced.update(found)  # said before the run: not said again at the erasure
+        return found
 
     def unlearn(self, job: UnlearningJob) -> tuple[ArrayRecord, Any]:
         forget = job.forget_clients()
@@ -169,7 +175,7 @@ class SSD(UnlearningMethod):
         self.bound = ssd_selection_bound(batches_all, batches_forget)
         line = selection_warning(job.request.to_text(), self.params.alpha, batches_all,
                                  batches_forget)
-        if line is not None:
+        if line is not None and line not in self.announced:  # counts the check did not foresee
             log.warning(line)
         i_all, i_forget = weighted_mean(all_parts), weighted_mean(forget_parts)
         state = job.arrays.to_torch_state_dict()
