@@ -55,7 +55,8 @@ HEADERS = {"acc": "ACC %", "forgetting": "forgetting %",
            "bytes_down_per_round": "MB down\n/round", "bytes_up_per_round": "MB up\n/round",
            "oracle_forget_acc": "oracle\nforget_acc %", "oracle_retain_acc": "oracle\nretain_acc %",
            "oracle_test_acc": "oracle\ntest_acc %", "oracle_mia": "oracle\nmia %",
-           "oracle_seconds": "oracle\nseconds"}
+           "oracle_seconds": "oracle\nseconds",
+           "weights": "weights: distance\nto the oracle's"}
 #: The table's runs' labels wrap (at spaces) down to this width before lines grow longer.
 LABEL_WIDTH = 24
 #: An erasure's metrics (MLflow ``erasure_<i>_<name>``): the method's, the retrained oracle's,
@@ -231,8 +232,8 @@ def compare_runs(runs: list[dict[str, Any]], experiments: list[str]) -> Comparis
                                "error": run["tags"].get("fedcl.error")}
         row.update({key: typed(params.get(key)) for key in CONFIG_COLUMNS})
         row.update({_short(key, varying): typed(params.get(key)) for key in extra})
-        if requests:
-            row["unlearning"] = params.get("unlearning")
+        if requests:  # the method of a run that carried out requests; None for the others
+            row["unlearning"] = params.get("unlearning") if run_names else None
         row.update({m: metrics.get(m) for m in METRICS})
         for request in requests:
             i = run_names.index(request) if request in run_names else None
@@ -362,8 +363,9 @@ def format_csv(comparison: Comparison) -> str:
 
 
 def bar_chart(comparison: Comparison) -> Any:
-    """ACC and forgetting per run (a matplotlib Figure), labelled as the table (a run without
-    them, its status); the legend beside the axes, off the bars."""
+    """ACC and forgetting per run (a matplotlib Figure): horizontal bars, one pair per run,
+    top to bottom in the table's order, each labelled as in the table, its label written out
+    level (a run without them says its status); the legend below the axes, off the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,19 +376,23 @@ def bar_chart(comparison: Comparison) -> Any:
     def percent(row: dict[str, Any], key: str) -> float:
         return math.nan if row[key] is None else 100 * float(row[key])
 
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows)) + 1.8, 3.8))
-    width = 0.4
-    ax.bar([x - width / 2 for x in xs], [percent(r, "acc") for r in rows], width, label="ACC")
-    ax.bar([x + width / 2 for x in xs], [percent(r, "forgetting") for r in rows], width,
-           label="forgetting")
-    for x, row in zip(xs, rows, strict=True):
+    ys = range(len(rows))
+    fig, ax = plt.subplots(figsize=(9.0, 1.4 + 0.45 * max(len(rows), 2)))
+    height = 0.4
+    ax.barh([y - height / 2 for y in ys], [percent(r, "acc") for r in rows], height,
+            label="ACC")
+    ax.barh([y + height / 2 for y in ys], [percent(r, "forgetting") for r in rows], height,
+            label="forgetting")
+    for y, row in zip(ys, rows, strict=True):
         if row["acc"] is None:  # no bars: say why (FAILED, RUNNING)
-            ax.text(x, 1.0, row["status"], ha="center", va="bottom", rotation=90, fontsize=7)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["label"] for r in rows], rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("%")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+            ax.text(1.0, y, row["status"], ha="left", va="center", fontsize=7)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.invert_yaxis()  # the first run on top, as in the table
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("%")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 / fig.get_figheight() * 2.5),
+              ncol=2, borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     return fig
 

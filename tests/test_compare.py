@@ -105,6 +105,8 @@ def test_several_experiments_in_one_call_and_erasures_named_by_request(store: di
     base = next(r for r in rows if r["run_id"] == store["ids"]["base"])
     assert base["label"] == "fedavg lr=0.01 cohort_size=1"
     assert erased["cohort_size"] == 4 and erased["unlearning"] == "ssd"
+    # a run without requests has no unlearning method to show (its config's default is moot)
+    assert all(r["unlearning"] is None for r in rows[:-1])
     assert erased["intransigence"] == 0.125
     # erasure 0 is client 2's (the first in the stream), erasure 1 class 3's
     assert erased["client=2@t0 forget_acc"] == 0.5
@@ -142,8 +144,9 @@ def test_the_table_shows_labels_metrics_erasures_and_why_runs_failed(store: dict
                         "tasks=2  rounds_per_task=1  partition=dirichlet  seed=0")
     # the erasures: one row per run and request, the metrics any run has
     at = lines.index("erasures")
+    assert _cells(lines[at + 1]) == ["oracle", "weights: distance"]
     assert _cells(lines[at + 2]) == ["run", "request", "unlearning", "forget_acc %", "seconds",
-                                     "forget_acc %", "weights"]
+                                     "forget_acc %", "to the oracle's"]
     assert [_cells(line)[1:] for line in lines[at + 4:at + 6]] == [
         ["client=2@t0", "ssd", "50.00", "3.2", "25.00", "-"],
         ["class=3@t1", "ssd", "12.50", "-", "-", "0.0625"]]
@@ -193,7 +196,14 @@ def test_the_plot_keeps_its_legend_off_the_bars(store: dict, tmp_path: Path) -> 
     assert not legend.overlaps(ax.get_window_extent())
     for bar in ax.patches:
         assert not legend.overlaps(bar.get_window_extent())
-    assert [t.get_text() for t in ax.get_xticklabels()] == [r["label"] for r in comparison.rows]
+    # the labels written out level, beside the bars, the first run on top
+    labels = ax.get_yticklabels()
+    assert [t.get_text() for t in labels] == [r["label"] for r in comparison.rows]
+    assert all(t.get_rotation() == 0 for t in labels)
+    tops = [t.get_window_extent().y0 for t in labels]
+    assert tops == sorted(tops, reverse=True)
+    # the bars get most of the figure's width, whatever the labels' length
+    assert ax.get_window_extent().width > 0.5 * fig.bbox.width
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ACC", "forgetting"]
     assert [t.get_text() for t in ax.texts] == ["FAILED"]  # the failed run has no bars
     path = tmp_path / "cmp.png"
