@@ -267,7 +267,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         if owner is None:
             owner = _claim_new(config, signals)
     except Terminated as stop:
-        raise _stopped_before_start(stop, resume, config, owner) from None
+        raise _stopped_before_start(stop, resume, config, owner, args.resume) from None
     # the live display writes to its own copy of the terminal: while the simulation runs,
     # fedcl sends the process's stdout and stderr (Ray's and Flower's chatter) to flower.log
     fedcl_log = logging.getLogger("fedcl")
@@ -285,7 +285,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
         if stop.detail:  # simulate said what the signal left
             raise
         # a signal in the instants between the checks above and the simulation's start
-        raise _stopped_before_start(stop, resume, config, owner) from None
+        raise _stopped_before_start(stop, resume, config, owner, args.resume) from None
     finally:
         if warnings is not None:
             fedcl_log.removeHandler(warnings)
@@ -356,10 +356,15 @@ def _claim_new(config: Config, signals: TerminationSignals) -> OutputOwner:
 
 
 def _stopped_before_start(stop: Terminated, resume: dict[str, Any] | None,
-                          config: Config | None, owner: OutputOwner | None) -> Terminated:
+                          config: Config | None, owner: OutputOwner | None,
+                          resume_path: str | None = None) -> Terminated:
     """A signal before the simulation started: a resumed run's MLflow run, left RUNNING by
-    the process that was killed, is marked FAILED once this one owns the folder."""
+    the process that was killed, is marked FAILED once this one owns the folder; a resumed
+    run stopped before that (``resume_path``: what ``--resume`` named) says how to go on."""
     if resume is None or owner is None or config is None:
+        if resume_path is not None:  # the checkpoint not read or the folder not claimed yet
+            return Terminated(stop.signum, f" before the run resumed; `fedcl simulate "
+                                           f"--resume {resume_path}` continues it")
         return Terminated(stop.signum, " before the run started")
     from fedcl.tracking import terminate_run  # deferred: it imports mlflow
 

@@ -20,6 +20,7 @@ import json
 import math
 import re
 import shutil
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ HEADERS = {"acc": "ACC %", "forgetting": "forgetting %",
            "weights": "weights: distance\nto the oracle's"}
 #: The table's runs' labels wrap (at spaces) down to this width before lines grow longer.
 LABEL_WIDTH = 24
+#: The plot's run labels wrap (at spaces) at this width.
+PLOT_LABEL_WIDTH = 40
 #: An erasure's metrics (MLflow ``erasure_<i>_<name>``): the method's, the retrained oracle's,
 #: and their distance.
 ERASURE_METRICS = ("forget_acc", "retain_acc", "test_acc", "mia", "seconds",
@@ -376,20 +379,27 @@ def bar_chart(comparison: Comparison) -> Any:
     def percent(row: dict[str, Any], key: str) -> float:
         return math.nan if row[key] is None else 100 * float(row[key])
 
+    # a label wraps at spaces as in the table (a long one would squeeze the bars)
+    labels = [textwrap.fill(r["label"], PLOT_LABEL_WIDTH, break_on_hyphens=False)
+              for r in rows]
+    lines = sum(max(1, label.count("\n") + 1) for label in labels)
     ys = range(len(rows))
-    fig, ax = plt.subplots(figsize=(9.0, 1.4 + 0.45 * max(len(rows), 2)))
+    fig, ax = plt.subplots(figsize=(9.0, 1.4 + 0.3 * max(lines, 2) + 0.15 * len(rows)))
     height = 0.4
-    ax.barh([y - height / 2 for y in ys], [percent(r, "acc") for r in rows], height,
-            label="ACC")
-    ax.barh([y + height / 2 for y in ys], [percent(r, "forgetting") for r in rows], height,
-            label="forgetting")
+    acc = [percent(r, "acc") for r in rows]
+    forgetting = [percent(r, "forgetting") for r in rows]
+    ax.barh([y - height / 2 for y in ys], acc, height, label="ACC")
+    ax.barh([y + height / 2 for y in ys], forgetting, height, label="forgetting")
     for y, row in zip(ys, rows, strict=True):
         if row["acc"] is None:  # no bars: say why (FAILED, RUNNING)
             ax.text(1.0, y, row["status"], ha="left", va="center", fontsize=7)
     ax.set_yticks(list(ys))
-    ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()  # the first run on top, as in the table
-    ax.set_xlim(0, 100)
+    # forgetting below 0 (a later task improved an earlier one) shows left of the zero line
+    lowest = min([0.0, *(v for v in acc + forgetting if not math.isnan(v))])
+    ax.set_xlim(lowest - (5.0 if lowest < 0 else 0.0), 100)
+    ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("%")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 / fig.get_figheight() * 2.5),
               ncol=2, borderaxespad=0.0, frameon=False)

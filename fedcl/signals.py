@@ -42,9 +42,14 @@ class TerminationSignals:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> TerminationSignals:
-        """Take over the signals (a no-op outside the main thread, where Python cannot)."""
+        """Take over the signals (a no-op outside the main thread, where Python cannot). A
+        signal the process was started ignoring stays ignored, as POSIX tools do: ``nohup``
+        ignores SIGHUP so that the run outlives its terminal, and a shell ignores SIGINT in
+        the background jobs of a script."""
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
+                if sig not in self._previous and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._previous.setdefault(sig, signal.signal(sig, self._handle))
         return self
 

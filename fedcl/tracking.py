@@ -231,17 +231,12 @@ def ui_command(tracking_uri: str) -> str | None:
 
 
 def mlflow_program() -> str:
-    """How to call the ``mlflow`` of fedcl's own environment from a shell: ``mlflow`` when the
-    shell's PATH finds that one (an activated virtual environment), else its path (a
-    virtual environment used without activating it, as the README's commands do), else
-    ``<python> -m mlflow``."""
+    """How to call the ``mlflow`` of fedcl's own environment from any shell: its path (the
+    README's commands never activate the environment, and a launcher such as ``uv run`` puts
+    it on fedcl's PATH but not on the user's shell's), else ``<python> -m mlflow``."""
     import shlex
-    import shutil
 
     ours = Path(sys.executable).with_name("mlflow")
-    found = shutil.which("mlflow")
-    if found is not None and ours.is_file() and Path(found).resolve() == ours.resolve():
-        return "mlflow"
     if ours.is_file() and os.access(ours, os.X_OK):
         return shlex.quote(str(ours))
     return f"{shlex.quote(sys.executable)} -m mlflow"

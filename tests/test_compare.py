@@ -213,6 +213,31 @@ def test_the_plot_keeps_its_legend_off_the_bars(store: dict, tmp_path: Path) -> 
         compare("cmp-a", store["uri"], plot_path=str(tmp_path / "nofolder" / "x.png"))
 
 
+def test_the_plot_shows_negative_forgetting_and_wraps_long_labels() -> None:
+    """Forgetting below 0 (a later task improved an earlier one) is a bar left of the zero
+    line, not a missing one; a label of 25 erasure requests wraps, without matplotlib's
+    layout warning, and the bars keep most of the width."""
+    import warnings
+
+    from fedcl.compare import PLOT_LABEL_WIDTH, Comparison, bar_chart
+
+    long = "fedewc erasures=" + ";".join(f"client={i}@t0" for i in range(25))
+    rows = [{"label": "fedewc lr=0.01", "acc": 0.5, "forgetting": -0.12, "status": "FINISHED"},
+            {"label": long, "acc": 0.25, "forgetting": 0.5, "status": "FINISHED"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = bar_chart(Comparison(rows=rows, experiments=["x"]))
+        fig.canvas.draw()
+    ax = fig.axes[0]
+    widths = sorted(round(p.get_width(), 6) for p in ax.patches)
+    assert widths == [-12.0, 25.0, 50.0, 50.0]
+    assert ax.get_xlim()[0] < -12.0 and ax.get_xlim()[1] == 100
+    label = ax.get_yticklabels()[1].get_text()
+    assert label.replace("\n", "") == long and label.count("\n") >= 5
+    assert max(len(line) for line in label.splitlines()) <= PLOT_LABEL_WIDTH
+    assert ax.get_window_extent().width > 0.5 * fig.bbox.width
+
+
 def test_an_experiment_without_runs_says_so(store: dict) -> None:
     tracking._client(store["uri"]).create_experiment("cmp-empty")
     assert compare("cmp-empty", store["uri"]) == "no runs in MLflow experiment 'cmp-empty'"

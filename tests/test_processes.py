@@ -162,6 +162,34 @@ def test_held_sections_end_before_the_signal_is_raised(signals: TerminationSigna
     assert signals.received == signal.SIGHUP
 
 
+def test_a_signal_the_process_was_started_ignoring_stays_ignored() -> None:
+    """``nohup fedcl simulate ... &``: SIGHUP was ignored when fedcl started, so the run
+    outlives its terminal; SIGTERM and SIGINT still end it."""
+    saved = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    caught = TerminationSignals()
+    try:
+        caught.install()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == caught._handle
+        caught.install()  # again (the CLI takes them over once more): still ignored
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+        assert caught.received is None
+        caught.restore()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        caught.restore()
+        signal.signal(signal.SIGHUP, saved)
+    # and under the real nohup, in a process of its own
+    code = ("import os, signal, time; from fedcl.signals import TerminationSignals; "
+            "s = TerminationSignals().install(); os.kill(os.getpid(), signal.SIGHUP); "
+            "time.sleep(0.2); print('survived', s.received)")
+    res = subprocess.run(["nohup", sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip() == "survived None", res.stderr
+
+
 def test_a_derived_output_folder_taken_in_the_same_second_moves_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs started together derive the same ``outputs/<strategy>-<scenario>-<second>``: a

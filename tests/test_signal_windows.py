@@ -73,3 +73,22 @@ def test_a_signal_between_phases_ends_before_the_run_started(
     made = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
     # at most the folder and its lock: no checkpoint, no MLflow store, no log
     assert made <= {"out", "out/fedcl.lock"}, made
+
+
+def test_a_signal_before_a_resumed_run_takes_over_says_how_to_go_on(
+        tmp_path: Path, own_handlers: None, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--resume``: stopped before the checkpoint is read (or the folder claimed), the run
+    is where it was, and the line says so."""
+    def started(*args: object, **kwargs: object) -> dict:
+        raise RunStarted
+    monkeypatch.setattr(simulation, "_run", started)
+    original = RunClock.__dict__["from_process_start"].__func__
+    monkeypatch.setattr(RunClock, "from_process_start",
+                        classmethod(_signalling(original, signal.SIGTERM)))
+    result = _simulate(["--resume", "runs/one"], tmp_path, capsys, monkeypatch)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.splitlines() == [
+        "fedcl: interrupted by SIGTERM before the run resumed; `fedcl simulate --resume "
+        "runs/one` continues it"]
+    assert list(tmp_path.iterdir()) == []
