@@ -4,6 +4,7 @@ temp dir, telemetry is off, and every test that runs fedcl does so in its own wo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,17 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 for value in HYGIENE_ENV.values():
     if value.startswith(str(_HOME)):
         Path(value).mkdir(parents=True, exist_ok=True)
+
+# A suite started as a script's background job (`cmd &`) or under nohup inherits SIGINT and
+# SIGHUP ignored, and so would every fedcl it starts, which keeps a signal it was started
+# ignoring (fedcl.signals): the suite's processes take the usual dispositions, so the tests of
+# termination signals test fedcl, not how the suite was launched.
+for _sig, _usual in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        try:
+            signal.signal(_sig, _usual)
+        except ValueError:  # not the main thread: nothing to inherit from here
+            pass
 
 
 def run_fedcl(*args: str, cwd: Path, env: dict[str, str] | None = None,
