@@ -12,3 +12,11 @@ IMPORTED_AT = _time.monotonic()
 #: (:class:`fedcl.progress.ConsoleWarnings`); fedcl's warnings go to the ``fedcl`` logger.
 STATUS_LOGGER = "fedcl.status"
 _logging.getLogger(STATUS_LOGGER).setLevel(_logging.INFO)
+
+
+def log_line_kind(record: _logging.LogRecord) -> str | None:
+    """What a log record of fedcl's is to whoever shows a run's progress: ``"warning"`` (WARNING
+    and above), ``"note"`` (an INFO line of :data:`STATUS_LOGGER`), None (neither)."""
+    if record.levelno >= _logging.WARNING:
+        return "warning"
+    return "note" if record.name == STATUS_LOGGER else None

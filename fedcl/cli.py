@@ -234,7 +234,7 @@ def cmd_simulate(args: argparse.Namespace, signals: TerminationSignals | None = 
     config: Config | None = None
     owner: OutputOwner | None = None
     try:
-        signals.install()  # (again: a no-op when main did) a signal from here on is caught
+        signals.install()  # a signal from here on ends the command with one line
         clock = RunClock.from_process_start()  # the run's time counts from the process's start
         from fedcl.data.partition import check_partitions  # (imports take seconds: inside
         from fedcl.plugins import build_model, build_scenario  # the try)

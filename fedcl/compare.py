@@ -382,7 +382,7 @@ def bar_chart(comparison: Comparison) -> Any:
     # a label wraps at spaces as in the table (a long one would squeeze the bars)
     labels = [textwrap.fill(r["label"], PLOT_LABEL_WIDTH, break_on_hyphens=False)
               for r in rows]
-    lines = sum(max(1, label.count("\n") + 1) for label in labels)
+    lines = sum(label.count("\n") + 1 for label in labels)
     ys = range(len(rows))
     fig, ax = plt.subplots(figsize=(9.0, 1.4 + 0.3 * max(lines, 2) + 0.15 * len(rows)))
     height = 0.4

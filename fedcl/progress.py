@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextCol
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
-from fedcl import STATUS_LOGGER
+from fedcl import log_line_kind
 from fedcl.config import Config
 from fedcl.results import RoundRecord
 from fedcl.run_clock import RunClock
@@ -141,12 +141,10 @@ class LiveDisplay:
             self._bar = None
 
 
-
-
 class ConsoleWarnings(logging.Handler):
     """fedcl's log records of WARNING and above (a strategy's or unlearning method's notices,
     such as FedEWC's stability check or SSD's selection bound) on the live display as
-    ``fedcl: warning: <text>``, and the status lines of :data:`STATUS_LOGGER` as
+    ``fedcl: warning: <text>``, and the status lines of :data:`fedcl.STATUS_LOGGER` as
     ``fedcl: <text>``, one line each: while a simulation runs, the process's stderr goes to
     flower.log, where they would otherwise be all that is left of them."""
 
@@ -156,9 +154,10 @@ class ConsoleWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.levelno >= logging.WARNING:
+            kind = log_line_kind(record)
+            if kind == "warning":
                 self.display.on_warning(record.getMessage())
-            elif record.name == STATUS_LOGGER:
+            elif kind == "note":
                 self.display.on_note(record.getMessage())
         except Exception:  # a log line is never worth the run
             self.handleError(record)

@@ -34,7 +34,7 @@ import os
 import sys
 from typing import Any, TextIO
 
-from fedcl import STATUS_LOGGER
+from fedcl import log_line_kind
 from fedcl.config import Config
 from fedcl.results import RoundRecord
 from fedcl.run_clock import RunClock
@@ -142,10 +142,9 @@ class WarningEvents(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.levelno >= logging.WARNING:
-                self.printer.emit("warning", {"message": record.getMessage()})
-            elif record.name == STATUS_LOGGER:
-                self.printer.emit("note", {"message": record.getMessage()})
+            kind = log_line_kind(record)
+            if kind is not None:
+                self.printer.emit(kind, {"message": record.getMessage()})
         except Exception:  # a log line is never worth the run
             self.handleError(record)
 
